@@ -1,0 +1,1 @@
+"""laminar: how a person starts it. Config, entry points, shipped configs."""

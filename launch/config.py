@@ -1,0 +1,201 @@
+"""Run configuration: typed, nested dataclasses filled from TOML, validated strictly.
+
+Defaults live here and only here. Unknown keys and wrong types are errors that name the key;
+`--set key=value` overrides are read as TOML values (`--set rule.pool=[4,4,4,2,2,1]`), and a value
+that is not valid TOML is taken as a plain string (`--set method=clapp_pp`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layers.losses import CONTRAST_MODES, NEGATIVE_MODES
+from layers.methods import get_method
+from layers.model import pool_kernels
+from sim.datasets import dataset_info
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: names the key and what to do instead."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | cifar10 | stl10 | tiny_imagenet | synthetic | synthetic_gray
+    root: str = ""  # folder holding the dataset; "" = the dataset's default location
+    download: bool = False  # let torchvision fetch the dataset into `root` if it is missing
+
+
+@dataclass
+class ModelConfig:
+    width: float = 1.0  # channel multiplier of VGG-6 (1.0 = the paper)
+
+
+@dataclass
+class RuleConfig:
+    contrast: str = "hinge"  # f: hinge | softhinge | phyll | linear
+    negatives: str = "next_row"  # next_row (the authors' code) | random
+    pool: list[int] = field(default_factory=list)  # AvgPool kernel per block; [] = the method's default
+    proj_dim: int = 1024  # projection size of the InfoNCE heads
+    temperature: float = 0.1  # InfoNCE temperature
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4  # AdamW, one per block
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0  # optimiser steps; 0 = as many as `epochs` takes
+    epochs: float = 1.0  # passes over the SSL split, used when steps = 0 (0 and 0: an untrained encoder)
+    batch_size: int = 32  # images per step (each gives two views)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+
+
+@dataclass
+class ProbeConfig:
+    epochs: int = 10  # 0 skips the probe
+    batch_size: int = 256
+    lr: float = 1e-3  # Adam
+    augment: bool = True  # crop + flip on the probe's training images
+    standardize: bool = True  # standardise each feature (BatchNorm without affine) before the linear layer
+    train_limit: int = 0  # use only the first N labeled training images; 0 = all
+    test_limit: int = 0  # use only the first N test images; 0 = all
+
+
+@dataclass
+class Config:
+    method: str = "clapp_pp"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+def _check_type(key: str, value: Any, kind: Any) -> Any:
+    """`value` converted to `kind`, or a ConfigError naming the key."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, list):
+            return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key} must be {getattr(kind, '__name__', kind)}, got {value!r} ({type(value).__name__})")
+
+
+def _fill(target: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(target))
+    for name, value in values.items():
+        key = prefix + name
+        if name not in hints:
+            known = ", ".join(prefix + f for f in hints)
+            raise ConfigError(f"unknown config key {key!r}; known keys here: {known}")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section; write [{key}] or {key}.<key> = ...")
+            _fill(current, value, key + ".")
+        else:
+            setattr(target, name, _check_type(key, value, hints[name]))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'a.b=value' -> {'a': {'b': value}}, the value read as TOML, else as a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    nested: dict[str, Any] = {}
+    node = nested
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The defaults, then the TOML file at `path`, then each `--set` override, in that order."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; shipped configs are in launch/configs/")
+        try:
+            _fill(config, tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    for text in overrides:
+        _fill(config, parse_override(text))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks of values (types were checked while filling)."""
+    try:
+        method = get_method(config.method)
+        info = dataset_info(config.data.name)
+        pool_kernels(method, info.image_size, config.rule.pool or None)  # a pooling that does not fit fails here
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    choices = {"rule.contrast": (config.rule.contrast, CONTRAST_MODES),
+               "rule.negatives": (config.rule.negatives, NEGATIVE_MODES)}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+    if config.train.batch_size < 2:
+        raise ConfigError(f"train.batch_size must be >= 2 (negatives come from other images), got {config.train.batch_size}")
+    for key in ("model.width", "optim.lr", "probe.batch_size", "probe.lr", "rule.proj_dim", "rule.temperature"):
+        if getattr_path(config, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr_path(config, key)}")
+    for key in ("train.steps", "train.epochs", "train.threads", "train.checkpoint_every", "probe.epochs", "probe.train_limit", "probe.test_limit"):
+        if getattr_path(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr_path(config, key)}")
+
+
+def getattr_path(config: Config, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML (written into every run folder)."""
+    values = to_dict(config)
+    lines = [f"method = {_toml_value(values.pop('method'))}"]
+    for section, entries in values.items():
+        lines.append(f"\n[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in entries.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

@@ -1,0 +1,76 @@
+"""The paper's VGG-6 encoder, cut into six blocks that can each live in their own process.
+
+Block l is one 3x3 convolution (stride 1, padding 1, with bias), a ReLU and, for blocks 1, 3, 4
+and 5, a 2x2 max-pool. No normalisation layers: a block's output depends on its input alone, so
+blocks can run on different batches at the same time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Full-width channels and max-pools of the paper's encoder (method.md, section 3).
+CHANNELS = (128, 256, 256, 512, 1024, 1024)
+MAXPOOL = (False, True, False, True, True, True)
+# Side of each block's pooled grid for 2D pooling and for the linear probe (same in every dataset).
+GRID = (8, 4, 4, 4, 2, 2)
+NUM_BLOCKS = len(CHANNELS)
+
+
+def block_channels(width: float) -> tuple[int, ...]:
+    """Output channels of each block for a width multiplier (1.0 = the paper)."""
+    if width <= 0:
+        raise ValueError(f"model.width must be positive, got {width}")
+    return tuple(max(1, round(c * width)) for c in CHANNELS)
+
+
+def map_sizes(input_size: int) -> tuple[int, ...]:
+    """Side of each block's output map for square inputs of side `input_size`."""
+    sizes, side = [], input_size
+    for pooled in MAXPOOL:
+        side = side // 2 if pooled else side
+        if side < 1:
+            raise ValueError(f"input of {input_size} px is too small for the {NUM_BLOCKS} blocks of VGG-6")
+        sizes.append(side)
+    return tuple(sizes)
+
+
+class ConvBlock(nn.Module):
+    """conv3x3 -> ReLU -> optional 2x2 max-pool."""
+
+    def __init__(self, in_channels: int, out_channels: int, maxpool: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=True)
+        self.pool = nn.MaxPool2d(2) if maxpool else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(torch.relu(self.conv(x)))  # (N, C_out, H', W')
+
+
+def build_conv_block(index: int, width: float, in_channels: int) -> ConvBlock:
+    """Block `index` of VGG-6; `in_channels` is the image's channel count (1 or 3) for block 0."""
+    channels = block_channels(width)
+    c_in = in_channels if index == 0 else channels[index - 1]
+    return ConvBlock(c_in, channels[index], MAXPOOL[index])
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    index: int
+    output_shape: tuple[int, int, int]  # (C, H, W) for one image
+    conv_params: int
+    macs_per_image: int  # multiply-accumulates of the convolution, one image, forward
+
+
+def describe_encoder(width: float, in_channels: int, input_size: int) -> list[BlockReport]:
+    """Output shape, parameter count and forward cost of every block, without building it."""
+    channels, sizes = block_channels(width), map_sizes(input_size)
+    reports, c_in, side_in = [], in_channels, input_size
+    for index, (c_out, side) in enumerate(zip(channels, sizes)):
+        params = c_out * c_in * 9 + c_out
+        macs = c_out * c_in * 9 * side_in * side_in  # the conv runs before the max-pool
+        reports.append(BlockReport(index, (c_out, side, side), params, macs))
+        c_in, side_in = c_out, side
+    return reports

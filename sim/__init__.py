@@ -1,0 +1,1 @@
+"""How a laminar run executes: data feeding, placement, messages, transport, stages, schedules."""

@@ -1,0 +1,38 @@
+"""Batches of two augmented views, addressable by step: the batch of step t is the same whether a
+run goes straight through or resumes at t, and whichever process asks for it."""
+from __future__ import annotations
+
+import torch
+
+from layers.seeding import STREAM_ORDER, STREAM_VIEWS, keyed_generator
+from sim.datasets import ImageSet
+from sim.views import SimCLRViews
+
+
+class ViewFeed:
+    """Epoch-shuffled batches of `batch_size` images from `images`, the last partial batch of
+    each epoch dropped; each step's views drawn from a generator keyed by (seed, step)."""
+
+    def __init__(self, images: ImageSet, views: SimCLRViews, batch_size: int, seed: int):
+        if len(images) < batch_size:
+            raise ValueError(f"train.batch_size = {batch_size} is larger than the {len(images)} training images")
+        self.images, self.views, self.batch_size, self.seed = images, views, batch_size, seed
+        self.steps_per_epoch = len(images) // batch_size
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) cache
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            generator = keyed_generator(self.seed, STREAM_ORDER, epoch)
+            self._order = (epoch, torch.randperm(len(self.images), generator=generator))
+        return self._order[1]
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        start = position * self.batch_size
+        return self._permutation(epoch)[start : start + self.batch_size]
+
+    def views_at(self, step: int) -> torch.Tensor:
+        """(2B, C, S, S): rows 0..B-1 the first view of each image, rows B..2B-1 the second."""
+        images, _ = self.images.batch(self.indices(step))
+        return self.views(images, keyed_generator(self.seed, STREAM_VIEWS, step))
+

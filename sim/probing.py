@@ -1,0 +1,88 @@
+"""Linear-probe evaluation of a trained (or random) encoder: the paper's concatenated probe and
+one probe per block, trained side by side on features extracted without gradients."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from layers.model import grid_kernels
+from layers.probe import LinearProbe, probe_features
+from layers.seeding import STREAM_PROBE, keyed_generator
+from sim.datasets import DatasetInfo, ImageSet
+from sim.views import plain_views, probe_views
+
+
+def _batches(count: int, batch_size: int, order: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    order = torch.arange(count) if order is None else order
+    for start in range(0, count, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _subset(images: ImageSet, limit: int) -> ImageSet:
+    if limit <= 0 or limit >= len(images):
+        return images
+    return ImageSet(images.images[:limit], images.labels[:limit])
+
+
+def linear_probe(
+    blocks: Sequence[nn.Module],
+    info: DatasetInfo,
+    train_set: ImageSet,
+    test_set: ImageSet,
+    epochs: int,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    augment: bool = True,
+    standardize: bool = True,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    progress: bool = True,
+) -> dict:
+    """Train the probes for `epochs` epochs with Adam and report the last epoch's test accuracy
+    (percent): `test_acc` for the concatenated probe, `per_block_test_acc` for each block."""
+    kernels = grid_kernels(info.image_size)
+    for block in blocks:
+        block.eval()
+    sample = plain_views(train_set.batch(torch.arange(2))[0], info, device)
+    dims = [f.shape[1] for f in probe_features(blocks, sample, kernels)]
+    torch.manual_seed(seed)
+    probe = LinearProbe(dims, info.num_classes, standardize).to(device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    if augment:  # fresh crops and flips every epoch: features are extracted batch by batch
+        def epoch_batches(generator: torch.Generator) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+            for index in _batches(len(train_set), batch_size, torch.randperm(len(train_set), generator=generator)):
+                images, labels = train_set.batch(index)
+                x = probe_views(images, info, generator, device)
+                yield probe_features(blocks, x, kernels), labels.to(device)
+    else:  # the same images every epoch: extract their features once
+        extracted = [(probe_features(blocks, plain_views(images, info, device), kernels), labels.to(device))
+                     for images, labels in map(train_set.batch, _batches(len(train_set), batch_size))]
+        all_features = [torch.cat(parts) for parts in zip(*(f for f, _ in extracted))]  # each (N, D_l)
+        all_labels = torch.cat([labels for _, labels in extracted])
+        del extracted
+
+        def epoch_batches(generator: torch.Generator) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+            for index in _batches(len(all_labels), batch_size, torch.randperm(len(all_labels), generator=generator)):
+                index = index.to(device)
+                yield [f[index] for f in all_features], all_labels[index]
+
+    total = epochs * -(-len(train_set) // batch_size)
+    with tqdm(total=total, desc="probe", unit="batch", disable=not progress, dynamic_ncols=True) as bar:
+        for epoch in range(epochs):
+            for features, labels in epoch_batches(keyed_generator(seed, STREAM_PROBE, epoch)):
+                optimizer.zero_grad(set_to_none=True)
+                probe.loss(features, labels).backward()
+                optimizer.step()
+                bar.update()
+    probe.eval()
+    correct = torch.zeros(len(blocks) + 1)
+    for index in _batches(len(test_set), batch_size):
+        images, labels = test_set.batch(index)
+        correct += probe.correct(probe_features(blocks, plain_views(images, info, device), kernels), labels.to(device)).cpu()
+    accuracy = (100.0 * correct / len(test_set)).tolist()
+    return {"test_acc": accuracy[-1], "per_block_test_acc": accuracy[:-1], "epochs": epochs,
+            "train_images": len(train_set), "test_images": len(test_set)}
+

@@ -1,0 +1,100 @@
+"""Stages: the blocks one process owns, and how a batch goes through them.
+
+`LocalStage` runs local rules: every block takes a detached input, so no gradient crosses blocks.
+A block whose context is lateral learns as soon as its own forward pass is done; a block that
+learns from the top block's context keeps its pooled activity (and graph) until that context,
+the top-down feedback message, arrives through `apply_feedback`. `EndToEndStage` runs the BP-SSL
+baselines: one loss at the top, the gradient through every block, all blocks in one process.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from layers.block import Block, LossStats
+from layers.seeding import STREAM_NEGATIVES, keyed_generator
+
+
+class NonFiniteLoss(RuntimeError):
+    """A block's loss became NaN or infinite: training stops, naming the block and the step."""
+
+
+class LocalStage:
+    def __init__(self, blocks: Sequence[Block], seed: int):
+        self.blocks, self.seed = list(blocks), seed
+        self.pending: dict[int, list[tuple[Block, torch.Tensor]]] = {}  # step -> blocks awaiting feedback
+        self.stats: dict[int, LossStats] = {}  # block index -> its latest loss statistics
+        self.top_context: torch.Tensor | None = None  # the top block's pooled activity, if held here
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Run batch `step` through this stage's blocks, learning where the signal is local;
+        returns the last block's output, detached, for the next stage."""
+        for block in self.blocks:
+            out = block(x.detach())  # (2B, C, H, W)
+            features = block.features(out)  # (2B, D)
+            if block.is_top:
+                self.top_context = features.detach()
+            if block.needs_top_context:
+                self.pending.setdefault(step, []).append((block, features))
+            elif block.has_loss:
+                self._learn(block, features, None, step)
+            x = out
+        if self.top_context is not None and step in self.pending:  # the top block is here: no wait
+            self.apply_feedback(step, self.top_context)
+        return x.detach()
+
+    def apply_feedback(self, step: int, top_context: torch.Tensor) -> None:
+        """The top block's context for batch `step` has arrived: the waiting blocks learn."""
+        for block, features in self.pending.pop(step, []):
+            self._learn(block, features, top_context, step)
+
+    def _learn(self, block: Block, features: torch.Tensor, top_context: torch.Tensor | None, step: int) -> None:
+        generator = None
+        if block.rule.negatives == "random":  # keyed by (seed, block, step): independent of placement
+            generator = keyed_generator(self.seed, STREAM_NEGATIVES, block.index, step)
+        loss, stats = block.loss(features, top_context, generator)
+        check_finite(stats.loss, block.index, step)
+        block.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        block.optimizer.step()
+        self.stats[block.index] = stats
+
+
+class EndToEndStage:
+    """BP-SSL: the top block's loss, back-propagated through all six blocks."""
+
+    def __init__(self, blocks: Sequence[Block], seed: int):
+        self.blocks, self.seed = list(blocks), seed
+        self.stats: dict[int, LossStats] = {}  # only the top block has a loss
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)  # (2B, C, H, W): not detached
+        top = self.blocks[-1]
+        generator = keyed_generator(self.seed, STREAM_NEGATIVES, top.index, step)
+        loss, stats = top.loss(top.features(x), None, generator if top.rule.negatives == "random" else None)
+        check_finite(stats.loss, top.index, step)
+        for block in self.blocks:
+            block.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for block in self.blocks:
+            block.optimizer.step()
+        self.stats[top.index] = stats
+        return x.detach()
+
+
+def check_finite(loss: torch.Tensor, block: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(
+            f"block {block} at step {step}: loss is {loss.item()}; training stopped. "
+            "Lower optim.lr, or check the input data for NaN or inf"
+        )
+
+
+def make_stage(blocks: Sequence[Block], seed: int) -> LocalStage | EndToEndStage:
+    if blocks[0].method.end_to_end:
+        if len(blocks) != blocks[-1].index + 1 or not blocks[-1].is_top:
+            raise ValueError("end-to-end (BP-SSL) methods need all six blocks in one process")
+        return EndToEndStage(blocks, seed)
+    return LocalStage(blocks, seed)

@@ -1,0 +1,97 @@
+"""End to end in one process: the run folder, determinism, the probe, and clear failures."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.config import load_config
+from launch.train import main, run
+from layers.block import RuleSettings
+from layers.methods import get_method
+from layers.model import build_blocks
+from sim.datasets import DatasetMissing
+from sim.stage import LocalStage, NonFiniteLoss
+
+TINY = ["data.name=synthetic", "model.width=0.0625", "train.batch_size=8", "train.steps=6",
+        "probe.epochs=1", "probe.train_limit=400", "probe.test_limit=200", "probe.augment=false",
+        "train.threads=1"]
+
+
+def tiny_config(*overrides: str):
+    return load_config(None, TINY + list(overrides))
+
+
+def test_run_folder_and_summary(tmp_path):
+    summary = run(tiny_config("method=clapp_pp_dfb", "train.checkpoint_every=3"), tmp_path, progress=False)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.toml", "final.pt", "summary.json", "checkpoints"}
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert (on_disk["method"], on_disk["dataset"], on_disk["world_size"], on_disk["steps"]) == \
+        ("clapp_pp_dfb", "synthetic", 1, 6)
+    assert on_disk["images_per_s"] > 0 and len(on_disk["peak_memory_bytes"]) == 1
+    assert len(on_disk["loss_per_block"]) == 6 and all(v > 0 for v in on_disk["loss_per_block"])
+    assert 0 <= on_disk["probe"]["test_acc"] <= 100 and len(on_disk["probe"]["per_block_test_acc"]) == 6
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert sorted(final) == list(range(6))
+    assert {"conv.conv.weight", "conv.conv.bias", "heads.top.weight"} <= set(final[0])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "rank0.pt", weights_only=True)
+    assert checkpoint["step"] == 6 and sorted(checkpoint["optimizers"]) == list(range(6))
+    assert (tmp_path / "config.toml").read_text().startswith('method = "clapp_pp_dfb"')
+
+
+@pytest.mark.parametrize("method", ["clapp_pp", "bp_infonce"])
+def test_same_seed_same_result(tmp_path, method):
+    config = tiny_config(f"method={method}", "rule.negatives=random", "probe.epochs=0")
+    first = run(config, tmp_path / "a", progress=False)
+    second = run(config, tmp_path / "b", progress=False)
+    assert first["loss_per_block"] == second["loss_per_block"]
+    a, b = (torch.load(tmp_path / d / "final.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+    other = run(load_config(None, TINY + [f"method={method}", "probe.epochs=0", "train.seed=1"]),
+                tmp_path / "c", progress=False)
+    assert other["loss_per_block"] != first["loss_per_block"]
+
+
+def test_probe_learns_the_synthetic_set_on_a_random_encoder(tmp_path):
+    summary = run(tiny_config("train.epochs=0", "train.steps=0", "probe.epochs=3", "probe.train_limit=2000",
+                              "probe.test_limit=500"), tmp_path, progress=False)
+    assert summary["steps"] == 0
+    assert summary["probe"]["test_acc"] > 50  # chance is 10 %
+
+
+def test_every_method_trains(tmp_path):
+    for method in ("clapp", "clapp_pp", "clapp_pp_both", "bp_clapp_pp", "ff", "infonce_local"):
+        summary = run(tiny_config(f"method={method}", "train.steps=2", "probe.epochs=0"), tmp_path / method,
+                      progress=False)
+        losses = summary["loss_per_block"]
+        if get_method(method).end_to_end:
+            assert losses[:5] == [None] * 5 and losses[5] is not None
+        else:
+            assert all(v is not None for v in losses)
+
+
+def test_missing_dataset_fails_at_once_with_the_path(tmp_path):
+    with pytest.raises(DatasetMissing) as error:
+        run(load_config(None, TINY + ["data.name=cifar10", f"data.root={tmp_path}"]), tmp_path / "run")
+    assert str(tmp_path) in str(error.value)
+    assert not (tmp_path / "run").exists()  # failed before anything was written
+
+
+def test_command_line_reports_errors_without_a_traceback(capsys):
+    assert main([str(Path(__file__).parent.parent / "launch/configs/tiny.toml"), "--set", "method=clap"]) == 2
+    assert "unknown method 'clap'" in capsys.readouterr().err
+
+
+def test_finished_run_is_not_overwritten(tmp_path):
+    run(tiny_config("train.steps=1", "probe.epochs=0"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="already holds a finished run"):
+        run(tiny_config("train.steps=1", "probe.epochs=0"), tmp_path, progress=False)
+
+
+def test_non_finite_loss_names_block_and_step():
+    blocks = build_blocks(get_method("clapp_pp"), 0.0625, 3, 32, RuleSettings(), seed=0)
+    x = torch.randn(8, 3, 32, 32)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="block 0 at step 3"):
+        LocalStage(blocks, seed=0).forward(x, step=3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from layers.losses import CONTRAST_MODES, NEGATIVE_MODES
 from layers.methods import get_method
 from layers.model import pool_kernels
 from sim.datasets import dataset_info
+from sim.placement import check_groups
+from sim.schedule import Schedule
 
 
 class ConfigError(ValueError):
@@ -73,6 +76,14 @@ class ProbeConfig:
 
 
 @dataclass
+class SimConfig:
+    schedule: str = "pipelined"  # sequential | pipelined (used when there are several processes)
+    feedback: str = "exact"  # exact | delayed: when top-down feedback updates are applied
+    placement: str | list[list[int]] = "auto"  # "auto" or contiguous block groups, one per process
+    timeout_s: float = 60.0  # longest wait for a message before the run stops with an error
+
+
+@dataclass
 class Config:
     method: str = "clapp_pp"
     data: DataConfig = field(default_factory=DataConfig)
@@ -81,10 +92,20 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
 
 
 def _check_type(key: str, value: Any, kind: Any) -> Any:
     """`value` converted to `kind`, or a ConfigError naming the key."""
+    if isinstance(kind, types.UnionType):
+        for alternative in typing.get_args(kind):
+            try:
+                return _check_type(key, value, alternative)
+            except ConfigError:
+                pass
+        names = " or ".join(str(a).replace("typing.", "") if typing.get_origin(a) else a.__name__
+                            for a in typing.get_args(kind))
+        raise ConfigError(f"{key} must be {names}, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typing.get_origin(kind) is list:
@@ -162,7 +183,15 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
     if config.train.batch_size < 2:
         raise ConfigError(f"train.batch_size must be >= 2 (negatives come from other images), got {config.train.batch_size}")
-    for key in ("model.width", "optim.lr", "probe.batch_size", "probe.lr", "rule.proj_dim", "rule.temperature"):
+    try:
+        Schedule(config.sim.schedule, config.sim.feedback, ())
+        if isinstance(config.sim.placement, list):
+            check_groups(config.sim.placement, len(config.sim.placement))
+        elif config.sim.placement != "auto":
+            raise ValueError(f"sim.placement = {config.sim.placement!r}: use \"auto\" or groups like [[0, 1, 2], [3, 4, 5]]")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    for key in ("model.width", "optim.lr", "sim.timeout_s", "probe.batch_size", "probe.lr", "rule.proj_dim", "rule.temperature"):
         if getattr_path(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr_path(config, key)}")
     for key in ("train.steps", "train.epochs", "train.threads", "train.checkpoint_every", "probe.epochs", "probe.train_limit", "probe.test_limit"):

@@ -64,8 +64,8 @@ class Block(nn.Module):
     def needs_top_context(self) -> bool:
         return self.has_loss and self.method.uses_top_context and not self.is_top
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)  # (2B, C, H, W)
+    def forward(self, x: torch.Tensor, stash_weights: bool = False) -> torch.Tensor:
+        return self.conv(x, stash_weights)  # (2B, C, H, W)
 
     def features(self, out: torch.Tensor) -> torch.Tensor:
         """Pooled activity the loss sees: AvgPool(k, stride k), flattened (C, y, x)."""

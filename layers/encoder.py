@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Full-width channels and max-pools of the paper's encoder (method.md, section 3).
@@ -45,8 +46,14 @@ class ConvBlock(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=True)
         self.pool = nn.MaxPool2d(2) if maxpool else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(torch.relu(self.conv(x)))  # (N, C_out, H', W')
+    def forward(self, x: torch.Tensor, stash_weights: bool = False) -> torch.Tensor:
+        """With `stash_weights`, the graph holds a copy of this batch's weights: the weights may
+        then be updated in place (by other batches' updates) before this batch's backward pass,
+        which still differentiates the function that produced its output."""
+        weight, bias = self.conv.weight, self.conv.bias
+        if stash_weights:
+            weight, bias = weight.clone(), bias.clone()
+        return self.pool(torch.relu(F.conv2d(x, weight, bias, padding=1)))  # (N, C_out, H', W')
 
 
 def build_conv_block(index: int, width: float, in_channels: int) -> ConvBlock:

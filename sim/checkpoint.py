@@ -1,14 +1,23 @@
-"""Checkpoints and the final weights: plain dicts of tensors, written atomically, read with
-`weights_only=True`."""
+"""Checkpoints and final weights: plain dicts of tensors, written atomically, read with
+`weights_only=True`.
+
+A checkpoint is one file per block, `checkpoints/step00000100/block3.pt`, written by whichever
+rank owns the block: a run can resume with any number of processes and any placement. A step is
+complete when all six block files exist; each rank keeps its blocks' last `KEEP` steps.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from layers.block import Block
+from layers.encoder import NUM_BLOCKS
+
+KEEP = 2  # checkpoints kept per block: a crash while writing one leaves the previous one whole
 
 
 def _save_atomic(obj: object, path: Path) -> None:
@@ -18,27 +27,47 @@ def _save_atomic(obj: object, path: Path) -> None:
     os.replace(temporary, path)  # a crash leaves the previous file intact, never half of one
 
 
-def save_checkpoint(path: Path, step: int, blocks: Sequence[Block]) -> None:
+def step_folder(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step{step:08d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
     """Everything needed to continue after `step` steps: weights, B matrices, optimiser states."""
-    _save_atomic(
-        {
-            "step": step,
-            "blocks": {b.index: b.state_dict() for b in blocks},
-            "optimizers": {b.index: b.optimizer.state_dict() for b in blocks},
-        },
-        path,
-    )
-
-
-def load_checkpoint(path: Path, blocks: Sequence[Block]) -> int:
-    """Restore `blocks` from a checkpoint; returns the number of steps already done."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
     for block in blocks:
-        if block.index not in state["blocks"]:
-            raise ValueError(f"{path} holds blocks {sorted(state['blocks'])}, not block {block.index}")
-        block.load_state_dict(state["blocks"][block.index])
-        block.optimizer.load_state_dict(state["optimizers"][block.index])
-    return int(state["step"])
+        state = {"step": step, "block": block.state_dict(), "optimizer": block.optimizer.state_dict()}
+        _save_atomic(state, step_folder(run_dir, step) / f"block{block.index}.pt")
+    for old in completed_steps(run_dir, [b.index for b in blocks])[:-KEEP]:
+        for block in blocks:
+            (step_folder(run_dir, old) / f"block{block.index}.pt").unlink(missing_ok=True)
+        try:
+            step_folder(run_dir, old).rmdir()  # only once every rank removed its files
+        except OSError:
+            pass
+
+
+def completed_steps(run_dir: Path, blocks: Sequence[int] = range(NUM_BLOCKS)) -> list[int]:
+    """Steps (ascending) at which every block in `blocks` has a checkpoint."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    steps = [int(p.name[4:]) for p in folder.glob("step*") if p.name[4:].isdigit()]
+    return sorted(s for s in steps if all((step_folder(run_dir, s) / f"block{b}.pt").is_file() for b in blocks))
+
+
+def load_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
+    """Restore `blocks` (weights, B matrices, optimiser states) as they were after `step` steps."""
+    for block in blocks:
+        path = step_folder(run_dir, step) / f"block{block.index}.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        block.load_state_dict(state["block"])
+        block.optimizer.load_state_dict(state["optimizer"])
+
+
+def discard_after(run_dir: Path, step: int) -> None:
+    """Remove checkpoints later than `step` (incomplete ones of a crashed run) before resuming."""
+    for path in (run_dir / "checkpoints").glob("step*"):
+        if path.name[4:].isdigit() and int(path.name[4:]) > step:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def save_final(path: Path, blocks: Sequence[Block]) -> None:

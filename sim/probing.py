@@ -21,7 +21,8 @@ def _batches(count: int, batch_size: int, order: torch.Tensor | None = None) -> 
         yield order[start : start + batch_size]
 
 
-def _subset(images: ImageSet, limit: int) -> ImageSet:
+def first_images(images: ImageSet, limit: int) -> ImageSet:
+    """The first `limit` images of a split (0 = all)."""
     if limit <= 0 or limit >= len(images):
         return images
     return ImageSet(images.images[:limit], images.labels[:limit])

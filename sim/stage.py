@@ -21,17 +21,21 @@ class NonFiniteLoss(RuntimeError):
 
 
 class LocalStage:
-    def __init__(self, blocks: Sequence[Block], seed: int):
-        self.blocks, self.seed = list(blocks), seed
+    """`stash_weights`: blocks awaiting feedback keep a copy of the weights their forward pass
+    used, so that updates of other batches applied meanwhile (delayed feedback) do not invalidate
+    the graph; the update is then the gradient at the weights that produced the activity."""
+
+    def __init__(self, blocks: Sequence[Block], seed: int, stash_weights: bool = False):
+        self.blocks, self.seed, self.stash_weights = list(blocks), seed, stash_weights
         self.pending: dict[int, list[tuple[Block, torch.Tensor]]] = {}  # step -> blocks awaiting feedback
-        self.stats: dict[int, LossStats] = {}  # block index -> its latest loss statistics
+        self.learned: list[tuple[int, LossStats]] = []  # (block, stats) of updates since last read
         self.top_context: torch.Tensor | None = None  # the top block's pooled activity, if held here
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Run batch `step` through this stage's blocks, learning where the signal is local;
         returns the last block's output, detached, for the next stage."""
         for block in self.blocks:
-            out = block(x.detach())  # (2B, C, H, W)
+            out = block(x.detach(), self.stash_weights and block.needs_top_context)  # (2B, C, H, W)
             features = block.features(out)  # (2B, D)
             if block.is_top:
                 self.top_context = features.detach()
@@ -58,7 +62,7 @@ class LocalStage:
         block.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         block.optimizer.step()
-        self.stats[block.index] = stats
+        self.learned.append((block.index, stats))
 
 
 class EndToEndStage:
@@ -66,7 +70,7 @@ class EndToEndStage:
 
     def __init__(self, blocks: Sequence[Block], seed: int):
         self.blocks, self.seed = list(blocks), seed
-        self.stats: dict[int, LossStats] = {}  # only the top block has a loss
+        self.learned: list[tuple[int, LossStats]] = []  # only the top block has a loss
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         for block in self.blocks:
@@ -80,7 +84,7 @@ class EndToEndStage:
         loss.backward()
         for block in self.blocks:
             block.optimizer.step()
-        self.stats[top.index] = stats
+        self.learned.append((top.index, stats))
         return x.detach()
 
 
@@ -92,9 +96,9 @@ def check_finite(loss: torch.Tensor, block: int, step: int) -> None:
         )
 
 
-def make_stage(blocks: Sequence[Block], seed: int) -> LocalStage | EndToEndStage:
+def make_stage(blocks: Sequence[Block], seed: int, stash_weights: bool = False) -> LocalStage | EndToEndStage:
     if blocks[0].method.end_to_end:
         if len(blocks) != blocks[-1].index + 1 or not blocks[-1].is_top:
             raise ValueError("end-to-end (BP-SSL) methods need all six blocks in one process")
         return EndToEndStage(blocks, seed)
-    return LocalStage(blocks, seed)
+    return LocalStage(blocks, seed, stash_weights)

@@ -1,0 +1,91 @@
+"""Placement: which contiguous group of blocks each rank owns.
+
+Explicit (`[[0, 1, 2], [3, 4, 5]]`) or `auto`, which splits the blocks into as many contiguous
+groups as there are processes so that the most expensive group is as cheap as possible, using each
+block's estimated cost per step. A placement that does not fit the world size fails before any
+work, naming both numbers.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from layers.encoder import MAXPOOL, NUM_BLOCKS, describe_encoder
+
+
+class PlacementError(ValueError):
+    """A placement that cannot run: says what is wrong and what to launch instead."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    groups: tuple[tuple[int, ...], ...]  # groups[r] = the blocks rank r owns, in order
+
+    @property
+    def world_size(self) -> int:
+        return len(self.groups)
+
+    def rank_of(self, block: int) -> int:
+        return next(r for r, group in enumerate(self.groups) if block in group)
+
+    def __str__(self) -> str:
+        return " | ".join("-".join(map(str, g)) for g in self.groups)
+
+
+def check_groups(groups: Sequence[Sequence[int]], world_size: int) -> Placement:
+    """`groups` as a Placement, or a PlacementError naming what is wrong."""
+    placement = Placement(tuple(tuple(g) for g in groups))
+    flat = [b for g in placement.groups for b in g]
+    if any(not g for g in placement.groups) or flat != list(range(NUM_BLOCKS)):
+        raise PlacementError(
+            f"sim.placement = {[list(g) for g in placement.groups]} must split blocks 0..{NUM_BLOCKS - 1} into "
+            "non-empty contiguous groups in order, e.g. [[0, 1, 2], [3, 4, 5]]"
+        )
+    if placement.world_size != world_size:
+        raise PlacementError(
+            f"sim.placement has {placement.world_size} groups but the world size is {world_size}: launch "
+            f"{placement.world_size} processes (torchrun --nproc-per-node {placement.world_size}), or give "
+            f"{world_size} groups, or use sim.placement = \"auto\""
+        )
+    return placement
+
+
+def balanced_placement(costs: Sequence[float], world_size: int) -> Placement:
+    """Contiguous groups minimising the largest group cost (ties: the earliest split)."""
+    if not 1 <= world_size <= len(costs):
+        raise PlacementError(
+            f"world size {world_size} does not fit {len(costs)} blocks: run 1 to {len(costs)} processes "
+            "(one block per process at most)"
+        )
+    best: tuple[float, tuple[int, ...]] | None = None
+    for cuts in itertools.combinations(range(1, len(costs)), world_size - 1):
+        bounds = (0, *cuts, len(costs))
+        worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        if best is None or worst < best[0] - 1e-9:
+            best = (worst, bounds)
+    bounds = best[1]
+    return Placement(tuple(tuple(range(a, b)) for a, b in zip(bounds, bounds[1:])))
+
+
+def estimated_block_costs(
+    width: float, in_channels: int, input_size: int, feature_dims: Sequence[int], context_dims: Sequence[Sequence[int]]
+) -> list[float]:
+    """Relative cost of one training step of each block, in multiply-accumulates per view.
+
+    Convolution forward and weight gradient (2x the forward), the prediction heads (forward,
+    gradient of B and of z: 3x), and a term for the element-wise work on the activity (ReLU,
+    max-pool, pooling), which on CPUs weighs about as much as a multiply-accumulate per element
+    times `ELEMENTWISE_WEIGHT`.
+    """
+    costs = []
+    for report, dim, contexts in zip(describe_encoder(width, in_channels, input_size), feature_dims, context_dims):
+        c, h, w = report.output_shape
+        side = h * (2 if MAXPOOL[report.index] else 1)  # the conv runs before the max-pool
+        elementwise = c * side * side * ELEMENTWISE_WEIGHT
+        heads = sum(3 * dim * context for context in contexts)
+        costs.append(2 * report.macs_per_image + heads + elementwise)
+    return costs
+
+
+ELEMENTWISE_WEIGHT = 40.0  # calibrated on CPU: see launch/bench_pipeline.py

@@ -1,0 +1,128 @@
+"""Point-to-point messages between ranks, with bounded waits and failure diagnosis.
+
+Activations travel up (rank r to r + 1) and feedback travels down (the top rank to a lower one),
+always as tensors of shapes both sides computed from the config, so no shape ever travels. Each
+directed pair of ranks carries one stream of messages, so messages arrive in the order they were
+sent. No wait is unbounded: a receive that takes longer than `timeout_s`, or a peer whose connection
+drops, raises `PeerFailure` with the name of the rank that failed first.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+FAILURE_KEY = "first_failure"
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed; the message names it."""
+
+
+def record_failure(store: dist.Store, reason: str) -> str:
+    """Leave `reason` in the store unless another rank already left one; returns the first reason."""
+    return store.compare_set(FAILURE_KEY, "", reason).decode()
+
+
+def first_failure(store: dist.Store, patience_s: float = 2.0) -> str | None:
+    """The reason left by the first rank that failed, waiting up to `patience_s` for it to arrive."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            if store.check([FAILURE_KEY]):
+                return store.get(FAILURE_KEY).decode()
+        except Exception:  # the store itself is gone: nothing more to learn
+            return None
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+class Link:
+    """This rank's sends and receives. Counts bytes sent and seconds spent waiting."""
+
+    def __init__(self, rank: int, device: torch.device, store: dist.Store, timeout_s: float, max_in_flight: int = 2):
+        self.rank, self.device, self.store = rank, device, store
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.max_in_flight = max_in_flight  # sends not yet received: how far this rank may run ahead
+        self.in_flight: deque[tuple[dist.Work, torch.Tensor, int]] = deque()
+        self.bytes_sent = 0
+        self.wait_seconds = 0.0
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        tensor = tensor.detach().contiguous()
+        self.in_flight.append((dist.isend(tensor, dst), tensor, dst))
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        while len(self.in_flight) > self.max_in_flight:
+            self._wait_oldest_send()
+
+    def recv(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
+        buffer = torch.empty(shape, device=self.device)
+        self._wait(dist.irecv(buffer, src), src, "receiving from")
+        return buffer
+
+    def flush(self) -> None:
+        """Wait until every message sent has been received."""
+        while self.in_flight:
+            self._wait_oldest_send()
+
+    def _wait_oldest_send(self) -> None:
+        work, _, dst = self.in_flight.popleft()
+        self._wait(work, dst, "sending to")
+
+    def _wait(self, work: dist.Work, peer: int, doing: str) -> None:
+        began = time.perf_counter()
+        try:
+            work.wait(self.timeout)
+        except Exception as error:  # a dropped connection or a timeout: diagnose, never hang
+            raise self.diagnose(peer, doing, error) from None
+        finally:
+            self.wait_seconds += time.perf_counter() - began
+
+    def diagnose(self, peer: int, doing: str, error: Exception) -> PeerFailure:
+        reason = first_failure(self.store)
+        if reason is None:  # the peer could not say why (killed, or stuck): name it ourselves
+            detail = str(error).splitlines()[0][:200]
+            reason = record_failure(self.store, f"rank {peer} stopped answering (rank {self.rank} was {doing} it: {detail})")
+        return PeerFailure(f"rank {self.rank} stops because {reason}")
+
+
+def send_weights(link: Link, blocks, dst: int) -> None:
+    """Send every tensor of `blocks`' state dicts to rank `dst`, in state-dict order."""
+    for block in blocks:
+        for tensor in block.state_dict().values():
+            link.send(tensor.to(link.device), dst)
+    link.flush()
+
+
+def receive_weights(link: Link, blocks, src: int) -> None:
+    """Fill `blocks` (built identically on this rank) with the tensors `src` sends."""
+    with torch.no_grad():
+        for block in blocks:
+            for tensor in block.state_dict().values():
+                tensor.copy_(link.recv(tuple(tensor.shape), src))
+
+
+def gather_to_first(obj: object) -> list | None:
+    """Every rank's `obj` (small, picklable), on rank 0 only."""
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_first(value: int, device: torch.device) -> int:
+    """Rank 0's `value` on every rank."""
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def setup_barrier(timeout_s: float) -> None:
+    """All ranks are built and ready; on gloo, a rank that never arrives is named."""
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+    else:
+        dist.barrier()

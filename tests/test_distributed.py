@@ -1,0 +1,144 @@
+"""The transport must not change the answer: weights after N steps are the same with one process
+or K, and faults end every rank with an error, never a hang (gloo, spawn, one thread per rank)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.train import main
+from tests.ranks import run_ranks, start_ranks, wait
+
+TINY = ["data.name=synthetic", "model.width=0.0625", "train.batch_size=4", "train.steps=6", "train.threads=1",
+        "rule.negatives=random", "probe.epochs=0", "sim.timeout_s=30"]
+ROOT = Path(__file__).parent.parent
+
+
+def args(*overrides: str, out: Path) -> list[str]:
+    argv = [str(ROOT / "launch/configs/tiny.toml")]
+    for override in TINY + list(overrides):
+        argv += ["--set", override]
+    return argv + ["--out", str(out)]
+
+
+def single_process(out: Path, *overrides: str) -> dict:
+    assert main(args(*overrides, out=out) + ["--no-progress"]) == 0
+    return torch.load(out / "final.pt", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b) == list(range(6))
+    for block in a:
+        assert a[block].keys() == b[block].keys()
+        for key in a[block]:
+            assert torch.equal(a[block][key], b[block][key]), f"block {block} {key} differs"
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+CASES = [("clapp_pp", "pipelined"), ("clapp_pp_dfb", "pipelined"), ("clapp_pp_both", "pipelined"),
+         ("clapp_pp_dfb", "sequential")]
+
+
+@pytest.mark.parametrize("method, schedule", CASES, ids=[f"{m}-{s}" for m, s in CASES])
+def test_weights_equal_single_process_for_any_world_size(tmp_path, method, schedule):
+    overrides = [f"method={method}", f"sim.schedule={schedule}", "sim.feedback=exact"]
+    reference = single_process(tmp_path / "k1", *overrides)
+    for k in (2, 3, 6) if schedule == "pipelined" else (3,):
+        out = tmp_path / f"k{k}"
+        outcomes = run_ranks(k, args(*overrides, out=out), tmp_path / f"logs{k}")
+        assert [o.exitcode for o in outcomes] == [0] * k, outcomes[0].log + outcomes[-1].log
+        assert_same_weights(reference, torch.load(out / "final.pt", weights_only=True))
+        assert summary(out)["world_size"] == k and len(summary(out)["peak_memory_bytes"]) == k
+
+
+def test_probe_after_a_distributed_run_equals_the_single_process_probe(tmp_path):
+    overrides = ["probe.epochs=1", "probe.train_limit=200", "probe.test_limit=100", "probe.augment=false"]
+    single_process(tmp_path / "k1", *overrides)
+    outcomes = run_ranks(2, args(*overrides, out=tmp_path / "k2"), tmp_path / "logs")
+    assert [o.exitcode for o in outcomes] == [0, 0]
+    assert summary(tmp_path / "k2")["probe"] == summary(tmp_path / "k1")["probe"]
+
+
+def test_delayed_feedback_trains_with_the_delays_of_its_schedule(tmp_path):
+    overrides = ["method=clapp_pp_dfb", "sim.feedback=delayed", "sim.placement=[[0,1],[2,3],[4,5]]", "train.steps=8"]
+    outcomes = run_ranks(3, args(*overrides, out=tmp_path / "delayed"), tmp_path / "logs")
+    assert [o.exitcode for o in outcomes] == [0, 0, 0], outcomes[0].log
+    result = summary(tmp_path / "delayed")
+    assert result["feedback"] == "delayed"
+    assert result["feedback_delay_steps"] == [2, 2, 1, 1, 0, 0]  # rank r: K - 1 - r, the top rank none
+    assert all(v is not None and v == v for v in result["loss_per_block"])
+    exact = single_process(tmp_path / "exact", *overrides[:1], "train.steps=8")
+    delayed = torch.load(tmp_path / "delayed" / "final.pt", weights_only=True)
+    assert not torch.equal(exact[0]["conv.conv.weight"], delayed[0]["conv.conv.weight"])  # feedback was late
+
+
+def test_a_nan_on_one_rank_stops_every_rank_naming_it(tmp_path):
+    outcomes = run_ranks(3, args("train.steps=20", out=tmp_path / "run"), tmp_path / "logs", fault=(1, 3))
+    assert all(o.exitcode not in (0, None) for o in outcomes), [o.exitcode for o in outcomes]
+    assert "block" in outcomes[1].log and "at step 3" in outcomes[1].log
+    for outcome in (outcomes[0], outcomes[2]):
+        assert "rank 1 failed: NonFiniteLoss" in outcome.log
+
+
+def test_a_killed_rank_makes_the_others_exit_with_an_error(tmp_path):
+    out = tmp_path / "run"
+    processes = start_ranks(3, args("train.steps=100000", "train.checkpoint_every=2", out=out), tmp_path / "logs")
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "step00000004").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (out / "checkpoints" / "step00000004").is_dir(), "training never started"
+    os.kill(processes[1].pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    outcomes = wait(processes, tmp_path / "logs", timeout_s=60)
+    assert time.monotonic() - killed_at < 60
+    assert outcomes[0].exitcode not in (0, None) and outcomes[2].exitcode not in (0, None)
+    for outcome in (outcomes[0], outcomes[2]):
+        assert "rank 1 stopped answering" in outcome.log, outcome.log[-500:]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resume_equals_uninterrupted(tmp_path, world_size):
+    overrides = ["method=clapp_pp_dfb", "train.steps=8", "train.checkpoint_every=4"]
+    uninterrupted = single_process(tmp_path / "whole", *overrides)
+    out = tmp_path / "stopped"
+    crashed = run_ranks(world_size, args(*overrides, out=out), tmp_path / "logs1", fault=(world_size - 1, 6))
+    assert all(o.exitcode not in (0, None) for o in crashed)
+    assert not (out / "final.pt").exists()
+    resumed = run_ranks(world_size, ["--resume", str(out)], tmp_path / "logs2")
+    assert [o.exitcode for o in resumed] == [0] * world_size, resumed[0].log
+    assert "resuming" in resumed[0].log
+    assert_same_weights(uninterrupted, torch.load(out / "final.pt", weights_only=True))
+
+
+def test_a_world_size_that_does_not_fit_the_placement_fails_before_any_work(tmp_path):
+    outcomes = run_ranks(3, args("sim.placement=[[0,1,2],[3,4,5]]", out=tmp_path / "run"), tmp_path / "logs")
+    for outcome in outcomes:
+        assert outcome.exitcode == 2
+        assert "sim.placement has 2 groups but the world size is 3" in outcome.log
+    assert not (tmp_path / "run").exists()
+
+
+def test_end_to_end_methods_refuse_several_processes(tmp_path):
+    outcomes = run_ranks(2, args("method=bp_infonce", out=tmp_path / "run"), tmp_path / "logs")
+    assert [o.exitcode for o in outcomes] == [2, 2]
+    assert "end-to-end backprop" in outcomes[0].log
+
+
+def test_torchrun_smoke_of_the_tiny_config(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "launch.train",
+               str(ROOT / "launch/configs/tiny.toml"), "--set", "probe.epochs=1", "--out", str(tmp_path / "run"),
+               "--no-progress"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = summary(tmp_path / "run")
+    assert result["world_size"] == 2 and result["placement"] == [[0, 1, 2], [3, 4, 5]]
+    assert result["probe"]["test_acc"] > 50

@@ -71,21 +71,24 @@ def balanced_placement(costs: Sequence[float], world_size: int) -> Placement:
 def estimated_block_costs(
     width: float, in_channels: int, input_size: int, feature_dims: Sequence[int], context_dims: Sequence[Sequence[int]]
 ) -> list[float]:
-    """Relative cost of one training step of each block, in multiply-accumulates per view.
+    """Relative cost of one training step of each block, in multiply-accumulate equivalents per view.
 
-    Convolution forward and weight gradient (2x the forward), the prediction heads (forward,
-    gradient of B and of z: 3x), and a term for the element-wise work on the activity (ReLU,
-    max-pool, pooling), which on CPUs weighs about as much as a multiply-accumulate per element
-    times `ELEMENTWISE_WEIGHT`.
+    Convolution forward and weight gradient (2x the forward MACs), the prediction heads (forward,
+    gradient of B and of z: 3x, at HEAD_WEIGHT) and the element-wise work on the activity (ReLU,
+    max-pool, pooling: ELEMENTWISE_WEIGHT per element of the pre-pool map).
     """
     costs = []
     for report, dim, contexts in zip(describe_encoder(width, in_channels, input_size), feature_dims, context_dims):
-        c, h, w = report.output_shape
+        c, h, _ = report.output_shape
         side = h * (2 if MAXPOOL[report.index] else 1)  # the conv runs before the max-pool
-        elementwise = c * side * side * ELEMENTWISE_WEIGHT
         heads = sum(3 * dim * context for context in contexts)
-        costs.append(2 * report.macs_per_image + heads + elementwise)
+        costs.append(2 * report.macs_per_image + HEAD_WEIGHT * heads + ELEMENTWISE_WEIGHT * c * side * side)
     return costs
 
 
-ELEMENTWISE_WEIGHT = 40.0  # calibrated on CPU: see launch/bench_pipeline.py
+# A least-squares fit of measured local-step times per block on a 2-core x86 CPU (1 thread,
+# batch 32, widths 1/16 to 1/2): element-wise work is memory-bound and weighs hundreds of MACs per
+# element there; within about 30 % per block. On GPUs the balance differs: give an explicit
+# sim.placement when the estimate splits badly (launch.schedule prints the placement).
+ELEMENTWISE_WEIGHT = 400.0
+HEAD_WEIGHT = 1.7

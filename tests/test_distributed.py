@@ -140,5 +140,20 @@ def test_torchrun_smoke_of_the_tiny_config(tmp_path):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = summary(tmp_path / "run")
-    assert result["world_size"] == 2 and result["placement"] == [[0, 1, 2], [3, 4, 5]]
+    assert result["world_size"] == 2 and sum(result["placement"], []) == list(range(6))
     assert result["probe"]["test_acc"] > 50
+
+
+def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
+    overrides = ["method=clapp_pp_dfb", "train.steps=8", "train.checkpoint_every=4"]
+    uninterrupted = single_process(tmp_path / "whole", *overrides)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+               str(ROOT / "tests/fault_worker.py"), *args(*overrides, out=tmp_path / "run"), "--no-progress"]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "LAMINAR_TEST_FAULT_RANK": "1",
+                   "LAMINAR_TEST_FAULT_STEP": "6", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "error (rank 1): block 5 at step 6: loss is nan" in done.stderr  # the first attempt failed...
+    assert "resuming" in done.stdout  # ...and the restart continued from step 4
+    assert_same_weights(uninterrupted, torch.load(tmp_path / "run" / "final.pt", weights_only=True))

@@ -1,0 +1,134 @@
+"""Layer-parallel throughput against one process on the same cores.
+
+    python -m launch.bench_pipeline [CONFIG] [--world-size K] [--steps N] [--repeats R] [--set ...] [--out DIR]
+
+Runs, alternating and `--repeats` times each: one process with 1 thread, one process with K
+threads (the same cores as the parallel run), and K processes with 1 thread each under torchrun
+(pipelined schedule). Reports the median images/s of each, the ratios, the pipeline efficiency
+(the slowest rank's busy time over the run's wall time: 1.0 means the pipeline runs as fast as its
+slowest rank can compute) and each rank's peak memory. Writes bench_pipeline.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fashion_mnist.toml"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def launch(processes: int, threads: int, config: Path, overrides: list[str], out: Path) -> dict:
+    """One run of `processes` processes with `threads` threads each; returns its summary.json."""
+    shutil.rmtree(out, ignore_errors=True)
+    sets = [arg for o in [*overrides, f"train.threads={threads}", "probe.epochs=0"] for arg in ("--set", o)]
+    if processes > 1:
+        torchrun = Path(sys.executable).parent / "torchrun"
+        command = [str(torchrun), "--standalone", "--nproc-per-node", str(processes), "-m", "launch.train"]
+        sets += ["--set", "sim.schedule=pipelined"]
+    else:
+        command = [sys.executable, "-m", "launch.train"]
+    command += [str(config), *sets, "--out", str(out), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} run failed:\n{done.stderr[-3000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def efficiency(summary: dict) -> float:
+    """Slowest rank's busy time / wall time: images/s over the bound the slowest rank sets."""
+    busy = max(r["seconds"] - r["wait_seconds"] for r in summary["ranks"])
+    return busy / summary["train_seconds"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.bench_pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("runs") / f"bench_pipeline_{time.strftime('%Y%m%d-%H%M%S')}")
+    args = parser.parse_args(argv)
+    k = args.world_size
+    overrides = [f"train.steps={args.steps}", *args.overrides]
+    layouts = {"single_1_thread": (1, 1), f"single_{k}_threads": (1, k), "parallel": (k, 1)}  # processes, threads
+    kinds = list(layouts)
+    runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    for repeat in range(args.repeats):  # alternate, so that a noisy minute hits every kind alike
+        for kind, (processes, threads) in layouts.items():
+            summary = launch(processes, threads, args.config, overrides, args.out / f"{kind}_{repeat}")
+            runs[kind].append(summary)
+            print(f"{kind} #{repeat}: {summary['images_per_s']:.1f} images/s", flush=True)
+    speed = {kind: statistics.median(s["images_per_s"] for s in runs[kind]) for kind in kinds}
+    parallel = runs["parallel"]
+    result = {
+        "machine": {"cpu": cpu_name(), "cores": available_cores(), "torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python -m launch.bench_pipeline", *(argv if argv is not None else sys.argv[1:])]),
+        "method": parallel[0]["method"], "dataset": parallel[0]["dataset"],
+        "width": parallel[0]["config"]["model"]["width"], "batch_size": parallel[0]["config"]["train"]["batch_size"],
+        "steps": args.steps, "world_size": k, "placement": parallel[0]["placement"],
+        "images_per_s": speed,
+        "ratios": {"parallel_vs_single_1_thread": speed["parallel"] / speed["single_1_thread"],
+                   f"parallel_vs_single_{k}_threads": speed["parallel"] / speed[f"single_{k}_threads"]},
+        "pipeline_efficiency": statistics.median(efficiency(s) for s in parallel),
+        "peak_memory_bytes": {kind: [statistics.median(s["peak_memory_bytes"][r] for s in runs[kind])
+                                     for r in range(len(runs[kind][0]["peak_memory_bytes"]))] for kind in kinds},
+        "ranks": [{"rank": r["rank"], "blocks": r["blocks"], "busy_s": r["seconds"] - r["wait_seconds"],
+                   "wait_s": r["wait_seconds"], "bytes_sent": r["bytes_sent"]} for r in parallel[-1]["ranks"]],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (args.out / "bench_pipeline.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def markdown(result: dict) -> str:
+    k = result["world_size"]
+    memory = result["peak_memory_bytes"]
+    lines = [f"{result['method']} on {result['dataset']}, width {result['width']}, batch {result['batch_size']}, "
+             f"{result['steps']} steps; {result['machine']['cpu']} ({result['machine']['cores']} cores), "
+             f"torch {result['machine']['torch']}, {result['date']}",
+             "", "| run | images/s | peak memory per process (MiB) |", "|---|---:|---|"]
+    names = {"single_1_thread": "1 process, 1 thread", f"single_{k}_threads": f"1 process, {k} threads",
+             "parallel": f"{k} processes x 1 thread, pipelined, blocks {result['placement']}"}
+    for kind, name in names.items():
+        lines.append(f"| {name} | {result['images_per_s'][kind]:.1f} | "
+                     f"{', '.join(f'{b / 2**20:.0f}' for b in memory[kind])} |")
+    ratios = result["ratios"]
+    lines += ["", f"- parallel / 1 thread: {ratios['parallel_vs_single_1_thread']:.2f}x; parallel / {k} threads: "
+              f"{ratios[f'parallel_vs_single_{k}_threads']:.2f}x",
+              f"- pipeline efficiency (slowest rank's busy time / wall time): {result['pipeline_efficiency']:.3f}",
+              "- per rank (last repeat): " + "; ".join(
+                  f"rank {r['rank']} blocks {r['blocks']} busy {r['busy_s']:.1f} s, waiting {r['wait_s']:.1f} s, "
+                  f"sent {r['bytes_sent'] / 2**20:.0f} MiB" for r in result["ranks"])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,7 +49,7 @@ def launch(processes: int, threads: int, config: Path, overrides: list[str], out
     command += [str(config), *sets, "--out", str(out), "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"{kind} run failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"run {out.name} failed:\n{done.stderr[-3000:]}")
     return json.loads((out / "summary.json").read_text())
 
 

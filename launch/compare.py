@@ -1,10 +1,12 @@
 """laminar's main job: train methods side by side on one config and compare their linear probes.
 
-    python -m launch.compare [CONFIG] [--runs random,clapp_pp,bp_infonce] [--set key=value ...] [--out DIR]
+    python -m launch.compare [CONFIG] [--runs random,clapp_pp,clapp_pp@2,bp_infonce] [--set key=value ...] [--out DIR]
 
-Each run is its own process (`python -m launch.train`), so its peak memory is its own. A run whose
-folder already holds a summary.json is not trained again: an interrupted comparison continues
-where it stopped. Writes compare.json, compare.md and compare.png into DIR.
+A run is a method name; `METHOD@K` runs it layer-parallel on K processes (torchrun, one thread
+each); `random` probes the untrained encoder. Each run is its own process (`python -m launch.train`),
+so its peak memory is its own. A run whose folder already holds a summary.json is not trained
+again: an interrupted comparison continues where it stopped. Writes compare.json, compare.md and
+compare.png into DIR.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import time
 from pathlib import Path
 
 from launch.config import ConfigError, load_config
+from launch.plan import make_plan
+from sim.placement import PlacementError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fashion_mnist.toml"
 # A run name is a method name, or "random": the encoder as initialised, probed without training.
@@ -23,12 +27,22 @@ RUN_OVERRIDES = {"random": ["method=clapp_pp", "train.steps=0", "train.epochs=0"
 
 
 def run_overrides(name: str) -> list[str]:
-    return RUN_OVERRIDES.get(name, [f"method={name}"])
+    method, _, processes = name.partition("@")
+    parallel = ["train.threads=1"] if processes else []
+    return RUN_OVERRIDES.get(method, [f"method={method}"]) + parallel
+
+
+def train_command(name: str) -> list[str]:
+    _, _, processes = name.partition("@")
+    if not processes:
+        return [sys.executable, "-m", "launch.train"]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    return [torchrun, "--standalone", "--nproc-per-node", processes, "-m", "launch.train"]
 
 
 def train_run(name: str, config: Path, overrides: list[str], folder: Path) -> dict:
     if not (folder / "summary.json").exists():
-        command = [sys.executable, "-m", "launch.train", str(config), "--out", str(folder)]
+        command = train_command(name) + [str(config), "--out", str(folder)]
         for override in overrides + run_overrides(name):
             command += ["--set", override]
         print(f"\n== {name}: {' '.join(command[1:])}", flush=True)
@@ -38,14 +52,15 @@ def train_run(name: str, config: Path, overrides: list[str], folder: Path) -> di
 
 
 def markdown_table(rows: list[tuple[str, dict]]) -> str:
-    lines = ["| run | method | steps | images/s | peak memory (MiB) | probe: all blocks (%) | probe: last block (%) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| run | method | processes | steps | images/s | peak memory per process (MiB) | probe: all blocks (%) "
+             "| probe: last block (%) |", "|---|---|---:|---:|---:|---|---:|---:|"]
     for name, s in rows:
         probe = s["probe"] or {}
         last = probe.get("per_block_test_acc", [None])[-1]
         speed = f"{s['images_per_s']:.1f}" if s["steps"] else "-"
-        lines.append(f"| {name} | {s['method']} | {s['steps']} | {speed} | "
-                     f"{max(s['peak_memory_bytes']) / 2**20:.0f} | {_percent(probe.get('test_acc'))} | {_percent(last)} |")
+        memory = ", ".join(f"{b / 2**20:.0f}" for b in s["peak_memory_bytes"]) if s["steps"] else "-"
+        lines.append(f"| {name} | {s['method']} | {s['world_size']} | {s['steps']} | {speed} | {memory} | "
+                     f"{_percent(probe.get('test_acc'))} | {_percent(last)} |")
     return "\n".join(lines)
 
 
@@ -83,19 +98,21 @@ def plot(rows: list[tuple[str, dict]], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.compare", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--runs", default="random,clapp_pp,bp_infonce",
-                        help="comma-separated method names, or 'random' for the untrained encoder")
+    parser.add_argument("--runs", default="random,clapp_pp,clapp_pp@2,bp_infonce",
+                        help="comma-separated runs: METHOD, METHOD@K (K processes) or random (untrained)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, help="folder of the comparison (default runs/compare_TIME)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    try:  # check every run's config before training anything
+    try:  # check every run's config and placement before training anything
         configs = {name: load_config(args.config, args.overrides + run_overrides(name)) for name in names}
-    except ConfigError as error:
+        for name, config in configs.items():
+            make_plan(config, int(name.partition("@")[2] or 1))
+    except (ConfigError, PlacementError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out or Path("runs") / f"compare_{time.strftime('%Y%m%d-%H%M%S')}"
-    rows = [(name, train_run(name, args.config, args.overrides, out / name)) for name in names]
+    rows = [(name, train_run(name, args.config, args.overrides, out / name.replace("@", "_x"))) for name in names]
     first = configs[names[0]]
     title = f"{first.data.name}, width {first.model.width}, batch {first.train.batch_size}"
     table = markdown_table(rows)

@@ -2,17 +2,23 @@
 pooling kernels, placement of blocks on ranks, the schedule and the shapes of messages."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from launch.config import Config, ConfigError, to_toml
-from layers.block import RuleSettings
+from layers.block import Block, RuleSettings
 from layers.encoder import NUM_BLOCKS, block_channels, map_sizes
 from layers.methods import Method, get_method
-from layers.model import feature_dims, pool_kernels
+from layers.model import build_blocks, feature_dims, pool_kernels
 from sim.datasets import DatasetInfo, dataset_info
-from sim.placement import Placement, balanced_placement, check_groups, estimated_block_costs
+from sim.placement import (
+    Placement,
+    balanced_placement,
+    check_groups,
+    estimated_block_costs,
+)
 from sim.runtime import MessageShapes
 from sim.schedule import Schedule
 
@@ -36,6 +42,12 @@ class Plan:
         if self.config.train.steps > 0:
             return self.config.train.steps
         return round(self.config.train.epochs * steps_per_epoch)  # epochs = 0: an untrained encoder
+
+    def build_blocks(self, indices: Sequence[int], device: torch.device) -> list[Block]:
+        """Blocks `indices` as this run trains them: each initialised from (seed, block) alone."""
+        c = self.config
+        return build_blocks(self.method, c.model.width, self.info.channels, self.info.image_size, self.rule,
+                            c.train.seed, c.optim.lr, c.optim.weight_decay, c.rule.pool or None, indices, device)
 
     def describe(self, steps: int, device: torch.device, images: int) -> str:
         c = self.config

@@ -6,18 +6,18 @@ from collections.abc import Sequence
 import torch
 
 from launch.config import Config, to_dict
+from launch.plan import Plan
 from layers.encoder import NUM_BLOCKS, describe_encoder
-from layers.methods import Method
 from layers.model import feature_dims
-from sim.datasets import dataset_info
 from sim.runtime import RankResult
 
 
-def encoder_table(config: Config, method: Method, kernels: Sequence[int]) -> str:
-    info = dataset_info(config.data.name)
-    dims = feature_dims(config.model.width, info.image_size, kernels)
+def encoder_table(plan: Plan) -> str:
+    """Each block's output shape, parameters, cost, pooling and loss, as a table."""
+    info, method, kernels, width = plan.info, plan.method, plan.kernels, plan.config.model.width
+    dims = feature_dims(width, info.image_size, kernels)
     lines = ["block  output (C,H,W)    conv params   MMAC/img  pool  loss on D features from contexts"]
-    for report, kernel, dim in zip(describe_encoder(config.model.width, info.channels, info.image_size), kernels, dims):
+    for report, kernel, dim in zip(describe_encoder(width, info.channels, info.image_size), kernels, dims):
         has_loss = report.index == NUM_BLOCKS - 1 or not method.end_to_end
         loss = f"D = {dim:,} ({', '.join(method.contexts)})" if has_loss else "- (gradient from the top)"
         lines.append(f"{report.index:>5}  {str(report.output_shape):<16} {report.conv_params:>11,}  "
@@ -25,12 +25,12 @@ def encoder_table(config: Config, method: Method, kernels: Sequence[int]) -> str
     return "\n".join(lines)
 
 
-def summary_dict(config: Config, plan, results: Sequence[RankResult], probe: dict | None, steps: int,
+def summary_dict(config: Config, plan: Plan, results: Sequence[RankResult], probe: dict | None, steps: int,
                  device: torch.device) -> dict:
     """summary.json: the fields every run has, whatever its number of processes."""
     seconds = max(r.seconds for r in results)  # the run lasts as long as its slowest rank
     losses = {b: v for r in results for b, v in r.loss_per_block.items()}
-    trained = sum(r.steps for r in results[:1])
+    trained = results[0].steps  # batches trained in this call (fewer than `steps` after a resume)
     delays = {b: r.feedback_delay for r in results for b in r.blocks}
     return {
         "method": plan.method.name,

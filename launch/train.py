@@ -19,17 +19,25 @@ import torch
 from launch.config import Config, ConfigError, load_config
 from launch.plan import Plan, make_plan
 from launch.report import encoder_table, format_summary, summary_dict
+from layers.block import Block
 from layers.encoder import NUM_BLOCKS
-from layers.model import build_blocks
-from sim.checkpoint import completed_steps, discard_after, load_checkpoint, save_checkpoint, save_final
-from sim.datasets import DatasetMissing, load_split
+from sim.checkpoint import completed_steps, discard_after, has_checkpoints, load_checkpoint, save_checkpoint, save_final
+from sim.datasets import DatasetMissing, ImageSet, load_split
 from sim.feed import ViewFeed
 from sim.placement import PlacementError
-from sim.probing import first_images, linear_probe
-from sim.runtime import RankRuntime
+from sim.probing import linear_probe, sample_images
+from sim.runtime import RankResult, RankRuntime
 from sim.stage import NonFiniteLoss, make_stage
-from sim.transport import (Link, PeerFailure, broadcast_from_first, gather_to_first, receive_weights,
-                           record_failure, send_weights, setup_barrier)
+from sim.transport import (
+    Link,
+    PeerFailure,
+    broadcast_from_first,
+    gather_to_first,
+    receive_weights,
+    record_failure,
+    send_weights,
+    setup_barrier,
+)
 from sim.views import SimCLRViews
 from sim.world import World, connect, disconnect
 
@@ -44,82 +52,96 @@ def default_out_dir(config: Config) -> Path:
 
 def run(config: Config, out_dir: Path, progress: bool = True, world: World = World(), resume: bool = False) -> dict | None:
     """Train `config` on this process's share of the blocks; rank 0 then gathers the weights,
-    probes the encoder and writes the run folder. Returns the summary on rank 0, None elsewhere."""
+    probes the encoder and writes the run folder. Returns the summary on rank 0, None elsewhere.
+
+    `resume` continues from the last complete checkpoint in `out_dir`; so does a job that torchrun
+    restarted (world.attempt > 0)."""
     if (out_dir / "summary.json").exists():
         raise ConfigError(f"{out_dir} already holds a finished run; choose another --out or remove it")
+    if not resume and not world.attempt and has_checkpoints(out_dir):
+        raise ConfigError(f"{out_dir} holds checkpoints of an unfinished run: continue it with "
+                          f"--resume {out_dir}, or choose another --out")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = world.device(config.train.device)
     plan = make_plan(config, world.size)  # a placement that does not fit the world size fails here
-    start = 0
-    if resume:
-        steps = completed_steps(out_dir)
-        if not steps:
-            raise ConfigError(f"{out_dir} holds no complete checkpoint to resume from; start a new run")
-        start = steps[-1]
-    store = connect(world, device, SETUP_TIMEOUT_S) if world.distributed else None
+    store = link = None
+    if world.distributed:
+        store = connect(world, device, SETUP_TIMEOUT_S)
+        link = Link(world.rank, device, store, config.sim.timeout_s)
     try:
-        return _run_rank(config, plan, out_dir, progress, world, device, store, start)
-    except (PeerFailure, KeyboardInterrupt):
+        summary = _run_rank(plan, out_dir, progress, world, device, link, resume)
+    except PeerFailure:
         raise
     except BaseException as error:
         if store is not None:  # say why, so the other ranks can name this rank when they stop
             record_failure(store, f"rank {world.rank} failed: {type(error).__name__}: {error}")
-        raise
-    finally:
-        if store is not None:
-            disconnect()
+        raise  # without tearing the process group down: that could wait on a broken peer
+    if store is not None:
+        disconnect()
+    return summary
 
 
-def _run_rank(config: Config, plan: Plan, out_dir: Path, progress: bool, world: World, device: torch.device,
-              store, start: int) -> dict | None:
-    info, root = plan.info, config.data.root or None
+def starting_step(out_dir: Path, resume: bool, restarted: bool) -> int:
+    """Rank 0: the step to start from, removing checkpoints that will be written again."""
+    complete = completed_steps(out_dir)
+    if (resume or restarted) and complete:
+        discard_after(out_dir, complete[-1])
+        print(f"resuming {out_dir} from its checkpoint after step {complete[-1]}")
+        return complete[-1]
+    if resume:
+        raise ConfigError(f"{out_dir} holds no complete checkpoint to resume from; start a new run")
+    if restarted:
+        print(f"restarted, but {out_dir} holds no complete checkpoint: training again from step 0", flush=True)
+    discard_after(out_dir, -1)
+    return 0
+
+
+def _run_rank(plan: Plan, out_dir: Path, progress: bool, world: World, device: torch.device, link: Link | None,
+              resume: bool) -> dict | None:
+    config, info, root = plan.config, plan.info, plan.config.data.root or None
     feed = probe_sets = None
+    start = stop = 0
     if world.rank == 0:  # only the first rank reads images; it also checks the probe's data early
         ssl_set = load_split(info.name, root, "ssl", config.data.download)
         feed = ViewFeed(ssl_set, SimCLRViews(info, device), config.train.batch_size, config.train.seed)
         if config.probe.epochs:
-            probe_sets = [first_images(load_split(info.name, root, split, config.data.download), limit)
+            probe_sets = [sample_images(load_split(info.name, root, split, config.data.download), limit, config.train.seed)
                           for split, limit in (("train", config.probe.train_limit), ("test", config.probe.test_limit))]
-    own = plan.placement.groups[world.rank]
-    blocks = build_blocks(plan.method, config.model.width, info.channels, info.image_size, plan.rule,
-                          config.train.seed, config.optim.lr, config.optim.weight_decay, config.rule.pool or None,
-                          indices=own, device=device)
-    if start:
-        load_checkpoint(out_dir, start, blocks)
-    stop = plan.total_steps(feed.steps_per_epoch if feed else 0)
-    if world.rank == 0:
-        print(plan.describe(stop, device, len(feed.images)))
-        if start:
-            discard_after(out_dir, start)
-            print(f"resuming {out_dir} from its checkpoint after step {start}")
-        print(encoder_table(config, plan.method, plan.kernels))
+        stop = plan.total_steps(feed.steps_per_epoch)
+        print(plan.describe(stop, device, len(ssl_set)))
+        start = starting_step(out_dir, resume, world.attempt > 0)
+        print(encoder_table(plan))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.toml").write_text(plan.config_toml)
-    link = None
-    if world.distributed:
-        link = Link(world.rank, device, store, config.sim.timeout_s)
-        setup_barrier(SETUP_TIMEOUT_S)
-        stop = broadcast_from_first(stop, device)  # only rank 0 read the data, so only it knows the epoch size
+    if link is not None:  # only rank 0 read the data and the checkpoints: share what it found
+        link.collective("the setup barrier", setup_barrier, SETUP_TIMEOUT_S)
+        start, stop = link.collective("broadcast", broadcast_from_first, [start, stop], device)
+    own = plan.placement.groups[world.rank]
+    blocks = plan.build_blocks(own, device)
+    if start:
+        load_checkpoint(out_dir, start, blocks)
     stage = make_stage(blocks, config.train.seed, stash_weights=config.sim.feedback == "delayed")
     runtime = RankRuntime(world.rank, plan.schedule, stage, device, plan.shapes, feed, link)
     result = runtime.run(start, stop, lambda step: save_checkpoint(out_dir, step, blocks), progress)
 
-    if not world.distributed:
-        return _finish(config, plan, out_dir, blocks, [result], probe_sets, device, progress, stop)
-    results = gather_to_first(result)
-    if world.rank > 0:
-        send_weights(link, blocks, 0)
-        return None
-    others = [i for i in range(NUM_BLOCKS) if i not in own]
-    rest = build_blocks(plan.method, config.model.width, info.channels, info.image_size, plan.rule,
-                        config.train.seed, pool=config.rule.pool or None, indices=others, device=device)
-    for rank in range(1, world.size):
-        receive_weights(link, [b for b in rest if b.index in plan.placement.groups[rank]], rank)
-    return _finish(config, plan, out_dir, blocks + rest, results, probe_sets, device, progress, stop)
+    if link is None:
+        return _finish(plan, out_dir, blocks, [result], probe_sets, device, progress, stop)
+    with link.patience(SETUP_TIMEOUT_S):  # gathering full-width weights may take minutes between machines
+        results = link.collective("gathering results", gather_to_first, result)
+        if world.rank > 0:
+            send_weights(link, blocks, 0)
+            return None
+        rest = plan.build_blocks([i for i in range(NUM_BLOCKS) if i not in own], device)
+        for rank in range(1, world.size):
+            receive_weights(link, [b for b in rest if b.index in plan.placement.groups[rank]], rank)
+    return _finish(plan, out_dir, blocks + rest, results, probe_sets, device, progress, stop)
 
 
-def _finish(config, plan, out_dir, blocks, results, probe_sets, device, progress, stop) -> dict:
+def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankResult],
+            probe_sets: list[ImageSet] | None, device: torch.device, progress: bool, stop: int) -> dict:
+    """Rank 0, with every block's final weights: final.pt, the probe, summary.json."""
+    config = plan.config
     save_final(out_dir / "final.pt", blocks)
     probe = None
     if probe_sets is not None:
@@ -150,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.config:
             config = load_config(args.config, args.overrides)
             out_dir = args.out or default_out_dir(config)
-            resume = world.attempt > 0 and bool(completed_steps(out_dir))  # torchrun restarted the job
+            resume = False
         else:
             raise ConfigError("give a CONFIG (e.g. launch/configs/tiny.toml) or --resume RUN_DIR")
         summary = run(config, out_dir, progress=not args.no_progress, world=world, resume=resume)

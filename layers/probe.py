@@ -23,16 +23,16 @@ class LinearProbe(nn.Module):
     """Linear classifiers trained side by side on the same features: one per block, and one on
     the concatenation of all blocks (the paper's probe).
 
-    With `standardize`, each feature is first standardised by batch statistics in training and
-    running statistics in evaluation (BatchNorm without affine parameters, as in MAE's linear
-    probe): still one linear map per classifier, but deep blocks whose activity is tiny at
+    With `standardize`, each feature is first standardised by batch statistics in training and,
+    in evaluation, by their average over all training batches (BatchNorm without affine parameters
+    and with a cumulative average, as in MAE's linear probe): still one linear map per classifier, but deep blocks whose activity is tiny at
     initialisation are not handicapped by their scale in a short probe.
     """
 
     def __init__(self, feature_dims: Sequence[int], num_classes: int, standardize: bool = True):
         super().__init__()
         self.norms = nn.ModuleList(
-            nn.BatchNorm1d(d, affine=False) if standardize else nn.Identity() for d in feature_dims
+            nn.BatchNorm1d(d, affine=False, momentum=None) if standardize else nn.Identity() for d in feature_dims
         )
         self.per_block = nn.ModuleList(nn.Linear(d, num_classes) for d in feature_dims)
         self.concatenated = nn.Linear(sum(feature_dims), num_classes)

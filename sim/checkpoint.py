@@ -23,7 +23,10 @@ KEEP = 2  # checkpoints kept per block: a crash while writing one leaves the pre
 def _save_atomic(obj: object, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, temporary)
+    with open(temporary, "wb") as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())  # on disk before it takes the real name, even if the host crashes
     os.replace(temporary, path)  # a crash leaves the previous file intact, never half of one
 
 
@@ -36,7 +39,12 @@ def save_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
     for block in blocks:
         state = {"step": step, "block": block.state_dict(), "optimizer": block.optimizer.state_dict()}
         _save_atomic(state, step_folder(run_dir, step) / f"block{block.index}.pt")
-    for old in completed_steps(run_dir, [b.index for b in blocks])[:-KEEP]:
+    complete = completed_steps(run_dir)
+    if len(complete) < KEEP:
+        return
+    for old in completed_steps(run_dir, [b.index for b in blocks]):
+        if old >= complete[-KEEP]:
+            break
         for block in blocks:
             (step_folder(run_dir, old) / f"block{block.index}.pt").unlink(missing_ok=True)
         try:
@@ -54,6 +62,11 @@ def completed_steps(run_dir: Path, blocks: Sequence[int] = range(NUM_BLOCKS)) ->
     return sorted(s for s in steps if all((step_folder(run_dir, s) / f"block{b}.pt").is_file() for b in blocks))
 
 
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether any block file of any step is in the run folder."""
+    return any((run_dir / "checkpoints").glob("step*/block*.pt"))
+
+
 def load_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
     """Restore `blocks` (weights, B matrices, optimiser states) as they were after `step` steps."""
     for block in blocks:
@@ -64,7 +77,8 @@ def load_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
 
 
 def discard_after(run_dir: Path, step: int) -> None:
-    """Remove checkpoints later than `step` (incomplete ones of a crashed run) before resuming."""
+    """Remove checkpoints later than `step` (incomplete ones of a crashed run) before resuming, or
+    all of them (`step` = -1) before starting afresh."""
     for path in (run_dir / "checkpoints").glob("step*"):
         if path.name[4:].isdigit() and int(path.name[4:]) > step:
             shutil.rmtree(path, ignore_errors=True)

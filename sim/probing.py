@@ -21,11 +21,12 @@ def _batches(count: int, batch_size: int, order: torch.Tensor | None = None) -> 
         yield order[start : start + batch_size]
 
 
-def first_images(images: ImageSet, limit: int) -> ImageSet:
-    """The first `limit` images of a split (0 = all)."""
+def sample_images(images: ImageSet, limit: int, seed: int) -> ImageSet:
+    """`limit` images of a split drawn at random (0 = all): splits stored class by class stay balanced."""
     if limit <= 0 or limit >= len(images):
         return images
-    return ImageSet(images.images[:limit], images.labels[:limit])
+    chosen = torch.randperm(len(images), generator=keyed_generator(seed, STREAM_PROBE, -1))[:limit].sort().values
+    return ImageSet(*images.batch(chosen))
 
 
 def linear_probe(
@@ -74,6 +75,8 @@ def linear_probe(
     with tqdm(total=total, desc="probe", unit="batch", disable=not progress, dynamic_ncols=True) as bar:
         for epoch in range(epochs):
             for features, labels in epoch_batches(keyed_generator(seed, STREAM_PROBE, epoch)):
+                if len(labels) < 2:  # batch statistics need two rows: a last batch of one image is skipped
+                    continue
                 optimizer.zero_grad(set_to_none=True)
                 probe.loss(features, labels).backward()
                 optimizer.step()

@@ -3,14 +3,19 @@
 Activations travel up (rank r to r + 1) and feedback travels down (the top rank to a lower one),
 always as tensors of shapes both sides computed from the config, so no shape ever travels. Each
 directed pair of ranks carries one stream of messages, so messages arrive in the order they were
-sent. No wait is unbounded: a receive that takes longer than `timeout_s`, or a peer whose connection
-drops, raises `PeerFailure` with the name of the rank that failed first.
+sent; downward messages use a process group of their own, so that on GPUs (one NCCL stream per
+group) a large feedback message never waits behind an activation going the other way. No wait is
+unbounded: a receive that takes longer than `timeout_s`, or a peer whose connection drops, raises
+`PeerFailure` with the name of the rank that failed first.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +52,7 @@ class Link:
     def __init__(self, rank: int, device: torch.device, store: dist.Store, timeout_s: float, max_in_flight: int = 2):
         self.rank, self.device, self.store = rank, device, store
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.down_group = dist.new_group()  # every rank builds its Link at the same point: a collective
         self.max_in_flight = max_in_flight  # sends not yet received: how far this rank may run ahead
         self.in_flight: deque[tuple[dist.Work, torch.Tensor, int]] = deque()
         self.bytes_sent = 0
@@ -54,14 +60,15 @@ class Link:
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.detach().contiguous()
-        self.in_flight.append((dist.isend(tensor, dst), tensor, dst))
+        work = dist.isend(tensor, dst, group=self.down_group if dst < self.rank else None)
+        self.in_flight.append((work, tensor, dst))
         self.bytes_sent += tensor.numel() * tensor.element_size()
         while len(self.in_flight) > self.max_in_flight:
             self._wait_oldest_send()
 
     def recv(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
         buffer = torch.empty(shape, device=self.device)
-        self._wait(dist.irecv(buffer, src), src, "receiving from")
+        self._wait(dist.irecv(buffer, src, group=self.down_group if src > self.rank else None), src, "receiving from")
         return buffer
 
     def flush(self) -> None:
@@ -82,11 +89,28 @@ class Link:
         finally:
             self.wait_seconds += time.perf_counter() - began
 
-    def diagnose(self, peer: int, doing: str, error: Exception) -> PeerFailure:
+    @contextlib.contextmanager
+    def patience(self, timeout_s: float) -> Iterator[None]:
+        """A longer timeout for waits that may be long in a healthy run (gathering all weights)."""
+        usual, self.timeout = self.timeout, datetime.timedelta(seconds=timeout_s)
+        try:
+            yield
+        finally:
+            self.timeout = usual
+
+    def collective(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+        """Run a collective (barrier, broadcast, gather); a broken peer becomes a PeerFailure."""
+        try:
+            return call(*args)
+        except RuntimeError as error:
+            raise self.diagnose(None, f"in {what} with", error) from None
+
+    def diagnose(self, peer: int | None, doing: str, error: Exception) -> PeerFailure:
         reason = first_failure(self.store)
         if reason is None:  # the peer could not say why (killed, or stuck): name it ourselves
             detail = str(error).splitlines()[0][:200]
-            reason = record_failure(self.store, f"rank {peer} stopped answering (rank {self.rank} was {doing} it: {detail})")
+            who = "a peer" if peer is None else f"rank {peer}"
+            reason = record_failure(self.store, f"{who} stopped answering (rank {self.rank} was {doing} it: {detail})")
         return PeerFailure(f"rank {self.rank} stops because {reason}")
 
 
@@ -113,11 +137,11 @@ def gather_to_first(obj: object) -> list | None:
     return gathered
 
 
-def broadcast_from_first(value: int, device: torch.device) -> int:
-    """Rank 0's `value` on every rank."""
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+def broadcast_from_first(values: list[int], device: torch.device) -> list[int]:
+    """Rank 0's `values` on every rank."""
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.broadcast(tensor, src=0)
-    return int(tensor.item())
+    return tensor.tolist()
 
 
 def setup_barrier(timeout_s: float) -> None:

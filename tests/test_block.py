@@ -11,8 +11,8 @@ from layers.block import RuleSettings
 from layers.methods import get_method
 from layers.model import build_blocks
 from sim.datasets import dataset_info, load_split
-from sim.views import SimCLRViews
 from sim.stage import EndToEndStage, LocalStage
+from sim.views import SimCLRViews
 
 WIDTH = 1 / 16
 

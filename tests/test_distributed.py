@@ -112,6 +112,8 @@ def test_resume_equals_uninterrupted(tmp_path, world_size):
     crashed = run_ranks(world_size, args(*overrides, out=out), tmp_path / "logs1", fault=(world_size - 1, 6))
     assert all(o.exitcode not in (0, None) for o in crashed)
     assert not (out / "final.pt").exists()
+    again = run_ranks(world_size, args(*overrides, out=out), tmp_path / "logs_again")  # no --resume: refused
+    assert all(o.exitcode == 2 and f"--resume {out}" in o.log for o in again)
     resumed = run_ranks(world_size, ["--resume", str(out)], tmp_path / "logs2")
     assert [o.exitcode for o in resumed] == [0] * world_size, resumed[0].log
     assert "resuming" in resumed[0].log

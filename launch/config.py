@@ -84,6 +84,15 @@ class SimConfig:
 
 
 @dataclass
+class LogConfig:
+    every: int = 100  # steps between logged steps in RUN_DIR/log.zarr; 0: no log
+    align_every: int = 500  # steps between gradient-alignment pairs (local vs back-propagated); 0: none
+    heldout: int = 512  # held-out (test) images whose pooled activity is logged (and probed offline)
+    dtype: str = "float16"  # of the logged activity: float16 | float32
+    chunk: int = 16  # logged steps per zarr chunk
+
+
+@dataclass
 class Config:
     method: str = "clapp_pp"
     data: DataConfig = field(default_factory=DataConfig)
@@ -93,6 +102,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _check_type(key: str, value: Any, kind: Any) -> Any:
@@ -194,7 +204,11 @@ def validate(config: Config) -> None:
     for key in ("model.width", "optim.lr", "sim.timeout_s", "probe.batch_size", "probe.lr", "rule.proj_dim", "rule.temperature"):
         if getattr_path(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr_path(config, key)}")
-    for key in ("train.steps", "train.epochs", "train.threads", "train.checkpoint_every", "probe.epochs", "probe.train_limit", "probe.test_limit"):
+    if config.log.dtype not in ("float16", "float32"):
+        raise ConfigError(f"log.dtype = {config.log.dtype!r} is not one of float16, float32")
+    if config.log.chunk < 1 or (config.log.every and config.log.heldout < 1):
+        raise ConfigError("log.chunk and log.heldout must be >= 1 when log.every > 0")
+    for key in ("log.every", "log.align_every", "train.steps", "train.epochs", "train.threads", "train.checkpoint_every", "probe.epochs", "probe.train_limit", "probe.test_limit"):
         if getattr_path(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr_path(config, key)}")
 

@@ -72,7 +72,9 @@ def make_plan(config: Config, world_size: int) -> Plan:
     dims = feature_dims(config.model.width, info.image_size, kernels)
     placement = _placement(config, method, info, dims, world_size)
     waits = tuple(method.uses_top_context and not method.end_to_end and r < world_size - 1 for r in range(world_size))
-    schedule = Schedule(config.sim.schedule, config.sim.feedback, waits, config.train.checkpoint_every)
+    aligns = config.log.every > 0 and not method.end_to_end  # BP-SSL's update is the BP gradient itself
+    schedule = Schedule(config.sim.schedule, config.sim.feedback, waits, config.train.checkpoint_every,
+                        config.log.align_every if aligns else 0)
     rows = 2 * config.train.batch_size
     channels, sizes = block_channels(config.model.width), map_sizes(info.image_size)
     activations = tuple((rows, channels[g[-1]], sizes[g[-1]], sizes[g[-1]]) for g in placement.groups)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from launch.config import Config, ConfigError, load_config
+from launch.observe import rank_observers, start_log
 from launch.plan import Plan, make_plan
 from launch.report import encoder_table, format_summary, summary_dict
 from layers.block import Block
@@ -100,29 +101,37 @@ def starting_step(out_dir: Path, resume: bool, restarted: bool) -> int:
 def _run_rank(plan: Plan, out_dir: Path, progress: bool, world: World, device: torch.device, link: Link | None,
               resume: bool) -> dict | None:
     config, info, root = plan.config, plan.info, plan.config.data.root or None
-    feed = probe_sets = None
-    start = stop = 0
+    feed = probe_sets = heldout = None
+    start = stop = heldout_count = 0
+    logging = config.log.every > 0
     if world.rank == 0:  # only the first rank reads images; it also checks the probe's data early
         ssl_set = load_split(info.name, root, "ssl", config.data.download)
         feed = ViewFeed(ssl_set, SimCLRViews(info, device), config.train.batch_size, config.train.seed)
+        test_set = load_split(info.name, root, "test", config.data.download) if config.probe.epochs or logging else None
         if config.probe.epochs:
-            probe_sets = [sample_images(load_split(info.name, root, split, config.data.download), limit, config.train.seed)
-                          for split, limit in (("train", config.probe.train_limit), ("test", config.probe.test_limit))]
+            probe_sets = [sample_images(load_split(info.name, root, "train", config.data.download),
+                                        config.probe.train_limit, config.train.seed),
+                          sample_images(test_set, config.probe.test_limit, config.train.seed)]
         stop = plan.total_steps(feed.steps_per_epoch)
         print(plan.describe(stop, device, len(ssl_set)))
         start = starting_step(out_dir, resume, world.attempt > 0)
         print(encoder_table(plan))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.toml").write_text(plan.config_toml)
+        if logging:
+            heldout = start_log(plan, out_dir, test_set, start, world.size)
+            heldout_count = len(heldout)
     if link is not None:  # only rank 0 read the data and the checkpoints: share what it found
         link.collective("the setup barrier", setup_barrier, SETUP_TIMEOUT_S)
-        start, stop = link.collective("broadcast", broadcast_from_first, [start, stop], device)
+        start, stop, heldout_count = link.collective("broadcast", broadcast_from_first, [start, stop, heldout_count],
+                                                     device)
     own = plan.placement.groups[world.rank]
     blocks = plan.build_blocks(own, device)
     if start:
         load_checkpoint(out_dir, start, blocks)
-    stage = make_stage(blocks, config.train.seed, stash_weights=config.sim.feedback == "delayed")
-    runtime = RankRuntime(world.rank, plan.schedule, stage, device, plan.shapes, feed, link)
+    observers = rank_observers(plan, out_dir, world.rank, blocks, start, link, heldout, heldout_count, device)
+    stage = make_stage(blocks, config.train.seed, config.sim.feedback == "delayed", observers.wants)
+    runtime = RankRuntime(world.rank, plan.schedule, stage, device, plan.shapes, feed, link, observers)
     result = runtime.run(start, stop, lambda step: save_checkpoint(out_dir, step, blocks), progress)
 
     if link is None:

@@ -5,19 +5,47 @@ A block whose context is lateral learns as soon as its own forward pass is done;
 learns from the top block's context keeps its pooled activity (and graph) until that context,
 the top-down feedback message, arrives through `apply_feedback`. `EndToEndStage` runs the BP-SSL
 baselines: one loss at the top, the gradient through every block, all blocks in one process.
+
+Both report what each update did as `Learned` records; at steps the log asks about (`observe`)
+they also measure the norm of the weight change and keep the gradient of the block's own loss.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from layers.block import Block, LossStats
 from layers.seeding import STREAM_NEGATIVES, keyed_generator
 
+# step -> (measure the update's norm, keep the local gradient)
+Observer = Callable[[int], tuple[bool, bool]]
+
 
 class NonFiniteLoss(RuntimeError):
     """A block's loss became NaN or infinite: training stops, naming the block and the step."""
+
+
+@dataclass
+class Learned:
+    block: int
+    step: int
+    stats: LossStats | None  # None for blocks without a loss of their own (lower blocks of BP-SSL)
+    update_norm: float | None = None  # Frobenius norm of the conv weight change, when observed
+    gradient: torch.Tensor | None = None  # gradient of the block's own loss on its conv weight, when observed
+    feedback_norm: float | None = None  # norm of the top-down context used, if any
+
+
+def negatives_generator(block: Block, seed: int, step: int) -> torch.Generator | None:
+    """Random negatives of `block` at `step`, keyed by (seed, block, step): independent of placement."""
+    if block.rule.negatives != "random":
+        return None
+    return keyed_generator(seed, STREAM_NEGATIVES, block.index, step)
+
+
+def _never(step: int) -> tuple[bool, bool]:
+    return False, False
 
 
 class LocalStage:
@@ -25,10 +53,10 @@ class LocalStage:
     used, so that updates of other batches applied meanwhile (delayed feedback) do not invalidate
     the graph; the update is then the gradient at the weights that produced the activity."""
 
-    def __init__(self, blocks: Sequence[Block], seed: int, stash_weights: bool = False):
-        self.blocks, self.seed, self.stash_weights = list(blocks), seed, stash_weights
+    def __init__(self, blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never):
+        self.blocks, self.seed, self.stash_weights, self.observe = list(blocks), seed, stash_weights, observe
         self.pending: dict[int, list[tuple[Block, torch.Tensor]]] = {}  # step -> blocks awaiting feedback
-        self.learned: list[tuple[int, LossStats]] = []  # (block, stats) of updates since last read
+        self.learned: list[Learned] = []  # updates since the runtime last read them
         self.top_context: torch.Tensor | None = None  # the top block's pooled activity, if held here
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -54,37 +82,46 @@ class LocalStage:
             self._learn(block, features, top_context, step)
 
     def _learn(self, block: Block, features: torch.Tensor, top_context: torch.Tensor | None, step: int) -> None:
-        generator = None
-        if block.rule.negatives == "random":  # keyed by (seed, block, step): independent of placement
-            generator = keyed_generator(self.seed, STREAM_NEGATIVES, block.index, step)
-        loss, stats = block.loss(features, top_context, generator)
+        loss, stats = block.loss(features, top_context, negatives_generator(block, self.seed, step))
         check_finite(stats.loss, block.index, step)
+        measure, keep_gradient = self.observe(step)
+        before = block.conv.conv.weight.detach().clone() if measure else None
         block.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        record = Learned(block.index, step, stats)
+        if keep_gradient:
+            record.gradient = block.conv.conv.weight.grad.detach().flatten().clone()
         block.optimizer.step()
-        self.learned.append((block.index, stats))
+        if measure:
+            record.update_norm = (block.conv.conv.weight.detach() - before).norm().item()
+            if top_context is not None and block.needs_top_context:
+                record.feedback_norm = top_context.norm().item()
+        self.learned.append(record)
 
 
 class EndToEndStage:
     """BP-SSL: the top block's loss, back-propagated through all six blocks."""
 
-    def __init__(self, blocks: Sequence[Block], seed: int):
-        self.blocks, self.seed = list(blocks), seed
-        self.learned: list[tuple[int, LossStats]] = []  # only the top block has a loss
+    def __init__(self, blocks: Sequence[Block], seed: int, observe: Observer = _never):
+        self.blocks, self.seed, self.observe = list(blocks), seed, observe
+        self.learned: list[Learned] = []
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)  # (2B, C, H, W): not detached
         top = self.blocks[-1]
-        generator = keyed_generator(self.seed, STREAM_NEGATIVES, top.index, step)
-        loss, stats = top.loss(top.features(x), None, generator if top.rule.negatives == "random" else None)
+        loss, stats = top.loss(top.features(x), None, negatives_generator(top, self.seed, step))
         check_finite(stats.loss, top.index, step)
+        measure, _ = self.observe(step)
+        before = [b.conv.conv.weight.detach().clone() for b in self.blocks] if measure else None
         for block in self.blocks:
             block.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for block in self.blocks:
             block.optimizer.step()
-        self.learned.append((top.index, stats))
+        for index, block in enumerate(self.blocks):
+            norm = (block.conv.conv.weight.detach() - before[index]).norm().item() if measure else None
+            self.learned.append(Learned(block.index, step, stats if block is top else None, norm))
         return x.detach()
 
 
@@ -96,9 +133,10 @@ def check_finite(loss: torch.Tensor, block: int, step: int) -> None:
         )
 
 
-def make_stage(blocks: Sequence[Block], seed: int, stash_weights: bool = False) -> LocalStage | EndToEndStage:
+def make_stage(blocks: Sequence[Block], seed: int, stash_weights: bool = False,
+               observe: Observer = _never) -> LocalStage | EndToEndStage:
     if blocks[0].method.end_to_end:
         if len(blocks) != blocks[-1].index + 1 or not blocks[-1].is_top:
             raise ValueError("end-to-end (BP-SSL) methods need all six blocks in one process")
-        return EndToEndStage(blocks, seed)
-    return LocalStage(blocks, seed, stash_weights)
+        return EndToEndStage(blocks, seed, observe)
+    return LocalStage(blocks, seed, stash_weights, observe)

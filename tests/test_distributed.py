@@ -15,7 +15,7 @@ from launch.train import main
 from tests.ranks import run_ranks, start_ranks, wait
 
 TINY = ["data.name=synthetic", "model.width=0.0625", "train.batch_size=4", "train.steps=6", "train.threads=1",
-        "rule.negatives=random", "probe.epochs=0", "sim.timeout_s=30"]
+        "rule.negatives=random", "probe.epochs=0", "sim.timeout_s=30", "log.heldout=32"]
 ROOT = Path(__file__).parent.parent
 
 

@@ -15,7 +15,7 @@ from sim.stage import LocalStage, NonFiniteLoss
 
 TINY = ["data.name=synthetic", "model.width=0.0625", "train.batch_size=8", "train.steps=6",
         "probe.epochs=1", "probe.train_limit=400", "probe.test_limit=200", "probe.augment=false",
-        "train.threads=1"]
+        "train.threads=1", "log.heldout=32"]
 
 
 def tiny_config(*overrides: str):

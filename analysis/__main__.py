@@ -1,0 +1,126 @@
+"""python -m analysis COMMAND RUN_DIR: offline analysis of a run's log (RUN_DIR/log.zarr).
+
+    python -m analysis alignment RUN_DIR            cosine(local, BP gradient) per block over training
+    python -m analysis probe RUN_DIR [--points N]   linear probe accuracy per block over training
+    python -m analysis cka RUN_DIR [OTHER_RUN_DIR] [--step N]
+                                                    CKA between blocks; with two runs, block k vs block k
+    python -m analysis report RUN_DIR               one HTML page with every figure, table and the config
+
+Each command prints a table and writes its files into RUN_DIR/analysis/ (or --out DIR).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from analysis import plots
+from analysis.alignment import alignment_csv, alignment_table, block_alignment
+from analysis.cka import blocks_cka, blocks_cka_table, runs_cka, runs_cka_table
+from analysis.probe import ALPHA, SEED, TRAIN_FRACTION, probe_csv, probe_run, probe_table
+from analysis.report import build_report
+from analysis.store import LogError, RunLog, open_run
+
+
+def _write(out: Path, name: str, text: str) -> Path:
+    path = out / name
+    path.write_text(text)
+    return path
+
+
+def _finite(data: object) -> object:
+    """`data` with NaN and inf floats as None: they are not JSON, and strict JSON readers reject them."""
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
+
+
+def _json(data: object) -> str:
+    return json.dumps(_finite(data), indent=1, allow_nan=False) + "\n"
+
+
+def cmd_alignment(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
+    result = block_alignment(run)
+    print(alignment_table(result))
+    return [_write(out, "alignment.csv", alignment_csv(result)),
+            _write(out, "alignment.json", _json([r.as_dict() for r in result])),
+            plots.plot_alignment(result, out / "alignment.png", title=run.name)]
+
+
+def cmd_probe(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
+    result = probe_run(run, points=args.points, alpha=args.alpha, train_fraction=args.train_fraction, seed=args.seed)
+    print(probe_table(result))
+    return [_write(out, "probe.csv", probe_csv(result)), _write(out, "probe.json", _json(result.as_dict())),
+            plots.plot_probe(result, out / "probe.png", title=f"linear probe per block: {run.name}")]
+
+
+def cmd_cka(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
+    if args.other_run_dir is None:
+        result = blocks_cka(run, args.step)
+        print(blocks_cka_table(result))
+        return [_write(out, "cka_blocks.json", _json(result.as_dict())),
+                plots.plot_blocks_cka(result, out / "cka_blocks.png", title=f"linear CKA, step {result.step}: {run.name}")]
+    other = open_run(args.other_run_dir)
+    result = runs_cka(run, other, args.step)
+    print(runs_cka_table(result))
+    stem = f"cka_vs_{Path(args.other_run_dir).resolve().name}"
+    return [_write(out, f"{stem}.json", _json(result.as_dict())), plots.plot_runs_cka(result, out / f"{stem}.png")]
+
+
+def cmd_report(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
+    written = build_report(run, out, points=args.points)
+    print(f"report of {run.name}: open {written[0]} in a browser (self-contained: the figures are embedded)")
+    return written
+
+
+COMMANDS = {"alignment": cmd_alignment, "probe": cmd_probe, "cka": cmd_cka, "report": cmd_report}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_, description=help_)
+        c.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder holding log.zarr")
+        c.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/analysis)")
+        return c
+
+    command("alignment", "cosine between each block's local gradient and the BP gradient, over training")
+    c = command("probe", "linear probe accuracy per block over training (ridge on held-out activations)")
+    c.add_argument("--points", type=int, default=0, help="logged steps probed per block, spread evenly (0 = all)")
+    c.add_argument("--alpha", type=float, default=ALPHA, help="ridge penalty as a fraction of the fitted images")
+    c.add_argument("--train-fraction", type=float, default=TRAIN_FRACTION, help="held-out images used to fit")
+    c.add_argument("--seed", type=int, default=SEED, help="seed of the stratified fit/score split")
+    c = command("cka", "linear CKA between the blocks of one run, or between the same block of two runs")
+    c.add_argument("other_run_dir", type=Path, nargs="?", metavar="OTHER_RUN_DIR",
+                   help="a second run with the same held-out images: compare block k with block k")
+    c.add_argument("--step", type=int, default=None, help="logged step to compare (default: the last)")
+    c = command("report", "one self-contained HTML page with every figure, table and the config")
+    c.add_argument("--points", type=int, default=20, help="logged steps probed per block (0 = all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run = open_run(args.run_dir)
+        out = args.out if args.out is not None else args.run_dir / "analysis"
+        out.mkdir(parents=True, exist_ok=True)
+        written = COMMANDS[args.command](run, out, args)
+    except LogError as err:
+        print(f"python -m analysis {args.command}: {err}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

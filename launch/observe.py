@@ -1,0 +1,92 @@
+"""Set up the training log (RUN_DIR/log.zarr) for a run: its settings, the store, and what each
+rank records."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launch.config import to_dict
+from launch.plan import Plan
+from layers.block import Block
+from layers.encoder import GRID, NUM_BLOCKS, block_channels
+from layers.model import grid_kernels
+from layers.seeding import STREAM_PROBE, keyed_generator
+from sim.datasets import ImageSet
+from sim.diagnostics import AlignmentPass, HeldoutPass
+from sim.logbook import BlockInfo, LogSettings, RankLog, create_store
+from sim.runtime import Observers
+from sim.transport import Link
+from sim.views import plain_views
+
+LOG_NAME = "log.zarr"
+
+
+def log_settings(plan: Plan) -> LogSettings:
+    c = plan.config.log
+    return LogSettings(c.every, c.align_every if plan.schedule.align_every else 0, c.heldout, c.dtype, c.chunk)
+
+
+def code_version() -> str:
+    """The git commit of this code (with '-dirty' if it has uncommitted changes), or 'unknown'."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                              text=True, timeout=10, cwd=Path(__file__).parent)
+        return done.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def block_infos(plan: Plan) -> list[BlockInfo]:
+    width, info = plan.config.model.width, plan.info
+    channels = block_channels(width)
+    infos = []
+    for index in range(NUM_BLOCKS):
+        c_in = info.channels if index == 0 else channels[index - 1]
+        infos.append(BlockInfo(block=index, rank=plan.placement.rank_of(index), feature_dim=channels[index] * GRID[index] ** 2,
+                               grid=GRID[index], channels=channels[index],
+                               has_loss=index == NUM_BLOCKS - 1 or not plan.method.end_to_end,
+                               weight_shape=(channels[index], c_in, 3, 3)))
+    return infos
+
+
+def heldout_images(test_set: ImageSet, count: int, seed: int) -> tuple[np.ndarray, ImageSet]:
+    """A fixed random draw of `count` test images: their indices and the images."""
+    count = min(count, len(test_set))
+    index = torch.randperm(len(test_set), generator=keyed_generator(seed, STREAM_PROBE, -2))[:count].sort().values
+    return index.numpy(), ImageSet(*test_set.batch(index))
+
+
+def start_log(plan: Plan, out_dir: Path, test_set: ImageSet, start: int, world_size: int) -> ImageSet:
+    """Rank 0, before the other ranks open it: create the store (or keep it when resuming); returns
+    the held-out images."""
+    index, images = heldout_images(test_set, plan.config.log.heldout, plan.config.train.seed)
+    path = out_dir / LOG_NAME
+    if start == 0 or not (path / "zarr.json").exists():
+        attrs = {"config": to_dict(plan.config), "code_version": code_version(), "world_size": world_size,
+                 "placement": [list(g) for g in plan.placement.groups], "dataset": plan.info.name,
+                 "method": plan.method.name, "num_blocks": NUM_BLOCKS, "log_every": plan.config.log.every,
+                 "align_every": log_settings(plan).align_every, "heldout_split": "test",
+                 "num_classes": plan.info.num_classes}
+        create_store(path, attrs, block_infos(plan), images.labels.numpy(), index)
+    return images
+
+
+def rank_observers(plan: Plan, out_dir: Path, rank: int, blocks: list[Block], start: int, link: Link | None,
+                   heldout: ImageSet | None, heldout_count: int, device: torch.device) -> Observers:
+    """What this rank records: its blocks' rows of the log, the held-out pass, the alignment pass.
+    `heldout` (the images) is rank 0's; every rank knows their number."""
+    settings = log_settings(plan)
+    if settings.every == 0:
+        return Observers()
+    own = [b.index for b in blocks]
+    log = RankLog(out_dir / LOG_NAME, [i for i in block_infos(plan) if i.block in own], settings, start)
+    images = plain_views(heldout.images, plan.info, device) if rank == 0 else None
+    kernels = [grid_kernels(plan.info.image_size)[i] for i in own]
+    top_rank = plan.placement.world_size - 1
+    below = (heldout_count, *plan.shapes.activations[rank - 1][1:]) if rank > 0 else None  # (N, C, H, W)
+    heldout_pass = HeldoutPass(blocks, kernels, rank, top_rank, link, below, images)
+    alignment = AlignmentPass(blocks, rank, top_rank, link, plan.config.train.seed) if settings.align_every else None
+    return Observers(log, heldout_pass, alignment)

@@ -1,0 +1,287 @@
+"""analysis/: stores written here with zarr by the log format (the spec), read back and analysed.
+
+`write_fake_store` writes RUN_DIR/log.zarr the way the real runs do: rank 0 creates the root, its
+attributes and the held-out arrays, then each "rank" (a thread) creates and appends to the groups of
+its own blocks, concurrently, one logged step at a time.
+"""
+import json
+import math
+import threading
+from collections.abc import Callable
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from matplotlib.image import imread
+
+from analysis.__main__ import main
+from analysis.cka import blocks_cka, linear_cka, runs_cka
+from analysis.probe import probe_run, stratified_split
+from analysis.store import SERIES, LogError, _common_rows, open_run
+
+CHANNELS, GRIDS = (2, 4, 4, 8, 8, 8), (2, 2, 2, 1, 1, 1)
+DIMS = tuple(c * g * g for c, g in zip(CHANNELS, GRIDS))
+Acts = Callable[[int, int, np.random.Generator], np.ndarray]  # (block, row, rng) -> (image, feature)
+
+
+def random_acts(labels: np.ndarray) -> Acts:
+    return lambda b, row, rng: rng.normal(size=(len(labels), DIMS[b]))
+
+
+def separable_acts(labels: np.ndarray) -> Acts:
+    """Each class at its own point (a random mean per class and block) plus small noise."""
+    def make(b: int, row: int, rng: np.random.Generator) -> np.ndarray:
+        means = np.random.default_rng(100 + b).normal(size=(labels.max() + 1, DIMS[b])) * 2
+        return means[labels] + 0.3 * rng.normal(size=(len(labels), DIMS[b]))
+    return make
+
+
+def write_fake_store(run_dir: Path, rows: int = 5, log_every: int = 10, align_every: int = 20, images: int = 40,
+                     num_classes: int = 4, placement=((0, 1, 2), (3, 4, 5)), acts: Callable[..., Acts] = random_acts,
+                     index_offset: int = 0, seed: int = 0, row_by_row: bool = False) -> dict:
+    """Write a log.zarr by the format from two concurrent "ranks"; returns everything written, as numpy.
+
+    With `row_by_row` each rank appends one logged step at a time, as training does (slower: each append
+    rewrites the arrays' metadata); otherwise each array is written whole.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.arange(images) % num_classes
+    index = np.arange(images, dtype=np.int64) * 3 + index_offset
+    attrs = {"laminar_log": 1, "config": {"method": "clapp_pp", "train": {"steps": rows * log_every}},
+             "code_version": "unknown", "world_size": len(placement), "placement": [list(g) for g in placement],
+             "dataset": "synthetic", "method": "clapp_pp", "num_blocks": 6, "log_every": log_every,
+             "align_every": align_every, "heldout_split": "test", "num_classes": num_classes}
+    root = zarr.open_group(run_dir / "log.zarr", mode="w")
+    root.attrs.update(attrs)
+    root.create_array("heldout_labels", data=labels.astype(np.int64), dimension_names=["image"])
+    root.create_array("heldout_index", data=index, dimension_names=["image"])
+    make_acts = acts(labels)
+    written: dict = {"attrs": attrs, "labels": labels, "index": index, "blocks": {}}
+    for b in range(6):  # the data first (one generator, so the content does not depend on thread timing)
+        weight = [CHANNELS[b], CHANNELS[b - 1] if b else 1, 3, 3]
+        steps = np.arange(rows, dtype=np.int64) * log_every
+        data = {"step": steps, "bytes_sent": rng.integers(0, 5000, rows)}
+        data |= {k: rng.normal(size=rows).astype(np.float32) for k, integer in SERIES.items() if not integer}
+        for name in ("loss", "update_norm", "step_seconds"):  # positive, like the real ones
+            data[name] = np.abs(data[name])
+        data["feedback_norm"][:] = np.nan  # clapp_pp: no block receives top-down feedback
+        data["activations"] = np.array([make_acts(b, r, rng) for r in range(rows)], np.float16).reshape(
+            rows, images, DIMS[b])
+        align_steps = steps[steps % align_every == 0] if align_every else steps[:0]
+        params = math.prod(weight)
+        align = {"step": align_steps, "local_gradient": rng.normal(size=(len(align_steps), params)).astype(np.float32)}
+        align["bp_gradient"] = (align["local_gradient"] + rng.normal(size=(len(align_steps), params))).astype(np.float32)
+        written["blocks"][b] = {"attrs": {"block": b, "rank": next(r for r, g in enumerate(placement) if b in g),
+                                          "feature_dim": DIMS[b], "grid": GRIDS[b], "channels": CHANNELS[b],
+                                          "has_loss": True, "weight_shape": weight},
+                                "series": data, "align": align if align_every else None}
+
+    def rank(blocks: tuple[int, ...]) -> None:
+        store = zarr.open_group(run_dir / "log.zarr", mode="r+")
+        arrays = {}
+        for b in blocks:
+            w = written["blocks"][b]
+            g = store.create_group(f"block{b}", attributes=w["attrs"])
+            for name, v in w["series"].items():
+                arrays[b, name] = g.create_array(name, shape=(0 if row_by_row else rows, *v.shape[1:]), dtype=v.dtype,
+                                                 chunks=(2, *v.shape[1:]), dimension_names=["step", "image", "feature"][:v.ndim])
+                if not row_by_row:
+                    arrays[b, name][:] = v
+            if w["align"] is not None:
+                a = g.create_group("align")
+                for name, v in w["align"].items():
+                    arrays[b, "align", name] = a.create_array(name, shape=(0, *v.shape[1:]), dtype=v.dtype,
+                                                              dimension_names=["align", "param"][:v.ndim])
+                    if not row_by_row:
+                        arrays[b, "align", name].append(v)
+        for r in range(rows if row_by_row else 0):  # append one logged step at a time, as training does
+            for b in blocks:
+                w = written["blocks"][b]
+                for name, v in w["series"].items():
+                    arrays[b, name].append(v[r:r + 1])
+                if w["align"] is not None and w["series"]["step"][r] % align_every == 0:
+                    i = int(np.searchsorted(w["align"]["step"], w["series"]["step"][r]))
+                    for name, v in w["align"].items():
+                        arrays[b, "align", name].append(v[i:i + 1])
+
+    threads = [threading.Thread(target=rank, args=(tuple(g),)) for g in placement]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return written
+
+
+class TagChecker(HTMLParser):
+    """Checks that the report's tags nest and close (void tags such as <img> and <meta> need no end tag)."""
+    VOID = frozenset({"img", "meta", "br"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.seen: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.seen.add(tag)
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack.pop() == tag, f"</{tag}> closes another tag"
+
+
+def test_round_trip_of_every_field_from_two_concurrent_ranks(tmp_path):
+    w = write_fake_store(tmp_path, row_by_row=True)
+    run = open_run(tmp_path)
+    assert run.attrs == w["attrs"] and run.summary is None
+    np.testing.assert_array_equal(run.heldout_labels, w["labels"])
+    np.testing.assert_array_equal(run.heldout_index, w["index"])
+    assert sorted(run.blocks) == list(range(6))
+    for b, blk in run.blocks.items():
+        assert blk.attrs == w["blocks"][b]["attrs"]
+        for name, v in w["blocks"][b]["series"].items():
+            if name != "activations":
+                np.testing.assert_array_equal(blk.series[name], v)
+        for r in range(len(blk.steps)):
+            np.testing.assert_array_equal(blk.activations(r), w["blocks"][b]["series"]["activations"][r])
+        np.testing.assert_array_equal(blk.align.step, w["blocks"][b]["align"]["step"])
+        local, bp = blk.align.rows(0, len(blk.align))
+        np.testing.assert_array_equal(local, w["blocks"][b]["align"]["local_gradient"])
+        np.testing.assert_array_equal(bp, w["blocks"][b]["align"]["bp_gradient"])
+    assert {r: blk.index for r, blk in run.rank_blocks().items()} == {0: 0, 1: 3}
+
+
+def test_reader_tolerates_a_store_being_written(tmp_path, capsys):
+    write_fake_store(tmp_path, rows=4, align_every=0)
+    g = zarr.open_group(tmp_path / "log.zarr/block1", mode="r+")
+    g["loss"].append(np.full(1, np.nan, np.float32))  # one array a row ahead of the others
+    g["step"].append(np.array([40]))
+    g["activations"].append(np.zeros((1, 40, DIMS[1]), np.float16))
+    h = zarr.open_group(tmp_path / "log.zarr/block2", mode="r+")
+    for name in h.array_keys():  # grown but not filled yet: the step row reads as the fill value, 0
+        h[name].resize((5, *h[name].shape[1:]))
+    del zarr.open_group(tmp_path / "log.zarr/block5", mode="r+")["step"]  # its rank is still creating arrays
+    run = open_run(tmp_path)
+    assert [len(run.blocks[b].steps) for b in range(5)] == [4] * 5 and 5 not in run.blocks
+    assert all(blk.align is None for blk in run.blocks.values())
+    assert [_common_rows(np.array(s), [9]) for s in ([0, 10, -1], [-1], [0, 10, 0, 0], [0, 10])] == [2, 0, 2, 2]
+    assert main(["alignment", str(tmp_path)]) == 2
+    assert "no gradient pairs (align_every = 0)" in capsys.readouterr().err
+
+
+def test_clear_errors(tmp_path, capsys):
+    with pytest.raises(LogError, match=r"without logging.*--set log.every=N"):
+        open_run(tmp_path)
+    write_fake_store(tmp_path, rows=0)
+    assert main(["probe", str(tmp_path)]) == 2
+    assert "no logged steps yet" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    write_fake_store(other, index_offset=1)
+    (tmp_path / "b").mkdir()
+    write_fake_store(tmp_path / "b")
+    with pytest.raises(LogError, match="different held-out images"):
+        runs_cka(open_run(other), open_run(tmp_path / "b"))
+    del zarr.open_group(other / "log.zarr/block3", mode="r+")["score_neg"]
+    with pytest.raises(LogError, match="block3: array 'score_neg' is missing"):
+        open_run(other)
+
+
+def test_alignment_command_cosine_equals_direct_computation(tmp_path):
+    w = write_fake_store(tmp_path, rows=9, log_every=5, align_every=10)
+    assert main(["alignment", str(tmp_path)]) == 0
+    out = tmp_path / "analysis"
+    lines = (out / "alignment.csv").read_text().splitlines()[1:]
+    got = {(int(b), int(s)): float(c) for b, s, c in (line.split(",") for line in lines)}
+    summary = {d["block"]: d for d in json.loads((out / "alignment.json").read_text())}
+    for b in range(6):
+        a = w["blocks"][b]["align"]
+        x, y = a["local_gradient"].astype(np.float64), a["bp_gradient"].astype(np.float64)
+        direct = (x * y).sum(1) / np.sqrt((x * x).sum(1) * (y * y).sum(1))
+        assert len(direct) == 5  # steps 0, 10, ..., 40
+        np.testing.assert_allclose([got[b, s] for s in a["step"].tolist()], direct, rtol=1e-6)
+        half = 1.96 * direct.std(ddof=1) / np.sqrt(len(direct))
+        assert summary[b]["mean"] == pytest.approx(direct.mean())
+        assert summary[b]["ci95_high"] - summary[b]["mean"] == pytest.approx(half)
+    assert imread(out / "alignment.png").shape[1] > 500
+
+
+def test_stratified_split_is_fixed_and_disjoint():
+    labels = np.arange(100) % 4
+    fit, score = stratified_split(labels)
+    assert len(np.intersect1d(fit, score)) == 0 and len(fit) + len(score) == 100
+    assert np.bincount(labels[fit]).tolist() == [18] * 4  # round(0.7 * 25)
+    np.testing.assert_array_equal(fit, stratified_split(labels)[0])
+
+
+def test_probe_separable_high_random_near_chance(tmp_path):
+    (tmp_path / "sep").mkdir()
+    (tmp_path / "rnd").mkdir()
+    write_fake_store(tmp_path / "sep", rows=3, images=120, acts=separable_acts)
+    write_fake_store(tmp_path / "rnd", rows=3, images=120, acts=random_acts)
+    sep, rnd = probe_run(open_run(tmp_path / "sep")), probe_run(open_run(tmp_path / "rnd"))
+    assert all(len(sep.accuracy[b]) == 3 for b in range(6))
+    assert min(a.min() for a in sep.accuracy.values()) > 0.95
+    assert abs(np.mean([a.mean() for a in rnd.accuracy.values()]) - rnd.chance) < 0.12
+    assert main(["probe", str(tmp_path / "sep"), "--points", "2"]) == 0
+    assert "block,step,accuracy" in (tmp_path / "sep/analysis/probe.csv").read_text()
+
+
+def test_cka_properties():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 12))
+    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.5 * x @ q) == pytest.approx(1.0)
+    assert linear_cka(x, rng.normal(size=(300, 12))) < 0.1
+    small, wide = rng.normal(size=(20, 50)), rng.normal(size=(20, 40))  # the Gram form is used here
+    xc, yc = small - small.mean(0), wide - wide.mean(0)
+    direct = np.square(yc.T @ xc).sum() / np.sqrt(np.square(xc.T @ xc).sum() * np.square(yc.T @ yc).sum())
+    assert linear_cka(small, wide) == pytest.approx(direct)
+
+
+def test_cka_commands(tmp_path):
+    (tmp_path / "a").mkdir()
+    write_fake_store(tmp_path / "a", rows=3)
+    run = open_run(tmp_path / "a")
+    result = blocks_cka(run)
+    assert result.step == 20
+    np.testing.assert_allclose(np.diag(result.matrix), 1.0)
+    np.testing.assert_allclose(result.matrix, result.matrix.T)
+    assert runs_cka(run, run).rows == [(b, 20, 20, pytest.approx(1.0)) for b in range(6)]
+    (tmp_path / "b").mkdir()
+    write_fake_store(tmp_path / "b", rows=3, seed=1)
+    assert main(["cka", str(tmp_path / "a"), str(tmp_path / "b"), "--step", "10"]) == 0
+    rows = json.loads((tmp_path / "a/analysis/cka_vs_b.json").read_text())["blocks"]
+    assert all(r["step_a"] == r["step_b"] == 10 and r["cka"] < 0.6 for r in rows)
+    assert main(["cka", str(tmp_path / "a"), "--step", "7"]) == 2
+
+
+def test_report_builds_from_tiny_two_rank_run(tmp_path):
+    write_fake_store(tmp_path, rows=6, row_by_row=True)
+    block0 = zarr.open_group(tmp_path / "log.zarr/block0", mode="r+")  # as in BP-SSL: no loss of its own
+    block0.attrs["has_loss"] = False
+    block0["loss"][:] = np.nan
+    (tmp_path / "config.toml").write_text('method = "clapp_pp"\n[train]\nsteps = 60\n')
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "method": "clapp_pp", "dataset": "synthetic", "world_size": 2, "steps": 60, "images_per_s": 123.4,
+        "loss_per_block": [1.0, 1.1, None, 1.2, 1.3, 1.4], "probe": {"test_acc": 50.0, "per_block_test_acc": [40] * 6},
+        "peak_memory_bytes": [2**27, 2**27], "placement": [[0, 1, 2], [3, 4, 5]], "schedule": "pipelined",
+        "feedback": None, "feedback_delay_steps": [0] * 6, "train_seconds": 5.0, "config": {},
+        "ranks": [{"rank": r, "blocks": [3 * r, 3 * r + 1, 3 * r + 2], "seconds": 5.0, "wait_seconds": 1.0,
+                   "bytes_sent": 10**6} for r in range(2)]}))
+    out = tmp_path / "page"
+    assert main(["report", str(tmp_path), "--out", str(out), "--points", "3"]) == 0
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 5
+    assert "123.4" in page and "steps = 60" in page and "blocks [0] have no loss of their own" in page
+    checker = TagChecker()
+    checker.feed(page)
+    assert checker.stack == [] and checker.seen >= {"table", "img", "pre", "h2"}
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == ["alignment.png", "cka_blocks.png", "probe.png", "throughput.png", "training.png"]
+    for p in pngs:
+        image = imread(p)
+        assert image.shape[0] > 300 and image.shape[1] > 300 and image.std() > 0.01

@@ -1,0 +1,112 @@
+"""RUN_DIR/log.zarr: complete, identical whatever the number of processes, gapless after a crash
+and resume, readable while written, and it never changes what is learned."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tests.ranks import run_ranks
+from tests.test_distributed import ROOT, args, assert_same_weights, single_process
+
+LOG = ["log.every=2", "log.align_every=4", "log.heldout=24", "log.chunk=3", "train.steps=9"]
+FIELDS = ["step", "loss", "score_pos", "score_neg", "update_norm", "feedback_norm", "step_seconds", "bytes_sent",
+          "activations"]
+
+
+def open_log(run: Path) -> zarr.Group:
+    return zarr.open_group(str(run / "log.zarr"), mode="r")
+
+
+def test_round_trip_of_a_small_store(tmp_path):
+    single_process(tmp_path / "run", "method=clapp_pp_dfb", *LOG)
+    log = open_log(tmp_path / "run")
+    assert log.attrs["laminar_log"] == 1 and log.attrs["world_size"] == 1 and log.attrs["method"] == "clapp_pp_dfb"
+    assert log.attrs["config"]["log"]["every"] == 2 and log.attrs["placement"] == [[0, 1, 2, 3, 4, 5]]
+    assert log.attrs["code_version"]
+    assert log["heldout_labels"].shape == (24,) and log["heldout_index"].shape == (24,)
+    for block in range(6):
+        group = log[f"block{block}"]
+        assert group["step"][:].tolist() == [0, 2, 4, 6, 8]
+        assert group["activations"].shape == (5, 24, group.attrs["feature_dim"])
+        assert group["activations"].dtype == np.float16
+        assert group["activations"].metadata.dimension_names == ("step", "image", "feature")
+        assert np.isfinite(group["loss"][:]).all() and (group["update_norm"][:] > 0).all()
+        assert np.isnan(group["feedback_norm"][:]).all() == (block == 5)  # the top block needs no feedback
+        assert group["align"]["step"][:].tolist() == [0, 4, 8]
+        params = int(np.prod(group.attrs["weight_shape"]))
+        assert group["align"]["local_gradient"].shape == group["align"]["bp_gradient"].shape == (3, params)
+    top = log["block5"]["align"]
+    assert np.array_equal(top["local_gradient"][:], top["bp_gradient"][:])  # the top's own loss is the top loss
+
+
+def test_logging_does_not_change_what_is_learned(tmp_path):
+    silent = single_process(tmp_path / "silent", "method=clapp_pp_dfb", "log.every=0", "train.steps=9")
+    logged = single_process(tmp_path / "logged", "method=clapp_pp_dfb", *LOG)
+    assert_same_weights(silent, logged)
+    assert not (tmp_path / "silent" / "log.zarr").exists()
+
+
+def test_ranks_writing_at_once_give_the_single_process_log(tmp_path):
+    single_process(tmp_path / "k1", "method=clapp_pp_dfb", *LOG)
+    outcomes = run_ranks(3, args("method=clapp_pp_dfb", *LOG, out=tmp_path / "k3"), tmp_path / "logs")
+    assert [o.exitcode for o in outcomes] == [0, 0, 0], outcomes[0].log
+    one, three = open_log(tmp_path / "k1"), open_log(tmp_path / "k3")
+    assert three.attrs["world_size"] == 3
+    for block in range(6):
+        for name in FIELDS[:-3] + ["activations"]:  # timings and traffic differ, the science must not
+            assert np.array_equal(one[f"block{block}/{name}"][:], three[f"block{block}/{name}"][:], equal_nan=True), \
+                (block, name)
+        for name in ("step", "local_gradient", "bp_gradient"):  # back-propagated across ranks, bit for bit
+            assert np.array_equal(one[f"block{block}/align/{name}"][:], three[f"block{block}/align/{name}"][:])
+        assert (three[f"block{block}/bytes_sent"][:] > 0).all()  # activations up, feedback down
+        assert (one[f"block{block}/bytes_sent"][:] == 0).all()
+
+
+def test_crash_and_resume_leave_a_complete_gapless_store(tmp_path):
+    overrides = ["method=clapp_pp_dfb", *LOG, "train.checkpoint_every=4"]
+    single_process(tmp_path / "whole", *overrides)
+    out = tmp_path / "stopped"
+    crashed = run_ranks(2, args(*overrides, out=out), tmp_path / "logs1", fault=(1, 7))  # after the step-4 checkpoint
+    assert all(o.exitcode not in (0, None) for o in crashed)
+    partial = open_log(out)
+    assert partial["block0/step"][:].tolist()[:2] == [0, 2]  # readable up to what was flushed
+    resumed = run_ranks(2, ["--resume", str(out)], tmp_path / "logs2")
+    assert [o.exitcode for o in resumed] == [0, 0], resumed[0].log
+    whole, after = open_log(tmp_path / "whole"), open_log(out)
+    for block in range(6):
+        assert after[f"block{block}/step"][:].tolist() == [0, 2, 4, 6, 8]
+        assert after[f"block{block}/align/step"][:].tolist() == [0, 4, 8]
+        for name in ("loss", "update_norm", "activations"):
+            assert np.array_equal(whole[f"block{block}/{name}"][:], after[f"block{block}/{name}"][:], equal_nan=True)
+
+
+def test_a_store_can_be_read_while_it_is_written(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "launch.train", str(ROOT / "launch/configs/tiny.toml"), "--out", str(out),
+               "--no-progress", "--set", "train.steps=400", "--set", "log.every=1", "--set", "log.chunk=2",
+               "--set", "log.heldout=16", "--set", "log.align_every=0", "--set", "probe.epochs=0",
+               "--set", "train.threads=1"]
+    writer = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        lengths = []
+        deadline = time.monotonic() + 120
+        while writer.poll() is None and time.monotonic() < deadline:
+            if (out / "log.zarr" / "block0" / "loss" / "zarr.json").exists():
+                group = zarr.open_group(str(out / "log.zarr"), mode="r")["block0"]
+                steps = group["step"][:]
+                steps = steps[steps >= 0]  # -1: a row still being written
+                lengths.append(len(steps))
+                assert steps.tolist() == list(range(len(steps)))  # a prefix, never a hole
+                assert group["activations"].shape[0] >= len(steps)  # written before its step
+                assert group["loss"][: len(steps)].shape == (len(steps),)
+            time.sleep(0.2)
+        assert writer.wait(timeout=120) == 0, writer.stderr.read().decode()[-2000:]
+    finally:
+        writer.kill()
+    assert any(0 < n < 400 for n in lengths), lengths  # seen part-way
+    assert len(open_log(out)["block0/step"][:]) == 400

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -36,17 +37,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def launch(processes: int, threads: int, config: Path, overrides: list[str], out: Path) -> dict:
-    """One run of `processes` processes with `threads` threads each; returns its summary.json."""
+def launch(processes: int, threads: int, config: Path, overrides: list[str], out: Path,
+           module: str = "launch.train", options: Sequence[str] = ()) -> dict:
+    """One run of `module` on `processes` processes with `threads` threads each, without probe and
+    (unless `overrides` says otherwise) without log; returns its summary.json."""
     shutil.rmtree(out, ignore_errors=True)
-    sets = [arg for o in [*overrides, f"train.threads={threads}", "probe.epochs=0"] for arg in ("--set", o)]
+    settings = ["probe.epochs=0", "log.every=0", *overrides, f"train.threads={threads}"]
+    sets = [arg for o in settings for arg in ("--set", o)]
     if processes > 1:
         torchrun = Path(sys.executable).parent / "torchrun"
-        command = [str(torchrun), "--standalone", "--nproc-per-node", str(processes), "-m", "launch.train"]
-        sets += ["--set", "sim.schedule=pipelined"]
+        command = [str(torchrun), "--standalone", "--nproc-per-node", str(processes), "-m", module]
     else:
-        command = [sys.executable, "-m", "launch.train"]
-    command += [str(config), *sets, "--out", str(out), "--no-progress"]
+        command = [sys.executable, "-m", module]
+    command += [str(config), *sets, *options, "--out", str(out), "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"run {out.name} failed:\n{done.stderr[-3000:]}")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs") / f"bench_pipeline_{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
     k = args.world_size
-    overrides = [f"train.steps={args.steps}", *args.overrides]
+    overrides = [f"train.steps={args.steps}", "sim.schedule=pipelined", *args.overrides]
     layouts = {"single_1_thread": (1, 1), f"single_{k}_threads": (1, k), "parallel": (k, 1)}  # processes, threads
     kinds = list(layouts)
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}

@@ -38,6 +38,7 @@ def summary_dict(config: Config, plan: Plan, results: Sequence[RankResult], prob
         "world_size": len(results),
         "steps": steps,
         "images_per_s": trained * config.train.batch_size / seconds if trained else 0.0,
+        "images_per_s_steady": _steady(results[-1], config.train.batch_size),
         "loss_per_block": [losses.get(b) for b in range(NUM_BLOCKS)],
         "probe": probe,
         "peak_memory_bytes": [r.peak_memory_bytes for r in results],
@@ -53,6 +54,12 @@ def summary_dict(config: Config, plan: Plan, results: Sequence[RankResult], prob
         "torch": torch.__version__,
         "config": to_dict(config),
     }
+
+
+def _steady(result: RankResult, batch_size: int) -> float | None:
+    """Median images/s over timed windows of the last rank (the pipeline's output), warm-up left out."""
+    rate = result.steady_steps_per_s()
+    return None if rate is None else rate * batch_size
 
 
 def format_summary(summary: dict) -> str:

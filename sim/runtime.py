@@ -25,6 +25,7 @@ from sim.stage import EndToEndStage, LocalStage
 from sim.transport import Link
 
 LOSS_WINDOW = 50  # reported losses are means over each block's last LOSS_WINDOW updates
+TIMING_WINDOW = 20  # forward actions per timed window of the steady-state throughput
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class RankResult:
     peak_memory_bytes: int
     loss_per_block: dict[int, float] = field(default_factory=dict)
     feedback_delay: int = 0  # steps between a batch's forward and its update on this rank
+    window_seconds: list[float] = field(default_factory=list)  # duration of each TIMING_WINDOW forward actions
+
+    def steady_steps_per_s(self) -> float | None:
+        """Median rate over timed windows, the first (warm-up) left out; None for short runs."""
+        windows = sorted(self.window_seconds[1:])
+        return TIMING_WINDOW / windows[len(windows) // 2] if windows else None
 
 
 @dataclass
@@ -74,11 +81,17 @@ class RankRuntime:
         memory.start()
         bar = tqdm(total=stop, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (progress and self.rank == 0), mininterval=0.5 if sys.stderr.isatty() else 30)
-        began = time.perf_counter()
+        began = window_began = time.perf_counter()
+        windows, forwards = [], 0
         for action in self.schedule.actions(self.rank, start, stop):
             if action.kind == "F":
                 self._forward(action.step)
                 bar.update()
+                forwards += 1
+                if forwards % TIMING_WINDOW == 0:
+                    now = time.perf_counter()
+                    windows.append(now - window_began)
+                    window_began = now
                 if action.step % 10 == 0:
                     bar.set_postfix_str(self._losses_text(), refresh=False)
             elif action.kind == "U":
@@ -105,7 +118,7 @@ class RankRuntime:
             wait_seconds=self.link.wait_seconds if self.link else 0.0,
             bytes_sent=self.link.bytes_sent if self.link else 0, peak_memory_bytes=memory.peak_bytes(),
             loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r},
-            feedback_delay=self.schedule.delay(self.rank),
+            feedback_delay=self.schedule.delay(self.rank), window_seconds=windows,
         )
 
     def _forward(self, step: int) -> None:

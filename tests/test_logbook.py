@@ -110,3 +110,31 @@ def test_a_store_can_be_read_while_it_is_written(tmp_path):
         writer.kill()
     assert any(0 < n < 400 for n in lengths), lengths  # seen part-way
     assert len(open_log(out)["block0/step"][:]) == 400
+
+
+def test_analysis_of_a_real_two_rank_run(tmp_path):
+    """The alignment command's cosines equal a direct computation on the stored tensors, and the
+    report builds from a tiny two-rank run."""
+    import json
+
+    from analysis.__main__ import main as analyse
+
+    run = tmp_path / "run"
+    outcomes = run_ranks(2, args("method=clapp_pp_dfb", *LOG, "probe.epochs=1", "probe.train_limit=200",
+                                 "probe.test_limit=100", out=run), tmp_path / "logs")
+    assert [o.exitcode for o in outcomes] == [0, 0], outcomes[0].log
+    assert analyse(["alignment", str(run)]) == 0
+    reported = json.loads((run / "analysis" / "alignment.json").read_text())
+    log = open_log(run)
+    for entry in reported:
+        pairs = log[f"block{entry['block']}/align"]
+        local, bp = pairs["local_gradient"][:].astype(np.float64), pairs["bp_gradient"][:].astype(np.float64)
+        direct = (local * bp).sum(1) / np.linalg.norm(local, axis=1) / np.linalg.norm(bp, axis=1)
+        assert entry["steps"] == pairs["step"][:].tolist()
+        assert entry["cosine"] == pytest.approx(direct.tolist(), abs=1e-6)
+    assert reported[-1]["cosine"] == pytest.approx([1.0] * 3, abs=1e-6)  # the top block is its own BP
+    assert analyse(["report", str(run)]) == 0
+    html = (run / "analysis" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "clapp_pp_dfb" in html
+    for png in (run / "analysis").glob("*.png"):
+        assert png.stat().st_size > 10_000

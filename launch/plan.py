@@ -62,10 +62,13 @@ class Plan:
         return text
 
 
-def make_plan(config: Config, world_size: int) -> Plan:
-    """The run's plan for `world_size` processes; a placement that does not fit fails here."""
+def make_plan(config: Config, world_size: int, pipeline_backprop: bool = False) -> Plan:
+    """The run's plan for `world_size` processes; a placement that does not fit fails here.
+
+    `pipeline_backprop`: an end-to-end method split over the ranks with back-propagation between
+    them (launch.bp_pipeline); without it end-to-end methods run in one process only."""
     method, info = get_method(config.method), dataset_info(config.data.name)
-    if method.end_to_end and world_size > 1:
+    if method.end_to_end and world_size > 1 and not pipeline_backprop:
         raise ConfigError(f"{method.name} is end-to-end backprop: it runs in one process, not {world_size} "
                           "(launch it with python -m launch.train)")
     kernels = pool_kernels(method, info.image_size, config.rule.pool or None)

@@ -1,0 +1,152 @@
+"""Layer-parallel local SSL against global BP-SSL on the same hardware, side by side.
+
+    python -m launch.bench [CONFIG] [--world-size K] [--microbatches M] [--steps N] [--quick] [--out DIR]
+
+Runs, with the same encoder, width, batch, input size and data (probe and log off):
+1. BP-SSL (bp_infonce) in one process with K threads (or the one GPU): what a user would pick instead;
+2. BP-SSL pipeline-parallel over K processes (torch.distributed.pipelining, GPipe and 1F1B, M micro-batches);
+3. local SSL (clapp_pp; clapp_pp_dfb) in one process with K threads;
+4. local SSL layer-parallel over K processes with 1 thread each (clapp_pp pipelined; clapp_pp_dfb with
+   exact and with delayed feedback).
+Single-process runs get as many threads as the parallel runs use in total. Throughput is the median
+images/s over timed windows after warm-up (the whole-run mean for runs too short to have windows).
+A cost model (sim/costmodel.py) fitted to per-block times measured here predicts every run; its
+errors are reported, and its predictions for K = 2, 3, 6 at full width (per-block times measured
+on this hardware). Writes bench.json, bench.md and bench.png into DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from launch.bench_pipeline import DEFAULT_CONFIG, available_cores, cpu_name, launch
+from launch.config import load_config
+from launch.costs import full_width_predictions, measure_times, predict
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    method: str
+    processes: int
+    threads: int
+    module: str = "launch.train"
+    overrides: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+
+
+def run_specs(k: int, microbatches: int, quick: bool) -> list[RunSpec]:
+    pipeline = "launch.bp_pipeline"
+    specs = [
+        RunSpec("bp_single", "bp_infonce", 1, k),
+        RunSpec("bp_pipeline_1f1b", "bp_infonce", k, 1, pipeline, options=("--schedule", "1f1b", "--microbatches", str(microbatches))),
+        RunSpec("local_single", "clapp_pp", 1, k),
+        RunSpec("local_parallel", "clapp_pp", k, 1, overrides=("sim.schedule=pipelined",)),
+    ]
+    if not quick:
+        specs[2:2] = [RunSpec("bp_pipeline_gpipe", "bp_infonce", k, 1, pipeline,
+                              options=("--schedule", "gpipe", "--microbatches", str(microbatches)))]
+        specs += [RunSpec("local_dfb_single", "clapp_pp_dfb", 1, k),
+                  RunSpec("local_dfb_exact_parallel", "clapp_pp_dfb", k, 1, overrides=("sim.feedback=exact",)),
+                  RunSpec("local_dfb_delayed_parallel", "clapp_pp_dfb", k, 1, overrides=("sim.feedback=delayed",))]
+    return specs
+
+
+def throughput(summary: dict) -> float:
+    """Steady-state images/s: median over timed windows after warm-up, else the whole-run mean."""
+    if summary.get("images_per_s_steady"):
+        return summary["images_per_s_steady"]
+    ends = summary.get("step_end_seconds") or []
+    window = 20
+    rates = [window / (b - a) for a, b in zip(ends[window - 1::window], ends[2 * window - 1::window])]
+    batch = summary["config"]["train"]["batch_size"]
+    return statistics.median(rates) * batch if rates else summary["images_per_s"]
+
+
+def busy_and_wait(summary: dict) -> list[dict]:
+    ranks = []
+    for r in summary.get("ranks", []):
+        wait = r.get("wait_seconds", 0.0)
+        busy = r.get("busy_seconds", r["seconds"] - wait)
+        ranks.append({"rank": r["rank"], "blocks": r["blocks"], "busy_s": busy, "idle_s": r["seconds"] - busy,
+                      "wait_s": wait, "bytes_sent": r.get("bytes_sent", 0)})
+    return ranks
+
+
+def efficiency(summary: dict) -> float:
+    """Slowest rank's busy time over the wall time: 1.0 runs at the slowest rank's own pace."""
+    ranks = busy_and_wait(summary)
+    return max(r["busy_s"] for r in ranks) / max(r["busy_s"] + r["idle_s"] for r in ranks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="4 runs of a few steps, no full-width predictions")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("runs") / f"bench_{time.strftime('%Y%m%d-%H%M%S')}")
+    args = parser.parse_args(argv)
+    k, m = args.world_size, args.microbatches
+    steps = 24 if args.quick else args.steps
+    config = load_config(args.config, [f"train.steps={steps}", *args.overrides])
+    runs = []
+    for spec in run_specs(k, m, args.quick):
+        overrides = [f"train.steps={steps}", f"method={spec.method}", *args.overrides, *spec.overrides]
+        summary = launch(spec.processes, spec.threads, args.config, overrides, args.out / spec.name, spec.module,
+                         spec.options)
+        runs.append({"name": spec.name, "method": spec.method, "world_size": spec.processes,
+                     "threads_per_process": spec.threads, "images_per_s": throughput(summary),
+                     "images_per_s_whole_run": summary["images_per_s"],
+                     "peak_memory_bytes": summary["peak_memory_bytes"], "ranks": busy_and_wait(summary),
+                     "placement": summary.get("placement"), "efficiency": efficiency(summary)})
+        print(f"{spec.name}: {runs[-1]['images_per_s']:.1f} images/s", flush=True)
+    by_name = {r["name"]: r for r in runs}
+    parallel = by_name["local_parallel"]
+    bp_pipeline = max((r for r in runs if r["name"].startswith("bp_pipeline")), key=lambda r: r["images_per_s"])
+    bound = (m + k - 1) / m
+    ratios = {
+        "local_parallel_vs_bp_pipeline": parallel["images_per_s"] / bp_pipeline["images_per_s"],
+        "local_parallel_vs_bp_single": parallel["images_per_s"] / by_name["bp_single"]["images_per_s"],
+        "local_parallel_vs_local_sequential": parallel["images_per_s"] / by_name["local_single"]["images_per_s"],
+        "pipeline_efficiency": parallel["efficiency"],
+    }
+    bounds = {"local_parallel_vs_bp_pipeline": bound, "pipeline_efficiency": 1.0,
+              "local_parallel_vs_local_sequential": float(k)}
+    times, link = measure_times(config, k, args.quick)
+    model = predict(config, runs, times, link, k, m)
+    result = {
+        "machine": {"cpu": cpu_name(), "cores": available_cores(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python -m launch.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "dataset": config.data.name, "width": config.model.width, "batch_size": config.train.batch_size,
+        "steps": steps, "world_size": k, "microbatches": m, "runs": runs, "ratios": ratios,
+        "analytic_bounds": bounds, "best_bp_pipeline": bp_pipeline["name"],
+        "memory_local_parallel_vs_bp_single": max(parallel["peak_memory_bytes"]) / max(by_name["bp_single"]["peak_memory_bytes"]),
+        "cost_model": model,
+    }
+    if not args.quick:
+        result["cost_model"]["full_width_predictions"] = full_width_predictions(config, link, m)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    from launch.bench_report import chart, markdown
+
+    table = markdown(result)
+    (args.out / "bench.md").write_text(table + "\n")
+    chart(result, args.out / "bench.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

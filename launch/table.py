@@ -1,0 +1,168 @@
+"""The reproduction table: every method trained and probed at CPU scale, 3 seeds, next to the paper.
+
+    python -m launch.table --data cifar10 --data-root ../shared/data/cifar10
+    python -m launch.table --data fashion_mnist
+    python -m launch.table --render            # only rebuild BENCHMARKS.md's table and the chart
+
+Each cell (dataset, method, seed) is one run of `launch.train` (or of torchrun for the layer-parallel
+row) with launch/configs/table_cpu.toml; its result is added to launch/results/table.json as soon as it
+finishes, so a table can be completed over several invocations and re-rendered without training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launch.bench_pipeline import available_cores, cpu_name
+from launch.observe import code_version
+
+ROOT = Path(__file__).parent
+CONFIG = ROOT / "configs" / "table_cpu.toml"
+RESULTS = ROOT / "results" / "table.json"
+CHART = ROOT / "results" / "table.png"
+# Row name -> overrides; "@2" rows run layer-parallel on 2 processes (1 thread each).
+ROWS = {
+    "random": ["method=clapp_pp", "train.steps=0", "train.epochs=0"],
+    "clapp": ["method=clapp"],
+    "clapp_pp": ["method=clapp_pp"],
+    "clapp_pp_dfb": ["method=clapp_pp_dfb"],
+    "clapp_pp_both": ["method=clapp_pp_both"],
+    "bp_clapp_pp": ["method=bp_clapp_pp"],
+    "bp_infonce": ["method=bp_infonce"],
+    "ff": ["method=ff"],
+    "infonce_local": ["method=infonce_local"],
+    "clapp_pp_dfb@2 delayed": ["method=clapp_pp_dfb", "sim.feedback=delayed", "sim.schedule=pipelined", "train.threads=1"],
+}
+# Linear-probe top-1 % at full scale (300 epochs, width 1.0) from the paper, CIFAR-10 column.
+PAPER = {"cifar10": {"bp_infonce": 80.69, "bp_clapp_pp": 80.49, "clapp_pp": 80.51, "clapp_pp_dfb": 80.65,
+                     "clapp_pp_both": 81.18, "clapp": 73.21}}
+LABELS = {"cifar10": "CIFAR-10 (JPEG q75)", "fashion_mnist": "Fashion-MNIST"}
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"cells": {}}
+
+
+def save_results(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    temporary = RESULTS.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    temporary.replace(RESULTS)
+
+
+def run_cell(dataset: str, root: str, row: str, seed: int, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    sets = [f"data.name={dataset}", f"data.root={root}", f"train.seed={seed}", *ROWS[row]]
+    if row.endswith("@2 delayed"):
+        command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m",
+                   "launch.train"]
+    else:
+        command = [sys.executable, "-m", "launch.train"]
+    command += [str(CONFIG), "--out", str(out), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit(f"cell {dataset} / {row} / seed {seed} failed; command: {' '.join(command)}")
+    summary = json.loads((out / "summary.json").read_text())
+    probe = summary["probe"]
+    return {"test_acc": probe["test_acc"], "last_block_acc": probe["per_block_test_acc"][-1],
+            "per_block_test_acc": probe["per_block_test_acc"], "images_per_s": summary["images_per_s"],
+            "peak_memory_bytes": summary["peak_memory_bytes"], "steps": summary["steps"],
+            "world_size": summary["world_size"], "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{cpu_name()} ({available_cores()} cores)"}
+
+
+def _stats(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def render(results: dict) -> str:
+    """The markdown tables of every dataset present in `results`."""
+    cells = results["cells"]
+    datasets = sorted({key.split("/")[0] for key in cells})
+    parts = []
+    for dataset in datasets:
+        paper = PAPER.get(dataset, {})
+        lines = [f"### {LABELS.get(dataset, dataset)}", "",
+                 "| method | probe, all blocks (%) | probe, last block (%) | images/s | peak memory (MiB) | seeds | paper, full scale (%) |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for row in ROWS:
+            found = [cells[k] for k in sorted(cells) if k.startswith(f"{dataset}/{row}/")]
+            if not found:
+                continue
+            speed = statistics.mean(c["images_per_s"] for c in found) if found[0]["steps"] else None
+            memory = statistics.mean(max(c["peak_memory_bytes"]) for c in found) / 2**20
+            paper_value = paper.get(row.split("@")[0]) if "@" not in row else None
+            lines.append(f"| {row} | {_stats([c['test_acc'] for c in found])} | "
+                         f"{_stats([c['last_block_acc'] for c in found])} | {'-' if speed is None else f'{speed:.0f}'} | "
+                         f"{memory:.0f} | {len(found)} | {'-' if paper_value is None else paper_value} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = results["cells"]
+    datasets = sorted({key.split("/")[0] for key in cells})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        rows = [r for r in ROWS if any(k.startswith(f"{dataset}/{r}/") for k in cells)]
+        values = [[cells[k]["test_acc"] for k in cells if k.startswith(f"{dataset}/{r}/")] for r in rows]
+        means = [statistics.mean(v) for v in values]
+        errors = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
+        colours = ["tab:gray" if r == "random" else "tab:red" if r.startswith("bp") else "tab:blue" for r in rows]
+        ax.bar(rows, means, yerr=errors, color=colours, capsize=3)
+        ax.set_ylim(min(means) - 5, max(means) + 3)
+        ax.set_ylabel("linear probe test accuracy (%), mean ± sd over seeds")
+        ax.set_title(LABELS.get(dataset, dataset))
+        ax.tick_params(axis="x", rotation=60, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.table", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=sorted(LABELS), help="dataset to train on")
+    parser.add_argument("--data-root", default="", help="folder of the dataset (data.root)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows of the table to run")
+    parser.add_argument("--render", action="store_true", help="only render the table from the results file")
+    parser.add_argument("--runs", type=Path, default=Path("runs") / "table", help="where the run folders go")
+    args = parser.parse_args(argv)
+    results = load_results()
+    if not args.render:
+        if args.data is None:
+            parser.error("--data is required unless --render")
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = [r for r in rows if r not in ROWS]
+        if unknown:
+            parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+        todo = [(r, int(s)) for s in args.seeds.split(",") for r in rows
+                if f"{args.data}/{r}/{int(s)}" not in results["cells"]]
+        for number, (row, seed) in enumerate(todo, 1):
+            print(f"\n== [{number}/{len(todo)}] {args.data} / {row} / seed {seed}", flush=True)
+            cell = run_cell(args.data, args.data_root, row, seed, args.runs / args.data / f"{row.replace(' ', '_')}_s{seed}")
+            results["cells"][f"{args.data}/{row}/{seed}"] = cell
+            save_results(results)  # each finished cell is kept, whatever happens next
+    table = render(results)
+    chart(results, CHART)
+    print(table)
+    print(f"\nresults: {RESULTS}; chart: {CHART}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

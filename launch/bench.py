@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     bounds = {"local_parallel_vs_bp_pipeline": bound, "pipeline_efficiency": 1.0,
               "local_parallel_vs_local_sequential": float(k)}
-    times, link = measure_times(config, k, args.quick)
+    times, link = measure_times(config, k, args.quick, m)
     model = predict(config, runs, times, link, k, m)
     result = {
         "machine": {"cpu": cpu_name(), "cores": available_cores(), "torch": torch.__version__,

@@ -32,6 +32,7 @@ from sim.bp_pipeline import (
 )
 from sim.datasets import DatasetMissing, load_split
 from sim.feed import ViewFeed
+from sim.memory import PeakMemory
 from sim.placement import PlacementError
 from sim.stage import NonFiniteLoss
 from sim.transport import PeerFailure, broadcast_from_first, first_failure, record_failure, setup_barrier
@@ -90,12 +91,14 @@ def run(config: Config, schedule: str, count: int, out_dir: Path, world: World =
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = world.device(config.train.device)
+    memory = PeakMemory(device)  # what the work holds: from here (imports done) to the end of training
+    memory.start()
     plan = make_plan(config, world.size, pipeline_backprop=True)  # a placement that does not fit fails here
     store = connect(world, device, SETUP_TIMEOUT_S) if world.distributed else None
     if store is None:
         join_alone(device)
     try:
-        summary = _run_rank(plan, schedule, count, out_dir, world, device, progress)
+        summary = _run_rank(plan, schedule, count, out_dir, world, device, progress, memory)
     except Exception as error:
         if store is None:
             disconnect()
@@ -110,7 +113,7 @@ def run(config: Config, schedule: str, count: int, out_dir: Path, world: World =
 
 
 def _run_rank(plan: Plan, schedule: str, count: int, out_dir: Path, world: World, device: torch.device,
-              progress: bool) -> dict | None:
+              progress: bool, memory: PeakMemory) -> dict | None:
     config, info = plan.config, plan.info
     group = pipeline_group(config.sim.timeout_s) if world.distributed else None  # every rank, same point
     feed, steps = None, config.train.steps
@@ -131,7 +134,7 @@ def _run_rank(plan: Plan, schedule: str, count: int, out_dir: Path, world: World
     if world.distributed:  # all ranks built: start the clocks together
         setup_barrier(SETUP_TIMEOUT_S)
         (steps,) = broadcast_from_first([steps], device)
-    result = trainer.train(steps, feed, progress)
+    result = trainer.train(steps, feed, progress, memory)
     results, weights = gather_results(result), gather_weights(blocks)
     if world.rank > 0:
         return None

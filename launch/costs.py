@@ -32,15 +32,17 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def block_times(config: Config, method: str, threads: int, data_seconds: float, repeats: int) -> BlockTimes:
-    """Per-block times of `method` at the config's width and batch, with `threads` threads."""
+def block_times(config: Config, method: str, threads: int, data_seconds: float, repeats: int,
+                microbatches: int = 1) -> BlockTimes:
+    """Per-block times of `method` at the config's width, with `threads` threads, on one batch or
+    on one of its `microbatches` micro-batches."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         plan = make_plan(dataclasses.replace(config, method=method), 1)
         device = _device()
         blocks = plan.build_blocks(range(6), device)
-        rows, info = 2 * config.train.batch_size, plan.info
+        rows, info = 2 * config.train.batch_size // microbatches, plan.info
         views = torch.randn(rows, info.channels, info.image_size, info.image_size, device=device)
         zeros = [0.0] * len(blocks)
         local = time_local_blocks(blocks, views, repeats) if not plan.method.end_to_end else zeros
@@ -73,11 +75,13 @@ def data_seconds(config: Config, repeats: int = 5) -> float:
     return (time.perf_counter() - began) / repeats
 
 
-def measure_times(config: Config, k: int, quick: bool) -> tuple[dict, Link]:
-    """{(method, threads): BlockTimes} for 1 and k threads, and the link between two processes."""
+def measure_times(config: Config, k: int, quick: bool, microbatches: int) -> tuple[dict, Link]:
+    """{(method, threads): BlockTimes} for 1 and k threads (and ("bp_infonce", "micro") on one
+    micro-batch, 1 thread), and the link between two processes."""
     repeats = 2 if quick else 5
     data = data_seconds(config)
     times = {(m, t): block_times(config, m, t, data, repeats) for m in METHODS for t in sorted({1, k})}
+    times["bp_infonce", "micro"] = block_times(config, "bp_infonce", 1, data, repeats, microbatches)
     latency, bandwidth = measure_link()
     return times, Link(latency, bandwidth)
 
@@ -91,9 +95,9 @@ def predict(config: Config, runs: Sequence[dict], times: dict, link: Link, k: in
         threads = run["threads_per_process"]
         name = run["name"]
         if name == "bp_single":
-            value = backprop_pipelined(times["bp_infonce", threads], everything, link, batch, 1)
+            value = backprop_pipelined(times["bp_infonce", threads], everything, link, batch)
         elif name.startswith("bp_pipeline"):
-            value = backprop_pipelined(times["bp_infonce", threads], groups, link, batch, m)
+            value = backprop_pipelined(times["bp_infonce", "micro"], groups, link, batch, m)
         elif name in ("local_single", "local_parallel"):
             value = local_pipelined(times["clapp_pp", threads], groups, link, batch)
         elif name == "local_dfb_single":
@@ -106,6 +110,7 @@ def predict(config: Config, runs: Sequence[dict], times: dict, link: Link, k: in
                              "error": value / run["images_per_s"] - 1}
     return {"link": {"latency_s": link.latency, "bandwidth_bytes_per_s": link.bandwidth},
             "block_seconds": {f"{method}@{threads}": dataclasses.asdict(t) for (method, threads), t in times.items()},
+            "note": "bp_pipeline_* predictions use per-block times measured on one micro-batch",
             "runs": predictions,
             "max_abs_error": max(abs(p["error"]) for p in predictions.values())}
 
@@ -118,15 +123,17 @@ def full_width_predictions(config: Config, link: Link, m: int, world_sizes: Sequ
     local = block_times(full, "clapp_pp", 1, data, 2)
     dfb = block_times(full, "clapp_pp_dfb", 1, data, 2)
     bp = block_times(full, "bp_infonce", 1, data, 2)
+    bp_micro = block_times(full, "bp_infonce", 1, data, 2, m)
     batch, table = full.train.batch_size, {}
     for k in world_sizes:
         local_groups = balanced_placement(local.local, k).groups
-        bp_groups = balanced_placement([f + b for f, b in zip(bp.forward, bp.backward)], k).groups
+        bp_groups = balanced_placement([f + b for f, b in zip(bp_micro.forward, bp_micro.backward)], k).groups
         table[str(k)] = {
             "local_pipelined": local_pipelined(local, local_groups, link, batch),
             "dfb_exact": local_exact_feedback(dfb, local_groups, link, batch),
             "dfb_delayed": local_pipelined(dfb, local_groups, link, batch, feedback=True),
-            "bp_1f1b" if k > 1 else "bp_single": backprop_pipelined(bp, bp_groups, link, batch, m),
+            "bp_1f1b" if k > 1 else "bp_single": (backprop_pipelined(bp_micro, bp_groups, link, batch, m) if k > 1
+                                                  else backprop_pipelined(bp, bp_groups, link, batch)),
             "placement_local": [list(g) for g in local_groups],
         }
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU, 1 thread per process"

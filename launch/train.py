@@ -25,6 +25,7 @@ from layers.encoder import NUM_BLOCKS
 from sim.checkpoint import completed_steps, discard_after, has_checkpoints, load_checkpoint, save_checkpoint, save_final
 from sim.datasets import DatasetMissing, ImageSet, load_split
 from sim.feed import ViewFeed
+from sim.memory import PeakMemory
 from sim.placement import PlacementError
 from sim.probing import linear_probe, sample_images
 from sim.runtime import RankResult, RankRuntime
@@ -65,13 +66,15 @@ def run(config: Config, out_dir: Path, progress: bool = True, world: World = Wor
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = world.device(config.train.device)
+    memory = PeakMemory(device)  # what the work holds: from here (imports done) to the end of training
+    memory.start()
     plan = make_plan(config, world.size)  # a placement that does not fit the world size fails here
     store = link = None
     if world.distributed:
         store = connect(world, device, SETUP_TIMEOUT_S)
         link = Link(world.rank, device, store, config.sim.timeout_s)
     try:
-        summary = _run_rank(plan, out_dir, progress, world, device, link, resume)
+        summary = _run_rank(plan, out_dir, progress, world, device, link, resume, memory)
     except PeerFailure:
         raise
     except BaseException as error:
@@ -99,7 +102,7 @@ def starting_step(out_dir: Path, resume: bool, restarted: bool) -> int:
 
 
 def _run_rank(plan: Plan, out_dir: Path, progress: bool, world: World, device: torch.device, link: Link | None,
-              resume: bool) -> dict | None:
+              resume: bool, memory: PeakMemory) -> dict | None:
     config, info, root = plan.config, plan.info, plan.config.data.root or None
     feed = probe_sets = heldout = None
     start = stop = heldout_count = 0
@@ -132,7 +135,7 @@ def _run_rank(plan: Plan, out_dir: Path, progress: bool, world: World, device: t
     observers = rank_observers(plan, out_dir, world.rank, blocks, start, link, heldout, heldout_count, device)
     stage = make_stage(blocks, config.train.seed, config.sim.feedback == "delayed", observers.wants)
     runtime = RankRuntime(world.rank, plan.schedule, stage, device, plan.shapes, feed, link, observers)
-    result = runtime.run(start, stop, lambda step: save_checkpoint(out_dir, step, blocks), progress)
+    result = runtime.run(start, stop, lambda step: save_checkpoint(out_dir, step, blocks), progress, memory)
 
     if link is None:
         return _finish(plan, out_dir, blocks, [result], probe_sets, device, progress, stop)

@@ -180,12 +180,15 @@ class PipelineTrainer:
             loss, _ = top.loss(features, None, generator)
             return loss
 
-    def train(self, steps: int, feed: ViewFeed | None, progress: bool = True) -> PipelineResult:
-        """Train `steps` steps; rank 0 takes each step's views from `feed` (and shows a progress bar)."""
+    def train(self, steps: int, feed: ViewFeed | None, progress: bool = True,
+              memory: PeakMemory | None = None) -> PipelineResult:
+        """Train `steps` steps; rank 0 takes each step's views from `feed` (and shows a progress bar).
+        `memory` measures the peak from when the process began its work (default: from here)."""
         if self.first and feed is None:
             raise ValueError("rank 0 builds the views: it needs a ViewFeed")
-        memory = PeakMemory(self.device)
-        memory.start()
+        if memory is None:
+            memory = PeakMemory(self.device)
+            memory.start()
         step_ends, step_losses = [], []
         began = time.perf_counter()
         bar = tqdm(range(steps), desc="train", unit="step", dynamic_ncols=True, disable=not (progress and self.first),

@@ -10,9 +10,10 @@ blocks (plus the data on rank 0, plus sending its output); then:
   at the pace of its slowest rank: B / max_r(step_r);
 - local SSL with exact top-down feedback: each batch climbs to the top and its feedback comes
   back before the next: B / (sum of all steps + the messages on the way up and down);
-- BP-SSL pipelined with m micro-batches (GPipe and 1F1B alike, flushed every batch): each rank
-  computes m micro-batches of 1/m of its step, and the pipeline fills and drains:
-  B / ((m + K - 1) / m * max_r(forward_r + backward_r) + messages).
+- BP-SSL pipelined with m micro-batches (GPipe and 1F1B alike, flushed every batch): with the
+  forward and backward times of one micro-batch (measured at that size: small micro-batches use
+  the hardware less well than 1/m of a batch would), the pipeline fills and drains:
+  B / ((m + K - 1) * max_r(forward_r + backward_r + messages_r)).
 """
 from __future__ import annotations
 
@@ -167,11 +168,10 @@ def local_exact_feedback(times: BlockTimes, groups: Sequence[Sequence[int]], lin
 
 
 def backprop_pipelined(times: BlockTimes, groups: Sequence[Sequence[int]], link: Link, batch: int,
-                       microbatches: int) -> float:
-    """Images/s of BP-SSL over len(groups) ranks with `microbatches` micro-batches per batch (K = 1:
-    plain single-process backprop)."""
-    k, m = len(groups), microbatches if len(groups) > 1 else 1
+                       microbatches: int = 1) -> float:
+    """Images/s of BP-SSL over len(groups) ranks with `microbatches` micro-batches per batch, from
+    `times` measured on one micro-batch (K = 1, m = 1: plain single-process backprop)."""
     work = [f + b for f, b in zip(_rank_sums(times.forward, groups), _rank_sums(times.backward, groups))]
-    for rank, group in enumerate(groups[:-1]):  # m activations up and m gradients down per batch
-        work[rank] += 2 * m * link.seconds(times.activation_bytes[group[-1]] // m)
-    return batch / ((m + k - 1) / m * max(work) + times.data)
+    for rank, group in enumerate(groups[:-1]):  # an activation up and a gradient down per micro-batch
+        work[rank] += 2 * link.seconds(times.activation_bytes[group[-1]])
+    return batch / ((microbatches + len(groups) - 1) * max(work) + times.data)

@@ -76,9 +76,14 @@ class RankRuntime:
         self.top = schedule.world_size - 1
         self.recent: dict[int, deque] = {b.index: deque(maxlen=LOSS_WINDOW) for b in stage.blocks}
 
-    def run(self, start: int, stop: int, checkpoint: Callable[[int], None], progress: bool = True) -> RankResult:
-        memory = PeakMemory(self.device)
-        memory.start()
+    def run(self, start: int, stop: int, checkpoint: Callable[[int], None], progress: bool = True,
+            memory: PeakMemory | None = None) -> RankResult:
+        """Execute this rank's actions for batches start..stop-1. `memory`, started when the process
+        began its work (before loading data and building blocks), measures the peak; by default
+        it starts here."""
+        if memory is None:
+            memory = PeakMemory(self.device)
+            memory.start()
         bar = tqdm(total=stop, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (progress and self.rank == 0), mininterval=0.5 if sys.stderr.isatty() else 30)
         began = window_began = time.perf_counter()

@@ -1,0 +1,68 @@
+"""The benchmark's cost model and its output format (no timing is asserted)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from launch.bench import main as bench
+from sim.costmodel import BlockTimes, Link, backprop_pipelined, local_exact_feedback, local_pipelined
+
+ROOT = Path(__file__).parent.parent
+FREE = Link(latency=0.0, bandwidth=float("inf"))
+EVEN = BlockTimes(local=[1.0] * 6, forward=[0.5] * 6, backward=[1.0] * 6, data=0.0,
+                  activation_bytes=[1000] * 6, feedback_bytes=100)
+ALL, HALVES, SIXTHS = [list(range(6))], [[0, 1, 2], [3, 4, 5]], [[b] for b in range(6)]
+
+
+def test_local_pipeline_runs_at_its_slowest_rank():
+    assert local_pipelined(EVEN, ALL, FREE, batch=32) == pytest.approx(32 / 6)
+    assert local_pipelined(EVEN, HALVES, FREE, batch=32) == pytest.approx(32 / 3)
+    assert local_pipelined(EVEN, SIXTHS, FREE, batch=32) == pytest.approx(32 / 1)
+    slow_link = Link(latency=0.5, bandwidth=float("inf"))
+    assert local_pipelined(EVEN, HALVES, slow_link, batch=32) == pytest.approx(32 / 3.5)  # rank 0 also sends
+
+
+def test_exact_feedback_gains_nothing_from_more_ranks():
+    assert local_exact_feedback(EVEN, SIXTHS, FREE, batch=32) == pytest.approx(local_exact_feedback(EVEN, ALL, FREE, 32))
+
+
+def test_flushed_backprop_pipeline_pays_its_bubble():
+    assert backprop_pipelined(EVEN, ALL, FREE, batch=32) == pytest.approx(32 / 9)  # one process, whole batch
+    # EVEN as the times of one micro-batch: m + K - 1 slots of the slowest rank's micro-batch work
+    two = backprop_pipelined(EVEN, HALVES, FREE, batch=32, microbatches=4)
+    assert two == pytest.approx(32 / ((4 + 1) * 4.5))
+    quarter = BlockTimes(**{**EVEN.__dict__, "forward": [0.125] * 6, "backward": [0.25] * 6})
+    assert backprop_pipelined(quarter, HALVES, FREE, 32, 4) == pytest.approx(32 / (5 / 4 * 4.5))  # ideal scaling
+
+
+def test_quick_benchmark_writes_its_report(tmp_path):
+    config = str(ROOT / "launch/configs/tiny.toml")
+    assert bench([config, "--quick", "--out", str(tmp_path), "--set", "train.batch_size=8"]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    names = [run["name"] for run in result["runs"]]
+    assert names == ["bp_single", "bp_pipeline_1f1b", "local_single", "local_parallel"]
+    for run in result["runs"]:
+        assert run["images_per_s"] > 0 and len(run["peak_memory_bytes"]) == run["world_size"]
+    assert set(result["ratios"]) == {"local_parallel_vs_bp_pipeline", "local_parallel_vs_bp_single",
+                                     "local_parallel_vs_local_sequential", "pipeline_efficiency"}
+    assert result["analytic_bounds"]["local_parallel_vs_bp_pipeline"] == pytest.approx((4 + 2 - 1) / 4)
+    assert set(result["cost_model"]["runs"]) == set(names)
+    assert (tmp_path / "bench.md").read_text().startswith("synthetic")
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_table_renders_mean_and_spread_next_to_the_paper(tmp_path):
+    from launch.table import chart, render
+
+    def cell(acc: float) -> dict:
+        return {"test_acc": acc, "last_block_acc": acc - 10, "images_per_s": 100.0, "peak_memory_bytes": [2**20],
+                "steps": 750}
+
+    results = {"cells": {"cifar10/clapp_pp/0": cell(50.0), "cifar10/clapp_pp/1": cell(52.0),
+                         "cifar10/random/0": {**cell(40.0), "steps": 0}}}
+    table = render(results)
+    assert "### CIFAR-10 (JPEG q75)" in table
+    assert "| clapp_pp | 51.00 ± 1.41 | 41.00 ± 1.41 | 100 | 1 | 2 | 80.51 |" in table
+    assert "| random | 40.00 (1 seed) | 30.00 (1 seed) | - |" in table
+    chart(results, tmp_path / "table.png")
+    assert (tmp_path / "table.png").stat().st_size > 10_000

@@ -26,6 +26,8 @@ ROOT = Path(__file__).parent
 CONFIG = ROOT / "configs" / "table_cpu.toml"
 RESULTS = ROOT / "results" / "table.json"
 CHART = ROOT / "results" / "table.png"
+BENCHMARKS = ROOT.parent / "BENCHMARKS.md"  # its table sits between these two markers
+START, END = "<!-- table:start -->", "<!-- table:end -->"
 # Row name -> overrides; "@2" rows run layer-parallel on 2 processes (1 thread each).
 ROWS = {
     "random": ["method=clapp_pp", "train.steps=0", "train.epochs=0"],
@@ -133,6 +135,19 @@ def chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_into_benchmarks(table: str) -> bool:
+    """Replace the table between the markers of BENCHMARKS.md; False where there are no markers
+    (an installed copy without the repository's BENCHMARKS.md)."""
+    if not BENCHMARKS.exists():
+        return False
+    text = BENCHMARKS.read_text()
+    if START not in text or END not in text:
+        return False
+    before, rest = text.split(START, 1)
+    BENCHMARKS.write_text(f"{before}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.table", description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=sorted(LABELS), help="dataset to train on")
@@ -160,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     table = render(results)
     chart(results, CHART)
     print(table)
-    print(f"\nresults: {RESULTS}; chart: {CHART}")
+    written = write_into_benchmarks(table)
+    print(f"\nresults: {RESULTS}; chart: {CHART}" + (f"; table written into {BENCHMARKS}" if written else ""))
     return 0
 
 

@@ -66,3 +66,16 @@ def test_table_renders_mean_and_spread_next_to_the_paper(tmp_path):
     assert "| random | 40.00 (1 seed) | 30.00 (1 seed) | - |" in table
     chart(results, tmp_path / "table.png")
     assert (tmp_path / "table.png").stat().st_size > 10_000
+
+
+def test_table_replaces_only_the_text_between_the_markers(tmp_path, monkeypatch):
+    import launch.table as table_module
+
+    page = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(table_module, "BENCHMARKS", page)
+    assert not table_module.write_into_benchmarks("| new |")  # no file: nothing written
+    page.write_text(f"# head\n{table_module.START}\n| old |\n{table_module.END}\ntail\n")
+    assert table_module.write_into_benchmarks("| new |")
+    assert page.read_text() == f"# head\n{table_module.START}\n| new |\n{table_module.END}\ntail\n"
+    page.write_text("no markers\n")
+    assert not table_module.write_into_benchmarks("| new |") and page.read_text() == "no markers\n"

@@ -141,7 +141,8 @@ def write_into_benchmarks(table: str) -> bool:
     if not BENCHMARKS.exists():
         return False
     text = BENCHMARKS.read_text()
-    if START not in text or END not in text:
+    if START not in text or END not in text.split(START, 1)[1]:
+        print(f"{BENCHMARKS} has no '{START}' ... '{END}' pair: the table was not written into it")
         return False
     before, rest = text.split(START, 1)
     BENCHMARKS.write_text(f"{before}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from launch.observe import code_version
 from layers.seeding import keyed_generator
 from layers.theory.figures import FIGURES, FrozenCurve, TrainingSetup, frozen_figure, run_fig3b, run_frozen
 from sim.datasets import DatasetInfo, DatasetMissing, ImageSet, dataset_info, load_split
@@ -107,6 +108,8 @@ def run_figure(figure: str, quick: bool, data_root: str | None, seed: int = 0, p
     if figure not in FIGURES:
         raise ValueError(f"unknown figure {figure!r}; choose one of {', '.join(FIGURES)}")
     sizes = QUICK if quick else FULL
+    if train_images is not None and figure != "fig3b":
+        raise ValueError(f"--train-images sets fig3b's training set; {figure} trains nothing (W is frozen)")
     if train_images is not None:
         if train_images < sizes.batch_images:
             raise ValueError(f"--train-images {train_images} is less than one batch of {sizes.batch_images}")
@@ -116,7 +119,8 @@ def run_figure(figure: str, quick: bool, data_root: str | None, seed: int = 0, p
         print(f"\n{'!' * 100}\nWARNING: {warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     bar = _progress if progress else None
     start = time.perf_counter()
-    result: dict = {"figure": figure, "quick": quick, "data": {"name": info.name, "warning": warning}}
+    result: dict = {"figure": figure, "quick": quick, "seed": seed, "code_version": code_version(),
+                    "date": time.strftime("%Y-%m-%d"), "data": {"name": info.name, "warning": warning}}
     if figure == "fig3b":
         setup = TrainingSetup(epochs=sizes.epochs)
         count = len(train) if sizes.train_images is None else min(sizes.train_images, len(train))

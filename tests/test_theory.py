@@ -164,6 +164,23 @@ def test_fig3b_rules_train_and_report_every_curve():
         assert history[name]["epochs"] == [0, 1] and len(history[name]["cosine_mean"]) == 2
 
 
+@pytest.mark.parametrize("match", ["activity", "update"])
+def test_trained_b_moves_the_local_learning_signal_toward_bp(match):
+    """B^l learned to match BP's signal (at the activity or at the update): a few steps on one batch
+    bring the local updates of layers 1 and 2 closer in direction to the BP updates."""
+    from layers.theory.training import LocalLearner
+
+    net = TheoryMLP(196, [32] * 3, "linear", "default", seed=3)
+    learner = LocalLearner(net, "top", "match_bp", LossSpec(), lr=1e-3, match=match)
+    x = patch_batch(7, 8)
+    negatives = negative_rows(len(x), "next_row")
+    before = learner.alignment(x, negatives)
+    for _ in range(30):
+        learner.step(x, negatives)
+    after = learner.alignment(x, negatives)
+    assert after[0] > before[0] + 0.1 and after[1] > before[1] + 0.1, (before, after)
+
+
 def test_cli_quick_writes_the_figure_json_and_png(tmp_path):
     assert main(["fig3a", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     result = json.loads((tmp_path / "fig3a.json").read_text())
@@ -199,6 +216,9 @@ def test_unknown_names_fail_with_the_choices():
         TheoryMLP(196, [8], init="xavier")
     with pytest.raises(ValueError, match="needs a linear network"):
         net = TheoryMLP(196, [8, 8], "relu")
+        batch_updates(net, patch_batch(0, 2).double(), [1, 1], "lateral", "theorem", LossSpec())
+    with pytest.raises(ValueError, match="bias=False"):
+        net = TheoryMLP(196, [8, 8], bias=True)
         batch_updates(net, patch_batch(0, 2).double(), [1, 1], "lateral", "theorem", LossSpec())
     with pytest.raises(ValueError, match="does not divide"):
         batch_updates(TheoryCNN(), crop_batch(0, 2), [3, 1, 1, 1], "lateral", "optimal", LossSpec())

@@ -28,6 +28,8 @@ from layers.theory.networks import TheoryCNN, TheoryMLP, pool_features
 TheoryNet = TheoryMLP | TheoryCNN
 Updates = tuple[list[torch.Tensor], list[torch.Tensor]]  # (local updates, BP updates), one per layer
 B_MODES = ("optimal", "random", "theorem")
+SOLVERS = ("newton", "lbfgs")
+NEWTON_TOLERANCE = 1e-6  # largest accepted ||gradient at the result|| / ||gradient at B = 0||
 CONTEXTS = ("lateral", "top")
 
 
@@ -54,16 +56,14 @@ def score_loss(features: torch.Tensor, context: torch.Tensor, b: torch.Tensor, n
     return contrast(u_pos, u_neg, mode).mean()
 
 
-SOLVERS = ("newton", "lbfgs")
-
-
 def fit_optimal_b(features: torch.Tensor, context: torch.Tensor, negatives: torch.Tensor, spec: LossSpec,
                   solver: str = "newton") -> torch.Tensor:
     """argmin_B loss(B) + l2 ||B||^2 / 2 with the activity frozen: the unique optimum (the
     objective is strongly convex in B for a convex f), (D, D_c).
 
     `lbfgs` minimises over B with torch.optim.LBFGS (strong Wolfe), as the authors do. `newton`
-    reaches the same optimum exactly and about a hundred times faster, using that the loss sees B
+    reaches the same optimum to float64 precision (relative gradient 1e-9 to 1e-15) and two orders
+    of magnitude faster (0.03 s against 6 s for a 128-wide layer and 64 rows), using that the loss sees B
     only through the 2n scores u_i = t_i^T B c_i (t_i = target or negative row, c_i its context):
     the optimum is B = sum_i alpha_i t_i c_i^T with alpha = -grad F(u) / l2 (F = the mean loss as
     a function of the scores), and Newton's method on the primal, restricted to that span, is the
@@ -87,7 +87,7 @@ def fit_optimal_b(features: torch.Tensor, context: torch.Tensor, negatives: torc
     def objective(a: torch.Tensor) -> torch.Tensor:
         return _mean_loss(gram @ a, n, spec.contrast) + lam * (a @ gram @ a) / 2
 
-    value = objective(alpha)
+    value, initial_gap, gap = objective(alpha), None, None
     for _ in range(100):
         scores = (gram @ alpha).requires_grad_(True)  # (2n,) = u+ then u-
         grad, h_pos, h_neg = _score_derivatives(scores, n, spec.contrast)
@@ -96,8 +96,9 @@ def fit_optimal_b(features: torch.Tensor, context: torch.Tensor, negatives: torc
         h_gram = torch.cat([h_pos[:n, None] * gram[:n] + h_pos[n:, None] * gram[n:],
                             h_neg[:n, None] * gram[:n] + h_neg[n:, None] * gram[n:]])  # (2n, 2n) = H K
         residual = grad + lam * alpha  # the primal gradient is sum_i residual_i t_i c_i^T
-        # ||primal gradient||^2 = r K r; relative to the loss's own gradient (r K r at alpha = 0)
-        if residual @ gram @ residual <= 1e-22 * (grad @ gram @ grad):
+        gap = residual @ gram @ residual  # ||primal gradient||^2, as ||sum_i r_i t_i c_i^T||^2 = r K r
+        initial_gap = gap if initial_gap is None else initial_gap  # at alpha = 0: the loss's own gradient
+        if gap <= 1e-22 * initial_gap:
             break
         step = -torch.linalg.solve(lam * torch.eye(2 * n, dtype=feats.dtype) + h_gram, residual)
         slope = residual @ gram @ step  # directional derivative of the primal objective
@@ -107,6 +108,9 @@ def fit_optimal_b(features: torch.Tensor, context: torch.Tensor, negatives: torc
         if new >= value:  # no more progress in floating point: as close as it gets
             break
         alpha, value = alpha + t * step, new
+    if initial_gap > 0 and (gap / initial_gap).sqrt() > NEWTON_TOLERANCE:
+        raise FloatingPointError(f"the optimal B did not converge: relative gradient {(gap / initial_gap).sqrt():.1e} "
+                                 f"> {NEWTON_TOLERANCE:.0e}; try solver='lbfgs' or a larger l2 (now {lam})")
     return (rows * alpha[:, None]).T @ contexts  # (D, D_c) = sum_i alpha_i t_i c_i^T
 
 
@@ -156,6 +160,9 @@ def transfer_matrix(net: TheoryNet, activities: list[torch.Tensor], layer: int) 
     if net.activation != "linear":
         raise ValueError("the theorem's B = M^T B^L M needs a linear network; this one is "
                          f"{net.activation}: use b_mode 'optimal' or 'random'")
+    if getattr(net, "biases", None) is not None:
+        raise ValueError("the theorem's B = M^T B^L M needs a network without biases (h^L = M h^l); "
+                         "build it with bias=False")
     shape = activities[layer].shape[1:]
     basis = torch.eye(math.prod(shape), dtype=activities[layer].dtype).reshape(-1, *shape)  # (D_l, *shape)
     if layer == len(activities) - 1:

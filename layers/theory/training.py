@@ -56,7 +56,8 @@ class LocalLearner:
         features = self.net(x, detach=True)  # [(2B, D_l)]: no gradient crosses layers
         losses = self._local_losses(features, negatives)
         penalty = sum(b.square().sum() for b in self.bs if b.requires_grad) * self.spec.l2 / 2
-        (sum(losses) + penalty).backward()
+        # match_bp differentiates the local losses again (through W for match = "update")
+        (sum(losses) + penalty).backward(retain_graph=self.b_rule == "match_bp")
         if self.b_rule == "match_bp":
             self._match_bp(x, features, negatives)
         self.optimizer.step()

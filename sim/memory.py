@@ -1,4 +1,4 @@
-"""Peak memory held by the work itself, not by the interpreter and its imports.
+"""Peak memory held by the work itself, not by the interpreter and its imports (lazy ones included).
 
 On CPU: the peak resident set size during the work minus the resident size when it started (the
 kernel's high-water mark is reset at the start through /proc/self/clear_refs). On a GPU:
@@ -30,6 +30,11 @@ class PeakMemory:
         self.baseline = 0
 
     def start(self) -> None:
+        # torch.optim imports torch._dynamo (and sympy with it) when the first optimiser is built:
+        # about 150 MB of modules, not work. Import it before the baseline, as every process that
+        # imports torch.distributed.pipelining (the BP pipeline) already has.
+        import torch._dynamo  # noqa: F401
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

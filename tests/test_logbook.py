@@ -95,7 +95,7 @@ def test_a_store_can_be_read_while_it_is_written(tmp_path):
         lengths = []
         deadline = time.monotonic() + 120
         while writer.poll() is None and time.monotonic() < deadline:
-            if (out / "log.zarr" / "block0" / "loss" / "zarr.json").exists():
+            if (out / "log.zarr" / "block0" / "step" / "zarr.json").exists():  # created after the others
                 group = zarr.open_group(str(out / "log.zarr"), mode="r")["block0"]
                 steps = group["step"][:]
                 steps = steps[steps >= 0]  # -1: a row still being written

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from layers.losses import CONTRAST_MODES, contrast, negative_rows, predictive_scores, swap_views
-from layers.theory.networks import TheoryCNN, TheoryMLP, pool_features
+from layers.theory.networks import TheoryCNN, TheoryMLP, check_choice, pool_features
 
 TheoryNet = TheoryMLP | TheoryCNN
 Updates = tuple[list[torch.Tensor], list[torch.Tensor]]  # (local updates, BP updates), one per layer
@@ -40,8 +40,7 @@ class LossSpec:
     l2: float = 0.01  # penalty l2 * ||B||^2 / 2 that makes the optimal B unique
 
     def __post_init__(self) -> None:
-        if self.contrast not in CONTRAST_MODES:
-            raise ValueError(f"unknown contrast {self.contrast!r}; choose one of {', '.join(CONTRAST_MODES)}")
+        check_choice("contrast", self.contrast, CONTRAST_MODES)
         if self.l2 <= 0:
             raise ValueError(f"l2 = {self.l2}: the optimal B needs a positive penalty")
 
@@ -70,8 +69,7 @@ def fit_optimal_b(features: torch.Tensor, context: torch.Tensor, negatives: torc
     2n x 2n step  d_alpha = -(l2 I + H K)^{-1} (grad F(K alpha) + l2 alpha)  with K the Gram matrix
     of the rank-one maps t_i c_i^T and H the Hessian of F; backtracking keeps it monotone.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    check_choice("solver", solver, SOLVERS)
     if spec.contrast == "hinge":
         raise ValueError("the optimal B needs a smooth f: choose softhinge, phyll or linear, not hinge")
     feats, ctx = features.detach(), context.detach()
@@ -173,8 +171,7 @@ def transfer_matrix(net: TheoryNet, activities: list[torch.Tensor], layer: int) 
 
 def layer_contexts(features: list[torch.Tensor], context: str) -> list[torch.Tensor]:
     """Context of every layer: its own features, or the top's (the top layer stays lateral)."""
-    if context not in CONTEXTS:
-        raise ValueError(f"unknown context {context!r}; choose one of {', '.join(CONTEXTS)}")
+    check_choice("context", context, CONTEXTS)
     return [f if context == "lateral" else features[-1] for f in features]
 
 
@@ -195,8 +192,7 @@ def batch_updates(net: TheoryNet, x: torch.Tensor, pools: list[int], context: st
 
     `pools` holds one pooling kernel per layer (ignored by MLPs). `generator` draws random
     negatives and random B; it is required for those."""
-    if b_mode not in B_MODES:
-        raise ValueError(f"unknown b_mode {b_mode!r}; choose one of {', '.join(B_MODES)}")
+    check_choice("b_mode", b_mode, B_MODES)
     activities = net(x)
     features = [pool_features(a, k) for a, k in zip(activities, pools)]  # [(2B, D_l)]
     contexts = layer_contexts(features, context)

@@ -23,7 +23,7 @@ INITS = ("orthogonal", "default")
 ACTIVATIONS = ("linear", "relu")
 
 
-def _check(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
@@ -51,8 +51,8 @@ class TheoryMLP(nn.Module):
                  init: str = "orthogonal", bias: bool = False, seed: int = 0,
                  dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
-        _check("activation", activation, ACTIVATIONS)
-        _check("init", init, INITS)
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("init", init, INITS)
         if not widths or min(widths) < 1 or input_dim < 1:
             raise ValueError(f"widths {list(widths)} and input_dim {input_dim} must be positive")
         self.activation, self.init = activation, init
@@ -90,8 +90,8 @@ class TheoryCNN(nn.Module):
                  activation: str = "linear", init: str = "orthogonal", seed: int = 0,
                  dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
-        _check("activation", activation, ACTIVATIONS)
-        _check("init", init, INITS)
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("init", init, INITS)
         self.activation, self.init, self.kernel = activation, init, kernel
         generator = torch.Generator().manual_seed(seed)
         dims = [in_channels, *channels]

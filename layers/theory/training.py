@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from layers.theory.alignment import CONTEXTS, LossSpec, layer_contexts, layer_cosines, random_b, score_loss, updates
-from layers.theory.networks import TheoryMLP
+from layers.theory.networks import TheoryMLP, check_choice
 
 B_RULES = ("trained", "frozen", "match_bp")
 MATCH_TARGETS = ("activity", "update")
@@ -28,13 +28,10 @@ class LocalLearner:
 
     def __init__(self, net: TheoryMLP, context: str, b_rule: str, spec: LossSpec, lr: float, seed: int = 0,
                  match: str = "activity") -> None:
-        if b_rule not in B_RULES:
-            raise ValueError(f"unknown B rule {b_rule!r}; choose one of {', '.join(B_RULES)}")
-        if match not in MATCH_TARGETS:
-            raise ValueError(f"unknown match target {match!r}; choose one of {', '.join(MATCH_TARGETS)}")
+        check_choice("B rule", b_rule, B_RULES)
+        check_choice("match target", match, MATCH_TARGETS)
         self.net, self.context, self.b_rule, self.spec, self.match = net, context, b_rule, spec, match
-        if context not in CONTEXTS:
-            raise ValueError(f"unknown context {context!r}; choose one of {', '.join(CONTEXTS)}")
+        check_choice("context", context, CONTEXTS)
         widths = net.widths
         contexts = [w if context == "lateral" else widths[-1] for w in widths]  # D_context of each B
         generator = torch.Generator().manual_seed(seed)

@@ -116,20 +116,28 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.patches import Patch
+
     cells = results["cells"]
     datasets = sorted({key.split("/")[0] for key in cells})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4.5), squeeze=False)
+    kinds = {"untrained encoder": "tab:gray", "local learning": "tab:blue", "BP-SSL": "tab:red"}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         rows = [r for r in ROWS if any(k.startswith(f"{dataset}/{r}/") for k in cells)]
         values = [[cells[k]["test_acc"] for k in cells if k.startswith(f"{dataset}/{r}/")] for r in rows]
         means = [statistics.mean(v) for v in values]
         errors = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
-        colours = ["tab:gray" if r == "random" else "tab:red" if r.startswith("bp") else "tab:blue" for r in rows]
+        colours = [kinds["untrained encoder"] if r == "random" else kinds["BP-SSL"] if r.startswith("bp")
+                   else kinds["local learning"] for r in rows]
         ax.bar(rows, means, yerr=errors, color=colours, capsize=3)
+        if "random" in rows:  # the line every trained method is expected to clear
+            ax.axhline(means[rows.index("random")], color=kinds["untrained encoder"], linestyle="--", linewidth=1)
         ax.set_ylim(min(means) - 5, max(means) + 3)
-        ax.set_ylabel("linear probe test accuracy (%), mean ± sd over seeds")
+        ax.set_ylabel("probe accuracy, all blocks (%)")
         ax.set_title(LABELS.get(dataset, dataset))
         ax.tick_params(axis="x", rotation=60, labelsize=8)
+    axes[0][0].legend(handles=[Patch(color=c, label=k) for k, c in kinds.items()], fontsize=8, loc="upper left")
+    fig.suptitle("linear probe test accuracy at CPU scale, mean ± sd over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -156,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows of the table to run")
     parser.add_argument("--render", action="store_true", help="only render the table from the results file")
+    parser.add_argument("--redo", action="store_true",
+                        help="run the chosen cells again even if the results file has them (e.g. after a code change)")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "table", help="where the run folders go")
     args = parser.parse_args(argv)
     results = load_results()
@@ -167,11 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
         todo = [(r, int(s)) for s in args.seeds.split(",") for r in rows
-                if f"{args.data}/{r}/{int(s)}" not in results["cells"]]
+                if args.redo or f"{args.data}/{r}/{int(s)}" not in results["cells"]]
         for number, (row, seed) in enumerate(todo, 1):
             print(f"\n== [{number}/{len(todo)}] {args.data} / {row} / seed {seed}", flush=True)
+            key = f"{args.data}/{row}/{seed}"
             cell = run_cell(args.data, args.data_root, row, seed, args.runs / args.data / f"{row.replace(' ', '_')}_s{seed}")
-            results["cells"][f"{args.data}/{row}/{seed}"] = cell
+            if key in results["cells"]:
+                print(f"{key}: probe accuracy {results['cells'][key]['test_acc']:.2f} % before, "
+                      f"{cell['test_acc']:.2f} % now (the old cell is replaced)", flush=True)
+            results["cells"][key] = cell
             save_results(results)  # each finished cell is kept, whatever happens next
     table = render(results)
     chart(results, CHART)

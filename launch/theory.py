@@ -80,23 +80,27 @@ def patch_rows(images: torch.Tensor) -> torch.Tensor:
     return rows.reshape(-1, PATCH * PATCH)  # (4b, 196): top-left, top-right, bottom-left, bottom-right
 
 
-def crop_views(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator) -> torch.Tensor:
-    """(b, 1, S, S) uint8 -> (2b, 1, 16, 16): two random resized crops (scale 0.15 to 1, as the
-    authors' CNN script) of every image, normalised; no flip or colour change."""
-    views = SimCLRViews(dataclasses.replace(info, image_size=CROP), crop_scale=(0.15, 1.0), flip_p=0.0,
-                        jitter_p=0.0, gray_p=0.0, blur_p=0.0)
-    return views(images, generator)
+def image_patches(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 (b, 1, S, S) -> (4b, 196) standardised patch rows (see patch_rows)."""
+    return patch_rows(normalised(images, info))
+
+
+def crop_views(info: DatasetInfo) -> SimCLRViews:
+    """fig4's views, uint8 (b, 1, S, S) -> (2b, 1, 16, 16): two random resized crops (scale 0.15
+    to 1, as the authors' CNN script) of every image, normalised; no flip or colour change."""
+    return SimCLRViews(dataclasses.replace(info, image_size=CROP), crop_scale=(0.15, 1.0), flip_p=0.0,
+                       jitter_p=0.0, gray_p=0.0, blur_p=0.0)
 
 
 def frozen_batches(figure: str, data: ImageSet, info: DatasetInfo, sizes: Sizes, seed: int) -> list[torch.Tensor]:
     """The first batches x batch_images images of the train split, in order (as the authors)."""
-    batches = []
+    batches, views = [], crop_views(info)
     for i in range(sizes.batches):
         images, _ = data.batch(torch.arange(i * sizes.batch_images, (i + 1) * sizes.batch_images))
         if figure == "fig4":
-            batches.append(crop_views(images, info, keyed_generator(seed, _STREAM_CROPS, i)).double())
+            batches.append(views(images, keyed_generator(seed, _STREAM_CROPS, i)).double())
         else:
-            batches.append(patch_rows(normalised(images, info)).double())
+            batches.append(image_patches(images, info).double())
     return batches
 
 
@@ -130,9 +134,9 @@ def run_figure(figure: str, quick: bool, data_root: str | None, seed: int = 0, p
             order = torch.randperm(len(train), generator=keyed_generator(seed, _STREAM_ORDER, epoch))
             order = order[:steps * sizes.batch_images]  # (steps * batch,) a fresh shuffle every epoch
             for index in order.view(steps, sizes.batch_images):
-                yield patch_rows(normalised(train.batch(index)[0], info))
+                yield image_patches(train.batch(index)[0], info)
 
-        evals = [patch_rows(normalised(test.batch(torch.arange(i * 32, (i + 1) * 32))[0], info))
+        evals = [image_patches(test.batch(torch.arange(i * 32, (i + 1) * 32))[0], info)
                  for i in range(sizes.eval_batches)]
         settings = {**dataclasses.asdict(setup), "train_images_per_epoch": steps * sizes.batch_images,
                     "batch_images": sizes.batch_images, "eval_test_images": 32 * sizes.eval_batches,

@@ -79,3 +79,29 @@ def test_table_replaces_only_the_text_between_the_markers(tmp_path, monkeypatch)
     assert page.read_text() == f"# head\n{table_module.START}\n| new |\n{table_module.END}\ntail\n"
     page.write_text("no markers\n")
     assert not table_module.write_into_benchmarks("| new |") and page.read_text() == "no markers\n"
+
+
+def test_table_resumes_from_its_results_file_and_redoes_only_when_asked(tmp_path, monkeypatch):
+    import launch.table as table_module
+
+    for name, path in [("RESULTS", "table.json"), ("CHART", "table.png"), ("BENCHMARKS", "BENCHMARKS.md")]:
+        monkeypatch.setattr(table_module, name, tmp_path / path)
+    runs = []
+
+    def fake_cell(dataset: str, root: str, row: str, seed: int, out: Path) -> dict:
+        runs.append((row, seed))
+        return {"test_acc": 50.0 + len(runs), "last_block_acc": 40.0, "images_per_s": 10.0,
+                "peak_memory_bytes": [2**20], "steps": 0 if row == "random" else 600}
+
+    monkeypatch.setattr(table_module, "run_cell", fake_cell)
+    command = ["--data", "fashion_mnist", "--rows", "random,clapp", "--seeds", "0"]
+    assert table_module.main(command) == 0
+    assert runs == [("random", 0), ("clapp", 0)]
+    assert table_module.main([*command[:-1], "0,1"]) == 0  # only the new seed's cells run
+    assert runs[2:] == [("random", 1), ("clapp", 1)]
+    kept = json.loads((tmp_path / "table.json").read_text())["cells"]
+    assert kept["fashion_mnist/clapp/0"]["test_acc"] == 52.0 and len(kept) == 4
+    assert table_module.main([*command, "--redo"]) == 0  # seed 0 again, replaced in the file
+    assert runs[4:] == [("random", 0), ("clapp", 0)]
+    assert json.loads((tmp_path / "table.json").read_text())["cells"]["fashion_mnist/clapp/0"]["test_acc"] == 56.0
+    assert (tmp_path / "table.png").exists()

@@ -86,6 +86,15 @@ def _stats(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def cell_key(dataset: str, row: str, seed: int) -> str:
+    return f"{dataset}/{row}/{seed}"
+
+
+def row_cells(cells: dict, dataset: str, row: str) -> list[dict]:
+    """The finished cells of one row, in seed order."""
+    return [cells[k] for k in sorted(cells) if k.startswith(f"{dataset}/{row}/")]
+
+
 def render(results: dict) -> str:
     """The markdown tables of every dataset present in `results`."""
     cells = results["cells"]
@@ -97,7 +106,7 @@ def render(results: dict) -> str:
                  "| method | probe, all blocks (%) | probe, last block (%) | images/s | peak memory (MiB) | seeds | paper, full scale (%) |",
                  "|---|---:|---:|---:|---:|---:|---:|"]
         for row in ROWS:
-            found = [cells[k] for k in sorted(cells) if k.startswith(f"{dataset}/{row}/")]
+            found = row_cells(cells, dataset, row)
             if not found:
                 continue
             speed = statistics.mean(c["images_per_s"] for c in found) if found[0]["steps"] else None
@@ -115,7 +124,6 @@ def chart(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.patches import Patch
 
     cells = results["cells"]
@@ -123,8 +131,8 @@ def chart(results: dict, path: Path) -> None:
     kinds = {"untrained encoder": "tab:gray", "local learning": "tab:blue", "BP-SSL": "tab:red"}
     fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        rows = [r for r in ROWS if any(k.startswith(f"{dataset}/{r}/") for k in cells)]
-        values = [[cells[k]["test_acc"] for k in cells if k.startswith(f"{dataset}/{r}/")] for r in rows]
+        rows = [r for r in ROWS if row_cells(cells, dataset, r)]
+        values = [[c["test_acc"] for c in row_cells(cells, dataset, r)] for r in rows]
         means = [statistics.mean(v) for v in values]
         errors = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
         colours = [kinds["untrained encoder"] if r == "random" else kinds["BP-SSL"] if r.startswith("bp")
@@ -177,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
         todo = [(r, int(s)) for s in args.seeds.split(",") for r in rows
-                if args.redo or f"{args.data}/{r}/{int(s)}" not in results["cells"]]
+                if args.redo or cell_key(args.data, r, int(s)) not in results["cells"]]
         for number, (row, seed) in enumerate(todo, 1):
             print(f"\n== [{number}/{len(todo)}] {args.data} / {row} / seed {seed}", flush=True)
-            key = f"{args.data}/{row}/{seed}"
+            key = cell_key(args.data, row, seed)
             cell = run_cell(args.data, args.data_root, row, seed, args.runs / args.data / f"{row.replace(' ', '_')}_s{seed}")
             if key in results["cells"]:
                 print(f"{key}: probe accuracy {results['cells'][key]['test_acc']:.2f} % before, "

@@ -3,7 +3,7 @@
     python -m launch.compare [CONFIG] [--runs random,clapp_pp,clapp_pp@2,bp_infonce] [--set key=value ...] [--out DIR]
 
 A run is a method name; `METHOD@K` runs it layer-parallel on K processes (torchrun, one thread
-each); `random` probes the untrained encoder. Each run is its own process (`python -m launch.train`),
+each); `random` probes the untrained encoder. Each run is its own process (launch.runner),
 so its peak memory is its own. A run whose folder already holds a summary.json is not trained
 again: an interrupted comparison continues where it stopped. Writes compare.json, compare.md and
 compare.png into DIR.
@@ -11,17 +11,18 @@ compare.png into DIR.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from launch.config import ConfigError, load_config
-from launch.plan import make_plan
+from launch.runner import DEFAULT_CONFIG, launch_run
+from sim.config import ConfigError, load_config
 from sim.placement import PlacementError
+from sim.plan import make_plan
+from sim.summary import RunSummary, finished
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fashion_mnist.toml"
 # A run name is a method name, or "random": the encoder as initialised, probed without training.
 RUN_OVERRIDES = {"random": ["method=clapp_pp", "train.steps=0", "train.epochs=0"]}
 
@@ -32,34 +33,23 @@ def run_overrides(name: str) -> list[str]:
     return RUN_OVERRIDES.get(method, [f"method={method}"]) + parallel
 
 
-def train_command(name: str) -> list[str]:
-    _, _, processes = name.partition("@")
-    if not processes:
-        return [sys.executable, "-m", "launch.train"]
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    return [torchrun, "--standalone", "--nproc-per-node", processes, "-m", "launch.train"]
+def train_run(name: str, config: Path, overrides: list[str], folder: Path) -> RunSummary:
+    """Run `name` into `folder`, unless a finished run is there already."""
+    if finished(folder):
+        return RunSummary.read(folder)
+    processes = int(name.partition("@")[2] or 1)
+    return launch_run(config, [*overrides, *run_overrides(name)], folder, processes=processes)
 
 
-def train_run(name: str, config: Path, overrides: list[str], folder: Path) -> dict:
-    if not (folder / "summary.json").exists():
-        command = train_command(name) + [str(config), "--out", str(folder)]
-        for override in overrides + run_overrides(name):
-            command += ["--set", override]
-        print(f"\n== {name}: {' '.join(command[1:])}", flush=True)
-        if subprocess.run(command).returncode != 0:
-            raise SystemExit(f"run {name!r} failed (see above); its folder is {folder}")
-    return json.loads((folder / "summary.json").read_text())
-
-
-def markdown_table(rows: list[tuple[str, dict]]) -> str:
+def markdown_table(rows: list[tuple[str, RunSummary]]) -> str:
     lines = ["| run | method | processes | steps | images/s | peak memory per process (MiB) | probe: all blocks (%) "
              "| probe: last block (%) |", "|---|---|---:|---:|---:|---|---:|---:|"]
     for name, s in rows:
-        probe = s["probe"] or {}
+        probe = s.probe or {}
         last = probe.get("per_block_test_acc", [None])[-1]
-        speed = f"{s['images_per_s']:.1f}" if s["steps"] else "-"
-        memory = ", ".join(f"{b / 2**20:.0f}" for b in s["peak_memory_bytes"]) if s["steps"] else "-"
-        lines.append(f"| {name} | {s['method']} | {s['world_size']} | {s['steps']} | {speed} | {memory} | "
+        speed = f"{s.images_per_s:.1f}" if s.steps else "-"
+        memory = ", ".join(f"{b / 2**20:.0f}" for b in s.peak_memory_bytes) if s.steps else "-"
+        lines.append(f"| {name} | {s.method} | {s.world_size} | {s.steps} | {speed} | {memory} | "
                      f"{_percent(probe.get('test_acc'))} | {_percent(last)} |")
     return "\n".join(lines)
 
@@ -68,7 +58,7 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def plot(rows: list[tuple[str, dict]], path: Path, title: str) -> None:
+def plot(rows: list[tuple[str, RunSummary]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,15 +68,15 @@ def plot(rows: list[tuple[str, dict]], path: Path, title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for offset, (label, pick) in enumerate([("all blocks", lambda p: p["test_acc"]),
                                             ("last block", lambda p: p["per_block_test_acc"][-1])]):
-        values = [pick(s["probe"]) if s["probe"] else 0 for _, s in rows]
+        values = [pick(s.probe) if s.probe else 0 for _, s in rows]
         bars = left.bar([i + 0.4 * offset for i in range(len(rows))], values, width=0.4, label=label)
         left.bar_label(bars, fmt="%.1f", fontsize=8)
     left.set_xticks([i + 0.2 for i in range(len(rows))], names)
     left.set_ylabel("linear probe test accuracy (%)")
     left.set_ylim(0, 112)
     left.legend(loc="upper right", ncol=2, fontsize=8)
-    trained = [(name, s) for name, s in rows if s["steps"]]
-    bars = right.bar([n for n, _ in trained], [s["images_per_s"] for _, s in trained], color="tab:gray")
+    trained = [(name, s) for name, s in rows if s.steps]
+    bars = right.bar([n for n, _ in trained], [s.images_per_s for _, s in trained], color="tab:gray")
     right.bar_label(bars, fmt="%.0f", fontsize=8)
     right.set_ylabel("training throughput (images/s)")
     fig.suptitle(title)
@@ -117,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{first.data.name}, width {first.model.width}, batch {first.train.batch_size}"
     table = markdown_table(rows)
     (out / "compare.md").write_text(f"# {title}\n\n{table}\n")
-    (out / "compare.json").write_text(json.dumps({"title": title, "runs": dict(rows)}, indent=2) + "\n")
+    runs = {name: dataclasses.asdict(summary) for name, summary in rows}
+    (out / "compare.json").write_text(json.dumps({"title": title, "runs": runs}, indent=2) + "\n")
     plot(rows, out / "compare.png", title)
     print(f"\n{title}\n{table}\n\nwritten: {out}/compare.md, compare.json, compare.png")
     return 0

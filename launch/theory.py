@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from launch.observe import code_version
+from launch.machine import code_version
 from layers.seeding import keyed_generator
 from layers.theory.figures import FIGURES, FrozenCurve, TrainingSetup, frozen_figure, run_fig3b, run_frozen
 from sim.datasets import DatasetInfo, DatasetMissing, ImageSet, dataset_info, load_split

@@ -2,7 +2,7 @@
 projection) and its own optimiser, so that it can live alone in a process."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +13,12 @@ from layers.losses import contrast, infonce_logits, negative_rows, predictive_sc
 from layers.methods import Method
 
 
-@dataclass(frozen=True)
+@dataclass
 class RuleSettings:
-    contrast: str = "hinge"  # f in hinge | softhinge | phyll | linear
-    negatives: str = "next_row"  # next_row | random
+    """How a block learns, the `[rule]` section of a run's config; its defaults are the paper's."""
+    contrast: str = "hinge"  # f: hinge | softhinge | phyll | linear
+    negatives: str = "next_row"  # next_row (the authors' code) | random
+    pool: list[int] = field(default_factory=list)  # AvgPool kernel per block; [] = the method's default
     proj_dim: int = 1024  # projection size of the InfoNCE heads
     temperature: float = 0.1  # InfoNCE temperature
 
@@ -63,6 +65,11 @@ class Block(nn.Module):
     @property
     def needs_top_context(self) -> bool:
         return self.has_loss and self.method.uses_top_context and not self.is_top
+
+    @property
+    def conv_weight(self) -> nn.Parameter:
+        """The convolution's kernel, (C_out, C_in, 3, 3): what the logs and the alignment compare."""
+        return self.conv.conv.weight
 
     def forward(self, x: torch.Tensor, stash_weights: bool = False) -> torch.Tensor:
         return self.conv(x, stash_weights)  # (2B, C, H, W)

@@ -62,20 +62,20 @@ def feature_dims(width: float, input_size: int, kernels: Sequence[int]) -> list[
 
 def build_blocks(
     method: Method,
+    rule: RuleSettings,
+    *,
     width: float,
     in_channels: int,
     input_size: int,
-    rule: RuleSettings,
     seed: int,
-    lr: float = 2e-4,
-    weight_decay: float = 0.0,
-    pool: Sequence[int] | None = None,
+    lr: float,
+    weight_decay: float,
     indices: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
 ) -> list[Block]:
     """Blocks `indices` (default: all six), each initialised from (seed, block) alone, so a block
     gets the same weights whichever process builds it."""
-    kernels = pool_kernels(method, input_size, pool)
+    kernels = pool_kernels(method, input_size, rule.pool or None)
     dims = feature_dims(width, input_size, kernels)
     top = NUM_BLOCKS - 1
     blocks = []

@@ -1,5 +1,9 @@
-"""A cost model of laminar's schedules: predict images/s for K devices from measured per-block
-times and the measured bandwidth of the link between processes.
+"""laminar's one cost model: what a block costs and how fast a schedule runs on K devices.
+
+Two levels, one module. `estimated_block_costs` is an analytic estimate that needs no
+measurement: "auto" placement balances it (sim.plan), so every rank computes the same placement.
+`measure_block_times` times each block on this hardware, `measure_link` the link between two
+processes, and the formulas below turn those into images/s, for the placement the run would use.
 
 Per batch of B images (2B views): `local[l]` is block l's forward pass plus its local update,
 `forward[l]` and `backward[l]` its share of an end-to-end backprop step, `data` the views on
@@ -22,13 +26,46 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from layers.block import Block
+from layers.encoder import MAXPOOL, NUM_BLOCKS, describe_encoder
+from sim.datasets import load_split
+from sim.feed import ViewFeed
 from sim.stage import LocalStage
+from sim.views import SimCLRViews
+
+if TYPE_CHECKING:  # sim.plan uses the estimate below: a plan is only ever passed in here
+    from sim.plan import Plan
+
+# A least-squares fit of measured local-step times per block on a 2-core x86 CPU (1 thread,
+# batch 32, widths 1/16 to 1/2): element-wise work is memory-bound and weighs hundreds of MACs per
+# element there; within about 30 % per block. On GPUs the balance differs: give an explicit
+# sim.placement when the estimate splits badly (launch.show_schedule prints the placement).
+ELEMENTWISE_WEIGHT = 400.0
+HEAD_WEIGHT = 1.7
+
+
+def estimated_block_costs(
+    width: float, in_channels: int, input_size: int, feature_dims: Sequence[int], context_dims: Sequence[Sequence[int]]
+) -> list[float]:
+    """Relative cost of one training step of each block, in multiply-accumulate equivalents per view.
+
+    Convolution forward and weight gradient (2x the forward MACs), the prediction heads (forward,
+    gradient of B and of z: 3x, at HEAD_WEIGHT) and the element-wise work on the activity (ReLU,
+    max-pool, pooling: ELEMENTWISE_WEIGHT per element of the pre-pool map).
+    """
+    costs = []
+    for report, dim, contexts in zip(describe_encoder(width, in_channels, input_size), feature_dims, context_dims):
+        c, h, _ = report.output_shape
+        side = h * (2 if MAXPOOL[report.index] else 1)  # the conv runs before the max-pool
+        heads = sum(3 * dim * context for context in contexts)
+        costs.append(2 * report.macs_per_image + HEAD_WEIGHT * heads + ELEMENTWISE_WEIGHT * c * side * side)
+    return costs
 
 
 @dataclass
@@ -64,7 +101,7 @@ def time_local_blocks(blocks: Sequence[Block], views: torch.Tensor, repeats: int
             stage.forward(x, 0)
             if top_context is not None:
                 stage.apply_feedback(0, top_context)
-            stage.learned.clear()
+            stage.updates.clear()
 
         times.append(_median_seconds(step, repeats))
         with torch.no_grad():
@@ -99,6 +136,60 @@ def time_backprop_blocks(blocks: Sequence[Block], views: torch.Tensor, repeats: 
     return [median(f) for f in forward], [median(b) for b in backward]
 
 
+@dataclass(frozen=True)
+class LinkSpeed:
+    """A link between two processes, as measured by `measure_link`."""
+    latency: float
+    bandwidth: float
+
+    def seconds(self, size: int) -> float:
+        return self.latency + size / self.bandwidth
+
+
+def measure_block_times(plan: Plan, threads: int, data_seconds: float, repeats: int,
+                        microbatches: int = 1) -> BlockTimes:
+    """Per-block times of the plan's method and width with `threads` threads, on one batch or on
+    one of its `microbatches` micro-batches, on this process's device."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        blocks = plan.build_blocks(range(NUM_BLOCKS), device)
+        rows, info = 2 * plan.config.train.batch_size // microbatches, plan.info
+        views = torch.randn(rows, info.channels, info.image_size, info.image_size, device=device)
+        zeros = [0.0] * len(blocks)
+        end_to_end = plan.method.end_to_end
+        local = zeros if end_to_end else time_local_blocks(blocks, views, repeats)
+        forward, backward = time_backprop_blocks(blocks, views, repeats) if end_to_end else (zeros, zeros)
+        feedback = rows * plan.shapes.feedback[1] * 4
+        return BlockTimes(local, forward, backward, data_seconds, _output_bytes(blocks, views), feedback)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.no_grad()
+def _output_bytes(blocks: Sequence[Block], views: torch.Tensor) -> list[int]:
+    """Bytes of each block's output for one batch: the messages between ranks."""
+    sizes, x = [], views
+    for block in blocks:
+        x = block(x)
+        sizes.append(x.numel() * x.element_size())
+    return sizes
+
+
+def measure_data_seconds(plan: Plan, repeats: int = 5) -> float:
+    """Seconds to build one batch's two views on this machine (rank 0's extra work)."""
+    config = plan.config
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    feed = ViewFeed(load_split(plan.info.name, config.data.root or None, "ssl"), SimCLRViews(plan.info, device),
+                    config.train.batch_size, config.train.seed)
+    feed.views_at(0)
+    began = time.perf_counter()
+    for step in range(1, repeats + 1):
+        feed.views_at(step)
+    return (time.perf_counter() - began) / repeats
+
+
 def _ping_pong(rank: int, path: str, sizes: Sequence[int], repeats: int, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2,
@@ -122,7 +213,7 @@ def _ping_pong(rank: int, path: str, sizes: Sequence[int], repeats: int, results
         dist.destroy_process_group()
 
 
-def measure_link(sizes: Sequence[int] = (1 << 16, 1 << 22), repeats: int = 10) -> tuple[float, float]:
+def measure_link(sizes: Sequence[int] = (1 << 16, 1 << 22), repeats: int = 10) -> LinkSpeed:
     """Latency (s) and bandwidth (bytes/s) of a gloo link between two local processes, from the
     one-way time of two message sizes."""
     with tempfile.TemporaryDirectory() as folder:
@@ -131,23 +222,14 @@ def measure_link(sizes: Sequence[int] = (1 << 16, 1 << 22), repeats: int = 10) -
                            start_method="spawn")
         (small, t_small), (large, t_large) = sorted(results)
     bandwidth = (large - small) / max(t_large - t_small, 1e-9)
-    return max(t_small - small / bandwidth, 0.0), bandwidth
-
-
-@dataclass(frozen=True)
-class Link:
-    latency: float
-    bandwidth: float
-
-    def seconds(self, size: int) -> float:
-        return self.latency + size / self.bandwidth
+    return LinkSpeed(max(t_small - small / bandwidth, 0.0), bandwidth)
 
 
 def _rank_sums(values: Sequence[float], groups: Sequence[Sequence[int]]) -> list[float]:
     return [sum(values[b] for b in group) for group in groups]
 
 
-def local_pipelined(times: BlockTimes, groups: Sequence[Sequence[int]], link: Link, batch: int,
+def local_pipelined(times: BlockTimes, groups: Sequence[Sequence[int]], link: LinkSpeed, batch: int,
                     feedback: bool = False) -> float:
     """Images/s of local SSL pipelined over len(groups) ranks (delayed feedback: `feedback`)."""
     steps = _rank_sums(times.local, groups)
@@ -159,7 +241,7 @@ def local_pipelined(times: BlockTimes, groups: Sequence[Sequence[int]], link: Li
     return batch / max(steps)
 
 
-def local_exact_feedback(times: BlockTimes, groups: Sequence[Sequence[int]], link: Link, batch: int) -> float:
+def local_exact_feedback(times: BlockTimes, groups: Sequence[Sequence[int]], link: LinkSpeed, batch: int) -> float:
     """Images/s of local SSL with exact top-down feedback: no overlap between ranks."""
     total = times.data + sum(times.local)
     total += sum(link.seconds(times.activation_bytes[g[-1]]) for g in groups[:-1])
@@ -167,7 +249,7 @@ def local_exact_feedback(times: BlockTimes, groups: Sequence[Sequence[int]], lin
     return batch / total
 
 
-def backprop_pipelined(times: BlockTimes, groups: Sequence[Sequence[int]], link: Link, batch: int,
+def backprop_pipelined(times: BlockTimes, groups: Sequence[Sequence[int]], link: LinkSpeed, batch: int,
                        microbatches: int = 1) -> float:
     """Images/s of BP-SSL over len(groups) ranks with `microbatches` micro-batches per batch, from
     `times` measured on one micro-batch (K = 1, m = 1: plain single-process backprop)."""

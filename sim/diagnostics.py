@@ -27,13 +27,13 @@ class HeldoutPass:
     @torch.no_grad()
     def run(self) -> dict[int, np.ndarray]:
         """{block: (images, features)} pooled to the probe's grid, with the weights of the moment."""
-        x = self.images if self.rank == 0 else self.link.recv(self.input_shape, self.rank - 1)
+        x = self.images if self.rank == 0 else self.link.recv(self.input_shape, self.rank - 1, "heldout")
         features = {}
         for block, kernel in zip(self.blocks, self.kernels):
             x = block(x)  # (N, C, H, W)
             features[block.index] = F.avg_pool2d(x, kernel).flatten(1).cpu().numpy()
         if self.rank < self.top_rank:
-            self.link.send(x, self.rank + 1)
+            self.link.send(x, self.rank + 1, "heldout")
         return features
 
 
@@ -61,11 +61,11 @@ class AlignmentPass:
     def backward(self, step: int) -> dict[int, np.ndarray]:
         """Receive d(top loss)/d(output) of batch `step` from the rank above and back-propagate it."""
         x, out = self.pending.pop(step)
-        return self._backpropagate(out, self.link.recv(tuple(out.shape), self.rank + 1), x)
+        return self._backpropagate(out, self.link.recv(tuple(out.shape), self.rank + 1, "gradient"), x)
 
     def _backpropagate(self, output: torch.Tensor, grad_output: torch.Tensor | None,
                        x: torch.Tensor) -> dict[int, np.ndarray]:
-        weights = [block.conv.conv.weight for block in self.blocks]
+        weights = [block.conv_weight for block in self.blocks]
         inputs = weights + ([x] if self.rank > 0 else [])
         gradients = torch.autograd.grad(output, inputs, grad_outputs=grad_output)
         if self.rank > 0:
@@ -76,5 +76,5 @@ class AlignmentPass:
         """Send the gradient with respect to this rank's input down. The top rank calls it after
         its feedback messages of the same step, the order in which the rank below expects them."""
         if self.outgoing is not None:
-            self.link.send(self.outgoing, self.rank - 1)
+            self.link.send(self.outgoing, self.rank - 1, "gradient")
             self.outgoing = None

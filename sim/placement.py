@@ -2,7 +2,7 @@
 
 Explicit (`[[0, 1, 2], [3, 4, 5]]`) or `auto`, which splits the blocks into as many contiguous
 groups as there are processes so that the most expensive group is as cheap as possible, using each
-block's estimated cost per step. A placement that does not fit the world size fails before any
+block's estimated cost per step (`sim.costmodel.estimated_block_costs`). A placement that does not fit the world size fails before any
 work, naming both numbers.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from layers.encoder import MAXPOOL, NUM_BLOCKS, describe_encoder
+from layers.encoder import NUM_BLOCKS
 
 
 class PlacementError(ValueError):
@@ -66,29 +66,3 @@ def balanced_placement(costs: Sequence[float], world_size: int) -> Placement:
             best = (worst, bounds)
     bounds = best[1]
     return Placement(tuple(tuple(range(a, b)) for a, b in zip(bounds, bounds[1:])))
-
-
-def estimated_block_costs(
-    width: float, in_channels: int, input_size: int, feature_dims: Sequence[int], context_dims: Sequence[Sequence[int]]
-) -> list[float]:
-    """Relative cost of one training step of each block, in multiply-accumulate equivalents per view.
-
-    Convolution forward and weight gradient (2x the forward MACs), the prediction heads (forward,
-    gradient of B and of z: 3x, at HEAD_WEIGHT) and the element-wise work on the activity (ReLU,
-    max-pool, pooling: ELEMENTWISE_WEIGHT per element of the pre-pool map).
-    """
-    costs = []
-    for report, dim, contexts in zip(describe_encoder(width, in_channels, input_size), feature_dims, context_dims):
-        c, h, _ = report.output_shape
-        side = h * (2 if MAXPOOL[report.index] else 1)  # the conv runs before the max-pool
-        heads = sum(3 * dim * context for context in contexts)
-        costs.append(2 * report.macs_per_image + HEAD_WEIGHT * heads + ELEMENTWISE_WEIGHT * c * side * side)
-    return costs
-
-
-# A least-squares fit of measured local-step times per block on a 2-core x86 CPU (1 thread,
-# batch 32, widths 1/16 to 1/2): element-wise work is memory-bound and weighs hundreds of MACs per
-# element there; within about 30 % per block. On GPUs the balance differs: give an explicit
-# sim.placement when the estimate splits badly (launch.schedule prints the placement).
-ELEMENTWISE_WEIGHT = 400.0
-HEAD_WEIGHT = 1.7

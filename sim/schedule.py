@@ -12,6 +12,17 @@ Actions (one batch `step` each):
   analysis only; nothing learns from it. It follows the batch's `F` (or its `U`, if any).
 - `C` checkpoint: everything of batches < `step` is applied; save.
 
+What each action sends and receives, in order, is data too (`Schedule.messages`): the runtime
+checks every message against it (sim.transport.Link.expect), `simulate` matches every receive
+with its send to check that no schedule deadlocks and that both ends agree on each message's
+kind, and `launch.show_schedule` prints it. The kinds:
+- `heldout`: the held-out images' activity, up, at the log's steps (before the batch);
+- `activations`: the batch's output, up;
+- `feedback`: the top block's pooled activity, from the top rank down to each rank that waits for it;
+- `token`: the sequential schedule's go-ahead, from the top rank to rank 0;
+- `gradient`: at alignment steps, the gradient of the top block's loss with respect to a rank's
+  output, down from the rank above.
+
 `sequential` runs one batch at a time through all ranks (the reference semantics). `pipelined`
 lets rank r work on batch t - r while rank 0 works on batch t. With feedback, a rank applies the
 update of batch s before it forwards batch s + delay + 1: `exact` feedback has delay 0 (identical
@@ -30,12 +41,31 @@ FEEDBACK_MODES = ("exact", "delayed")
 
 
 @dataclass(frozen=True)
+class MessageShapes:
+    activations: tuple[tuple[int, ...], ...]  # [r] = shape of what rank r sends up to rank r + 1
+    feedback: tuple[int, ...]  # the top block's pooled activity, (2B, D_top)
+
+
+@dataclass(frozen=True)
 class Action:
-    kind: str  # "F", "U", "W" or "C"
+    kind: str  # "F", "U", "G", "W" or "C"
     step: int
 
     def __str__(self) -> str:
         return f"{self.kind}{self.step}"
+
+
+MESSAGE_KINDS = ("heldout", "activations", "feedback", "token", "gradient")
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: str  # one of MESSAGE_KINDS
+    peer: int  # the rank it goes to or comes from
+    sends: bool  # True: this rank sends it to `peer`; False: receives it from `peer`
+
+    def __str__(self) -> str:
+        return f"{'send' if self.sends else 'recv'} {self.kind} {'to' if self.sends else 'from'} {self.peer}"
 
 
 @dataclass(frozen=True)
@@ -44,6 +74,7 @@ class Schedule:
     feedback: str  # exact | delayed
     waits_for_feedback: tuple[bool, ...]  # per rank: holds blocks that learn from the top block's context
     checkpoint_every: int = 0  # 0: a checkpoint only at the end
+    log_every: int = 0  # steps whose F also carries the held-out images up (the log's activity); 0: none
     align_every: int = 0  # steps between diagnostic back-propagations (G actions); 0: none
 
     def __post_init__(self) -> None:
@@ -71,8 +102,36 @@ class Schedule:
         """Sequential schedules gate rank 0 on the top rank: a token, unless feedback does it."""
         return self.name == "sequential" and self.world_size > 1 and not self.waits_for_feedback[0]
 
+    def logs(self, step: int) -> bool:
+        return self.log_every > 0 and step % self.log_every == 0
+
     def aligns(self, step: int) -> bool:
         return self.align_every > 0 and step % self.align_every == 0
+
+    def messages(self, rank: int, action: Action) -> tuple[Message, ...]:
+        """What `action` of rank `rank` sends and receives, in the order it does."""
+        top, step = self.world_size - 1, action.step
+        if action.kind == "F":
+            messages = []
+            if self.logs(step):  # the held-out images first, through the weights from before this batch
+                messages += [Message("heldout", rank - 1, False), Message("heldout", rank + 1, True)]
+            messages.append(Message("activations", rank - 1, False))
+            if rank < top:
+                messages.append(Message("activations", rank + 1, True))
+            else:
+                messages += [Message("feedback", r, True) for r, waits in enumerate(self.waits_for_feedback) if waits]
+                if self.sends_token():
+                    messages.append(Message("token", 0, True))
+                if self.aligns(step):
+                    messages.append(Message("gradient", top - 1, True))
+            return tuple(m for m in messages if 0 <= m.peer < self.world_size and m.peer != rank)
+        if action.kind == "U":
+            return (Message("feedback", top, False),)
+        if action.kind == "G":
+            return (Message("gradient", rank + 1, False),) + ((Message("gradient", rank - 1, True),) if rank else ())
+        if action.kind == "W":
+            return (Message("token", top, False),)
+        return ()
 
     def actions(self, rank: int, start: int, stop: int) -> Iterator[Action]:
         """Rank `rank`'s actions for batches start..stop-1, ending with a checkpoint at `stop`."""
@@ -91,10 +150,10 @@ class Schedule:
             yield Action("F", step)
             if waits:
                 pending.append(step)
-            elif gradients and self.aligns(step):
-                yield Action("G", step)
-            if rank == 0 and self.sends_token():
+            if rank == 0 and self.sends_token():  # before G: the top rank sends the token first
                 yield Action("W", step)
+            if not waits and gradients and self.aligns(step):
+                yield Action("G", step)
             done = step + 1
             if done == stop or (self.checkpoint_every and done % self.checkpoint_every == 0):
                 for waiting in pending:
@@ -105,11 +164,12 @@ class Schedule:
 
 def simulate(schedule: Schedule, steps: int) -> list[list[tuple[int, Action]]]:
     """Start tick of every action of every rank, with unit-time F, U and G actions and zero-time W
-    and C: F(r, t) needs F(r-1, t); U(r, t) and W(r, t) need F(top, t); G(r, t) needs G(r+1, t),
-    or F(top, t) just below the top."""
-    top = schedule.world_size - 1
+    and C. An action starts once every message it receives has been sent, by an action that has
+    ended (messages on each directed pair of ranks arrive in the order they were sent). Raises
+    RuntimeError if the ranks deadlock, if a rank expects another kind of message than the next
+    one its peer sends, or if a message is never received."""
     queues = [list(schedule.actions(r, 0, steps)) for r in range(schedule.world_size)]
-    finished: dict[tuple[int, str, int], int] = {}  # (rank, kind, step) -> end tick
+    in_transit: dict[tuple[int, int], list[tuple[str, int]]] = {}  # (src, dst) -> [(kind, tick sent)]
     timeline: list[list[tuple[int, Action]]] = [[] for _ in queues]
     clock, cursor = [0] * len(queues), [0] * len(queues)
     while any(c < len(q) for c, q in zip(cursor, queues)):
@@ -117,30 +177,32 @@ def simulate(schedule: Schedule, steps: int) -> list[list[tuple[int, Action]]]:
         for rank, queue in enumerate(queues):
             while cursor[rank] < len(queue):
                 action = queue[cursor[rank]]
-                need = _dependency(action, rank, top)
-                if need is not None and need not in finished:
+                messages = schedule.messages(rank, action)
+                receives = [m for m in messages if not m.sends]
+                if any(len(in_transit.get((m.peer, rank), [])) < sum(r.peer == m.peer for r in receives)
+                       for m in receives):
                     break
-                begin = max(clock[rank], finished.get(need, 0))
+                begin = clock[rank]
+                for m in receives:
+                    kind, sent = in_transit[m.peer, rank].pop(0)
+                    if kind != m.kind:
+                        raise RuntimeError(f"rank {rank} expects {m.kind} from rank {m.peer} in {action}, "
+                                           f"but the next message on that link is {kind}")
+                    begin = max(begin, sent)
                 end = begin + (1 if action.kind in "FUG" else 0)
-                finished[(rank, action.kind, action.step)] = end
+                for m in messages:
+                    if m.sends:
+                        in_transit.setdefault((rank, m.peer), []).append((m.kind, end))
                 clock[rank] = end
                 timeline[rank].append((begin, action))
                 cursor[rank] += 1
                 progressed = True
         if not progressed:
             raise RuntimeError("schedule deadlocks: no rank can make progress")
+    left = {pair: [kind for kind, _ in q] for pair, q in in_transit.items() if q}
+    if left:
+        raise RuntimeError(f"messages sent but never received, by (src, dst): {left}")
     return timeline
-
-
-def _dependency(action: Action, rank: int, top: int) -> tuple[int, str, int] | None:
-    """The action of another rank that `action` waits for, if any."""
-    if action.kind == "F" and rank > 0:
-        return rank - 1, "F", action.step
-    if action.kind in "UW" or (action.kind == "G" and rank == top - 1):
-        return top, "F", action.step
-    if action.kind == "G":
-        return rank + 1, "G", action.step
-    return None
 
 
 def render_grid(schedule: Schedule, steps: int, groups: Sequence[Sequence[int]] | None = None) -> str:
@@ -160,4 +222,19 @@ def render_grid(schedule: Schedule, steps: int, groups: Sequence[Sequence[int]] 
     busy = [sum(a.kind in "FUG" for _, a in events) for events in timeline]
     lines.append(f"busy ticks per rank: {busy} of {ticks}; feedback delay per rank (steps): "
                  f"{[schedule.delay(r) for r in range(schedule.world_size)]}")
+    return "\n".join(lines)
+
+
+def render_messages(schedule: Schedule, steps: int) -> str:
+    """The messages of each kind of action, per rank: the first action of each kind whose messages
+    differ from the ones shown before (a logged or an alignment step carries more)."""
+    lines = ["messages of each action, in order (the first action of each kind and message list, per rank):"]
+    for rank in range(schedule.world_size):
+        shown: set[tuple[str, tuple]] = set()
+        for action in schedule.actions(rank, 0, steps):
+            messages = schedule.messages(rank, action)
+            if action.kind == "C" or (action.kind, messages) in shown:
+                continue
+            shown.add((action.kind, messages))
+            lines.append(f"  rank {rank} {str(action):<5} " + (", ".join(map(str, messages)) or "(none)"))
     return "\n".join(lines)

@@ -6,7 +6,7 @@ learns from the top block's context keeps its pooled activity (and graph) until 
 the top-down feedback message, arrives through `apply_feedback`. `EndToEndStage` runs the BP-SSL
 baselines: one loss at the top, the gradient through every block, all blocks in one process.
 
-Both report what each update did as `Learned` records; at steps the log asks about (`observe`)
+Both report what each update did as `UpdateRecord`s; at steps the log asks about (`observe`)
 they also measure the norm of the weight change and keep the gradient of the block's own loss.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 @dataclass
-class Learned:
+class UpdateRecord:
     block: int
     step: int
     stats: LossStats | None  # None for blocks without a loss of their own (lower blocks of BP-SSL)
@@ -56,7 +56,7 @@ class LocalStage:
     def __init__(self, blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never):
         self.blocks, self.seed, self.stash_weights, self.observe = list(blocks), seed, stash_weights, observe
         self.pending: dict[int, list[tuple[Block, torch.Tensor]]] = {}  # step -> blocks awaiting feedback
-        self.learned: list[Learned] = []  # updates since the runtime last read them
+        self.updates: list[UpdateRecord] = []  # updates since the runtime last read them
         self.top_context: torch.Tensor | None = None  # the top block's pooled activity, if held here
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -85,18 +85,18 @@ class LocalStage:
         loss, stats = block.loss(features, top_context, negatives_generator(block, self.seed, step))
         check_finite(stats.loss, block.index, step)
         measure, keep_gradient = self.observe(step)
-        before = block.conv.conv.weight.detach().clone() if measure else None
+        before = block.conv_weight.detach().clone() if measure else None
         block.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        record = Learned(block.index, step, stats)
+        record = UpdateRecord(block.index, step, stats)
         if keep_gradient:
-            record.gradient = block.conv.conv.weight.grad.detach().flatten().clone()
+            record.gradient = block.conv_weight.grad.detach().flatten().clone()
         block.optimizer.step()
         if measure:
-            record.update_norm = (block.conv.conv.weight.detach() - before).norm().item()
+            record.update_norm = (block.conv_weight.detach() - before).norm().item()
             if top_context is not None and block.needs_top_context:
                 record.feedback_norm = top_context.norm().item()
-        self.learned.append(record)
+        self.updates.append(record)
 
 
 class EndToEndStage:
@@ -104,7 +104,7 @@ class EndToEndStage:
 
     def __init__(self, blocks: Sequence[Block], seed: int, observe: Observer = _never):
         self.blocks, self.seed, self.observe = list(blocks), seed, observe
-        self.learned: list[Learned] = []
+        self.updates: list[UpdateRecord] = []
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         for block in self.blocks:
@@ -113,15 +113,15 @@ class EndToEndStage:
         loss, stats = top.loss(top.features(x), None, negatives_generator(top, self.seed, step))
         check_finite(stats.loss, top.index, step)
         measure, _ = self.observe(step)
-        before = [b.conv.conv.weight.detach().clone() for b in self.blocks] if measure else None
+        before = [b.conv_weight.detach().clone() for b in self.blocks] if measure else None
         for block in self.blocks:
             block.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for block in self.blocks:
             block.optimizer.step()
         for index, block in enumerate(self.blocks):
-            norm = (block.conv.conv.weight.detach() - before[index]).norm().item() if measure else None
-            self.learned.append(Learned(block.index, step, stats if block is top else None, norm))
+            norm = (block.conv_weight.detach() - before[index]).norm().item() if measure else None
+            self.updates.append(UpdateRecord(block.index, step, stats if block is top else None, norm))
         return x.detach()
 
 

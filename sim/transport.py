@@ -14,11 +14,13 @@ import contextlib
 import datetime
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from sim.schedule import Message
 
 FAILURE_KEY = "first_failure"
 
@@ -46,8 +48,13 @@ def first_failure(store: dist.Store, patience_s: float = 2.0) -> str | None:
         time.sleep(0.1)
 
 
+class ProtocolError(RuntimeError):
+    """A rank sent or received a message that its schedule does not list: a bug in laminar."""
+
+
 class Link:
-    """This rank's sends and receives. Counts bytes sent and seconds spent waiting."""
+    """This rank's sends and receives. Counts bytes sent and seconds spent waiting. Within an action
+    of a schedule (`expect`), every message is checked against the schedule's list."""
 
     def __init__(self, rank: int, device: torch.device, store: dist.Store, timeout_s: float, max_in_flight: int = 2):
         self.rank, self.device, self.store = rank, device, store
@@ -57,8 +64,28 @@ class Link:
         self.in_flight: deque[tuple[dist.Work, torch.Tensor, int]] = deque()
         self.bytes_sent = 0
         self.wait_seconds = 0.0
+        self.expected: deque[Message] | None = None  # what the current action still sends and receives
 
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
+    def expect(self, messages: Sequence[Message]) -> None:
+        """The next action's messages, in order (Schedule.messages)."""
+        self.expected = deque(messages)
+
+    def end_action(self, action: object) -> None:
+        if self.expected:
+            raise ProtocolError(f"rank {self.rank}: {action} did not {', '.join(map(str, self.expected))}, "
+                                "although its schedule lists it")
+        self.expected = None
+
+    def _check(self, message: Message) -> None:
+        if self.expected is None:  # outside a schedule's actions (gathering the weights)
+            return
+        listed = self.expected.popleft() if self.expected else None
+        if message != listed:
+            raise ProtocolError(f"rank {self.rank} did {message}, but its schedule lists "
+                                f"{listed or 'nothing more'} next")
+
+    def send(self, tensor: torch.Tensor, dst: int, kind: str = "weights") -> None:
+        self._check(Message(kind, dst, True))
         tensor = tensor.detach().contiguous()
         work = dist.isend(tensor, dst, group=self.down_group if dst < self.rank else None)
         self.in_flight.append((work, tensor, dst))
@@ -66,7 +93,8 @@ class Link:
         while len(self.in_flight) > self.max_in_flight:
             self._wait_oldest_send()
 
-    def recv(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
+    def recv(self, shape: tuple[int, ...], src: int, kind: str = "weights") -> torch.Tensor:
+        self._check(Message(kind, src, False))
         buffer = torch.empty(shape, device=self.device)
         self._wait(dist.irecv(buffer, src, group=self.down_group if src > self.rank else None), src, "receiving from")
         return buffer

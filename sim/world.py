@@ -66,11 +66,22 @@ def connect(world: World, device: torch.device, setup_timeout_s: float) -> dist.
         agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
         store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]),
                               world.size, is_master=world.rank == 0 and not agent_hosts, timeout=timeout)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    options = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, store=dist.PrefixStore(f"pg{world.attempt}", store), rank=world.rank,
-                            world_size=world.size, timeout=timeout, **options)
+    dist.init_process_group(store=dist.PrefixStore(f"pg{world.attempt}", store), rank=world.rank,
+                            world_size=world.size, timeout=timeout, **_backend(device))
     return dist.PrefixStore(f"laminar{world.attempt}", store)
+
+
+def connect_alone(device: torch.device) -> None:
+    """A process group of one, for a single process that still needs one (the BP pipeline's
+    stages do, even when they send nothing)."""
+    dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **_backend(device))
+
+
+def _backend(device: torch.device) -> dict:
+    """gloo on CPUs, nccl (bound to this process's GPU) on GPUs."""
+    if device.type == "cuda":
+        return {"backend": "nccl", "device_id": device}
+    return {"backend": "gloo"}
 
 
 def disconnect() -> None:

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from launch.bench import main as bench
-from sim.costmodel import BlockTimes, Link, backprop_pipelined, local_exact_feedback, local_pipelined
+from launch.bench.__main__ import main as bench
+from sim.costmodel import BlockTimes, LinkSpeed, backprop_pipelined, local_exact_feedback, local_pipelined
 
 ROOT = Path(__file__).parent.parent
-FREE = Link(latency=0.0, bandwidth=float("inf"))
+FREE = LinkSpeed(latency=0.0, bandwidth=float("inf"))
 EVEN = BlockTimes(local=[1.0] * 6, forward=[0.5] * 6, backward=[1.0] * 6, data=0.0,
                   activation_bytes=[1000] * 6, feedback_bytes=100)
 ALL, HALVES, SIXTHS = [list(range(6))], [[0, 1, 2], [3, 4, 5]], [[b] for b in range(6)]
@@ -18,7 +18,7 @@ def test_local_pipeline_runs_at_its_slowest_rank():
     assert local_pipelined(EVEN, ALL, FREE, batch=32) == pytest.approx(32 / 6)
     assert local_pipelined(EVEN, HALVES, FREE, batch=32) == pytest.approx(32 / 3)
     assert local_pipelined(EVEN, SIXTHS, FREE, batch=32) == pytest.approx(32 / 1)
-    slow_link = Link(latency=0.5, bandwidth=float("inf"))
+    slow_link = LinkSpeed(latency=0.5, bandwidth=float("inf"))
     assert local_pipelined(EVEN, HALVES, slow_link, batch=32) == pytest.approx(32 / 3.5)  # rank 0 also sends
 
 
@@ -52,7 +52,7 @@ def test_quick_benchmark_writes_its_report(tmp_path):
 
 
 def test_table_renders_mean_and_spread_next_to_the_paper(tmp_path):
-    from launch.table import chart, render
+    from launch.bench.table import chart, render
 
     def cell(acc: float) -> dict:
         return {"test_acc": acc, "last_block_acc": acc - 10, "images_per_s": 100.0, "peak_memory_bytes": [2**20],
@@ -69,7 +69,7 @@ def test_table_renders_mean_and_spread_next_to_the_paper(tmp_path):
 
 
 def test_table_replaces_only_the_text_between_the_markers(tmp_path, monkeypatch):
-    import launch.table as table_module
+    import launch.bench.table as table_module
 
     page = tmp_path / "BENCHMARKS.md"
     monkeypatch.setattr(table_module, "BENCHMARKS", page)
@@ -82,7 +82,7 @@ def test_table_replaces_only_the_text_between_the_markers(tmp_path, monkeypatch)
 
 
 def test_table_resumes_from_its_results_file_and_redoes_only_when_asked(tmp_path, monkeypatch):
-    import launch.table as table_module
+    import launch.bench.table as table_module
 
     for name, path in [("RESULTS", "table.json"), ("CHART", "table.png"), ("BENCHMARKS", "BENCHMARKS.md")]:
         monkeypatch.setattr(table_module, name, tmp_path / path)

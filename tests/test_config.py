@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import ConfigError, load_config, parse_override, to_toml
+from sim.config import ConfigError, load_config, parse_override, to_toml
 
 CONFIGS = sorted((Path(__file__).parent.parent / "launch" / "configs").glob("*.toml"))
 

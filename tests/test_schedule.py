@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.schedule import main as schedule_main
+from launch.show_schedule import main as schedule_main
 from sim.schedule import Schedule, render_grid, simulate
 
 CONFIG = str(Path(__file__).parent.parent / "launch/configs/fashion_mnist.toml")

@@ -1,16 +1,19 @@
 """End to end in one process: the run folder, determinism, the probe, and clear failures."""
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from launch.config import load_config
-from launch.train import main, run
+from launch.train import main
 from layers.block import RuleSettings
 from layers.methods import get_method
 from layers.model import build_blocks
+from sim.config import Config, load_config
 from sim.datasets import DatasetMissing
+from sim.job import run_job
+from sim.plan import make_plan
 from sim.stage import LocalStage, NonFiniteLoss
 
 TINY = ["data.name=synthetic", "model.width=0.0625", "train.batch_size=8", "train.steps=6",
@@ -18,8 +21,13 @@ TINY = ["data.name=synthetic", "model.width=0.0625", "train.batch_size=8", "trai
         "train.threads=1", "log.heldout=32"]
 
 
-def tiny_config(*overrides: str):
+def tiny_config(*overrides: str) -> Config:
     return load_config(None, TINY + list(overrides))
+
+
+def run(config: Config, out_dir: Path, progress: bool = False) -> dict:
+    """One process, as launch.train runs it: the plan, then the job; the summary as a dict."""
+    return dataclasses.asdict(run_job(make_plan(config, 1), out_dir, progress=progress))
 
 
 def test_run_folder_and_summary(tmp_path):
@@ -92,7 +100,8 @@ def test_finished_run_is_not_overwritten(tmp_path):
 
 
 def test_non_finite_loss_names_block_and_step():
-    blocks = build_blocks(get_method("clapp_pp"), 0.0625, 3, 32, RuleSettings(), seed=0)
+    blocks = build_blocks(get_method("clapp_pp"), RuleSettings(), width=0.0625, seed=0, in_channels=3, input_size=32,
+                          lr=2e-4, weight_decay=0.0)
     x = torch.randn(8, 3, 32, 32)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLoss, match="block 0 at step 3"):

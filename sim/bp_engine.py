@@ -1,4 +1,4 @@
-"""The fair distributed BP baseline: an end-to-end (BP-SSL) encoder split over K processes and
+"""The BP pipeline engine, the fair distributed BP baseline: an end-to-end (BP-SSL) encoder split over K processes and
 trained with back-propagation through all of them, driven by `torch.distributed.pipelining`
 (GPipe or 1F1B over m micro-batches).
 
@@ -29,25 +29,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from tqdm import tqdm
 
 from layers.block import Block
 from layers.seeding import STREAM_NEGATIVES, keyed_generator
 from sim.feed import ViewFeed
+from sim.measuring import WindowClock, progress_bar
 from sim.memory import PeakMemory
+from sim.plan import Plan
 from sim.stage import check_finite
+from sim.summary import LOSS_WINDOW, RankResult
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-LOSS_WINDOW = 50  # the reported loss is the mean over the last LOSS_WINDOW steps
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}  # the names of sim.plan.PIPELINE_SCHEDULES
 
 
 def microbatches(views: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -132,31 +131,16 @@ class MeasuredStage(PipelineStage):
         return ops
 
 
-@dataclass
-class PipelineResult:
-    """One rank's measurements (picklable, gathered on rank 0)."""
-    rank: int
-    blocks: list[int]
-    steps: int
-    seconds: float  # wall time of the training loop on this rank
-    busy_seconds: float  # compute (see the module docstring)
-    wait_seconds: float  # seconds - busy_seconds
-    bytes_sent: int
-    peak_memory_bytes: int
-    step_end_seconds: list[float] = field(default_factory=list)  # after each step, from the loop's start
-    loss: float | None = None  # mean step loss over the last LOSS_WINDOW steps (last rank only)
+class BPPipelineEngine:
+    """This rank's stage and schedule of the plan's BP pipeline. The stage is told the shapes of one
+    micro-batch up front (`Plan.microbatch_shapes`): what it receives (or, on rank 0, builds) and
+    what it sends up (on the last rank, the top block's pooled features)."""
 
-
-class PipelineTrainer:
-    """This rank's stage and schedule. `input_shape` and `output_shape` are one micro-batch's
-    (rows first): what the stage receives (or, on rank 0, builds) and what it sends up (on the last
-    rank, the top block's pooled features)."""
-
-    def __init__(self, blocks: Sequence[Block], rank: int, world_size: int, schedule: str, count: int,
-                 input_shape: tuple[int, ...], output_shape: tuple[int, ...], device: torch.device,
-                 group: dist.ProcessGroup | None, seed: int):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    def __init__(self, plan: Plan, blocks: Sequence[Block], rank: int, device: torch.device,
+                 group: dist.ProcessGroup | None):
+        schedule, count = plan.pipeline.schedule, plan.pipeline.microbatches
+        world_size, seed = plan.world_size, plan.config.train.seed
+        input_shape, output_shape = plan.microbatch_shapes(rank)
         self.blocks, self.rank, self.count, self.device, self.seed = list(blocks), rank, count, device, seed
         self.first, self.last = rank == 0, rank == world_size - 1
         self.clock = ComputeClock(device)
@@ -181,7 +165,7 @@ class PipelineTrainer:
             return loss
 
     def train(self, steps: int, feed: ViewFeed | None, progress: bool = True,
-              memory: PeakMemory | None = None) -> PipelineResult:
+              memory: PeakMemory | None = None) -> RankResult:
         """Train `steps` steps; rank 0 takes each step's views from `feed` (and shows a progress bar).
         `memory` measures the peak from when the process began its work (default: from here)."""
         if self.first and feed is None:
@@ -189,11 +173,10 @@ class PipelineTrainer:
         if memory is None:
             memory = PeakMemory(self.device)
             memory.start()
-        step_ends, step_losses = [], []
-        began = time.perf_counter()
-        bar = tqdm(range(steps), desc="train", unit="step", dynamic_ncols=True, disable=not (progress and self.first),
-                   mininterval=0.5 if sys.stderr.isatty() else 30)
-        for step in bar:
+        step_losses = []
+        began, windows = time.perf_counter(), WindowClock()
+        bar = progress_bar(steps, 0, progress and self.first)
+        for step in range(steps):
             self.step_index = step
             inputs: dict = {}
             if self.first:
@@ -213,40 +196,20 @@ class PipelineTrainer:
             if self.clock.cuda:
                 torch.cuda.synchronize(self.device)  # the step's end is when its work is done
                 self.clock.settle()
-            step_ends.append(time.perf_counter() - began)
+            windows.tick()
+            bar.update()
+        bar.close()
         seconds = time.perf_counter() - began
         window = [float(v) for v in step_losses[-LOSS_WINDOW:]]
-        return PipelineResult(
+        losses = {self.blocks[-1].index: sum(window) / len(window)} if window else {}
+        return RankResult(
             rank=self.rank, blocks=[b.index for b in self.blocks], steps=steps, seconds=seconds,
             busy_seconds=self.clock.seconds, wait_seconds=max(0.0, seconds - self.clock.seconds),
-            bytes_sent=self.stage.bytes_sent, peak_memory_bytes=memory.peak_bytes(), step_end_seconds=step_ends,
-            loss=sum(window) / len(window) if window else None)
+            bytes_sent=self.stage.bytes_sent, peak_memory_bytes=memory.peak_bytes(), loss_per_block=losses,
+            window_seconds=windows.windows)
 
 
 def pipeline_group(timeout_s: float) -> dist.ProcessGroup:
     """A process group for the pipeline's messages whose waits end after `timeout_s` (the
     schedules wait without a timeout of their own, so the group's is the only bound)."""
     return dist.new_group(timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def join_alone(device: torch.device) -> None:
-    """A process group of one, for a single-process pipeline started without torchrun (the
-    stages need a process group even when they send nothing)."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    options = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **options)
-
-
-def gather_results(result: PipelineResult) -> list[PipelineResult] | None:
-    """Every rank's result on rank 0 (None elsewhere)."""
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(result, gathered, dst=0)
-    return gathered
-
-
-def gather_weights(blocks: Sequence[Block]) -> dict[int, dict[str, torch.Tensor]] | None:
-    """{block index: state_dict on the CPU} of every block, on rank 0 (None elsewhere)."""
-    own = {b.index: {k: v.detach().cpu() for k, v in b.state_dict().items()} for b in blocks}
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(own, gathered, dst=0)
-    return None if gathered is None else {i: s for part in gathered for i, s in part.items()}

@@ -1,11 +1,13 @@
 """Run configuration: typed, nested dataclasses filled from TOML, validated strictly.
 
-Defaults live here and only here. Unknown keys and wrong types are errors that name the key;
+Defaults live here and only here (those of `[rule]` in layers.block.RuleSettings, which the blocks take
+as it is). Unknown keys and wrong types are errors that name the key;
 `--set key=value` overrides are read as TOML values (`--set rule.pool=[4,4,4,2,2,1]`), and a value
 that is not valid TOML is taken as a plain string (`--set method=clapp_pp`).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import tomllib
 import types
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layers.block import RuleSettings
 from layers.losses import CONTRAST_MODES, NEGATIVE_MODES
 from layers.methods import get_method
 from layers.model import pool_kernels
@@ -36,15 +39,6 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     width: float = 1.0  # channel multiplier of VGG-6 (1.0 = the paper)
-
-
-@dataclass
-class RuleConfig:
-    contrast: str = "hinge"  # f: hinge | softhinge | phyll | linear
-    negatives: str = "next_row"  # next_row (the authors' code) | random
-    pool: list[int] = field(default_factory=list)  # AvgPool kernel per block; [] = the method's default
-    proj_dim: int = 1024  # projection size of the InfoNCE heads
-    temperature: float = 0.1  # InfoNCE temperature
 
 
 @dataclass
@@ -97,7 +91,7 @@ class Config:
     method: str = "clapp_pp"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    rule: RuleConfig = field(default_factory=RuleConfig)
+    rule: RuleSettings = field(default_factory=RuleSettings)  # defined with the blocks that use it
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -141,6 +135,14 @@ def _fill(target: Any, values: dict[str, Any], prefix: str = "") -> None:
             _fill(current, value, key + ".")
         else:
             setattr(target, name, _check_type(key, value, hints[name]))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+    """A program's CONFIG argument and its repeatable `--set key=value` overrides (`load_config`'s)."""
+    parser.add_argument("config", nargs=None if config_required else "?",
+                        help="TOML config, e.g. launch/configs/tiny.toml (shipped ones are in launch/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, value read as TOML (repeatable)")
 
 
 def parse_override(text: str) -> dict[str, Any]:

@@ -10,25 +10,26 @@ Runs, with the same encoder, width, batch, input size and data (probe and log of
    exact and with delayed feedback).
 Single-process runs get as many threads as the parallel runs use in total. Throughput is the median
 images/s over timed windows after warm-up (the whole-run mean for runs too short to have windows).
-A cost model (sim/costmodel.py) fitted to per-block times measured here predicts every run; its
-errors are reported, and its predictions for K = 2, 3, 6 at full width (per-block times measured
-on this hardware). Writes bench.json, bench.md and bench.png into DIR.
+The cost model (sim/costmodel.py), fed with per-block times measured here, predicts every run with
+the placement it ran with; its errors are reported, and its predictions for K = 2, 3, 6 at full
+width (per-block times measured on this hardware, each K with the placement its run would use).
+Writes bench.json, bench.md and bench.png into DIR.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from launch.bench_pipeline import DEFAULT_CONFIG, available_cores, cpu_name, launch
-from launch.config import load_config
-from launch.costs import full_width_predictions, measure_times, predict
+from launch.bench.predictions import full_width_predictions, measure_times, predict
+from launch.bench.render import chart, markdown
+from launch.machine import describe_machine
+from launch.runner import DEFAULT_CONFIG, bench_run
+from sim.config import load_config
+from sim.summary import RunSummary
 
 
 @dataclass(frozen=True)
@@ -59,31 +60,10 @@ def run_specs(k: int, microbatches: int, quick: bool) -> list[RunSpec]:
     return specs
 
 
-def throughput(summary: dict) -> float:
-    """Steady-state images/s: median over timed windows after warm-up, else the whole-run mean."""
-    if summary.get("images_per_s_steady"):
-        return summary["images_per_s_steady"]
-    ends = summary.get("step_end_seconds") or []
-    window = 20
-    rates = [window / (b - a) for a, b in zip(ends[window - 1::window], ends[2 * window - 1::window])]
-    batch = summary["config"]["train"]["batch_size"]
-    return statistics.median(rates) * batch if rates else summary["images_per_s"]
-
-
-def busy_and_wait(summary: dict) -> list[dict]:
-    ranks = []
-    for r in summary.get("ranks", []):
-        wait = r.get("wait_seconds", 0.0)
-        busy = r.get("busy_seconds", r["seconds"] - wait)
-        ranks.append({"rank": r["rank"], "blocks": r["blocks"], "busy_s": busy, "idle_s": r["seconds"] - busy,
-                      "wait_s": wait, "bytes_sent": r.get("bytes_sent", 0)})
-    return ranks
-
-
-def efficiency(summary: dict) -> float:
-    """Slowest rank's busy time over the wall time: 1.0 runs at the slowest rank's own pace."""
-    ranks = busy_and_wait(summary)
-    return max(r["busy_s"] for r in ranks) / max(r["busy_s"] + r["idle_s"] for r in ranks)
+def busy_and_idle(summary: RunSummary) -> list[dict]:
+    return [{"rank": r["rank"], "blocks": r["blocks"], "busy_s": r["busy_seconds"],
+             "idle_s": r["seconds"] - r["busy_seconds"], "wait_s": r["wait_seconds"], "bytes_sent": r["bytes_sent"]}
+            for r in summary.ranks]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for spec in run_specs(k, m, args.quick):
         overrides = [f"train.steps={steps}", f"method={spec.method}", *args.overrides, *spec.overrides]
-        summary = launch(spec.processes, spec.threads, args.config, overrides, args.out / spec.name, spec.module,
-                         spec.options)
+        summary = bench_run(spec.processes, spec.threads, args.config, overrides, args.out / spec.name, spec.module,
+                            spec.options)
         runs.append({"name": spec.name, "method": spec.method, "world_size": spec.processes,
-                     "threads_per_process": spec.threads, "images_per_s": throughput(summary),
-                     "images_per_s_whole_run": summary["images_per_s"],
-                     "peak_memory_bytes": summary["peak_memory_bytes"], "ranks": busy_and_wait(summary),
-                     "placement": summary.get("placement"), "efficiency": efficiency(summary)})
+                     "threads_per_process": spec.threads, "images_per_s": summary.throughput,
+                     "images_per_s_whole_run": summary.images_per_s,
+                     "peak_memory_bytes": summary.peak_memory_bytes, "ranks": busy_and_idle(summary),
+                     "placement": summary.placement, "efficiency": summary.pipeline_efficiency()})
         print(f"{spec.name}: {runs[-1]['images_per_s']:.1f} images/s", flush=True)
     by_name = {r["name"]: r for r in runs}
     parallel = by_name["local_parallel"]
@@ -123,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     bounds = {"local_parallel_vs_bp_pipeline": bound, "pipeline_efficiency": 1.0,
               "local_parallel_vs_local_sequential": float(k)}
     times, link = measure_times(config, k, args.quick, m)
-    model = predict(config, runs, times, link, k, m)
+    model = predict(config, runs, times, link, m)
     result = {
-        "machine": {"cpu": cpu_name(), "cores": available_cores(), "torch": torch.__version__,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": describe_machine(),
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(["python -m launch.bench", *(argv if argv is not None else sys.argv[1:])]),
         "dataset": config.data.name, "width": config.model.width, "batch_size": config.train.batch_size,
@@ -139,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         result["cost_model"]["full_width_predictions"] = full_width_predictions(config, link, m)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    from launch.bench_report import chart, markdown
-
     table = markdown(result)
     (args.out / "bench.md").write_text(table + "\n")
     chart(result, args.out / "bench.png")

@@ -1,6 +1,6 @@
 """What the training log costs: images/s with and without RUN_DIR/log.zarr, side by side.
 
-    python -m launch.bench_log [CONFIG] [--steps N] [--repeats R] [--set key=value ...] [--out DIR]
+    python -m launch.bench.log_cost [CONFIG] [--steps N] [--repeats R] [--set key=value ...] [--out DIR]
 
 Alternates runs of one process without a log (log.every = 0) and with the configured log (the
 defaults unless --set changes them), and reports the median images/s of each and the overhead.
@@ -15,12 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from launch.bench_pipeline import DEFAULT_CONFIG, available_cores, cpu_name, launch
-from launch.config import load_config
+from launch.machine import describe_machine
+from launch.runner import DEFAULT_CONFIG, bench_run
+from sim.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench_log", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.bench.log_cost", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
@@ -33,13 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     speeds: dict[str, list[float]] = {"without log": [], "with log": []}
     for repeat in range(args.repeats):  # alternate, so that a noisy minute hits both alike
         for name, extra in (("without log", ["log.every=0"]), ("with log", [f"log.every={log.every}"])):
-            summary = launch(1, args.threads, args.config, overrides + extra, args.out / f"{name.replace(' ', '_')}_{repeat}")
-            speeds[name].append(summary["images_per_s"])
-            print(f"{name} #{repeat}: {summary['images_per_s']:.1f} images/s", flush=True)
+            out = args.out / f"{name.replace(' ', '_')}_{repeat}"
+            summary = bench_run(1, args.threads, args.config, overrides + extra, out)
+            speeds[name].append(summary.images_per_s)
+            print(f"{name} #{repeat}: {summary.images_per_s:.1f} images/s", flush=True)
     median = {name: statistics.median(values) for name, values in speeds.items()}
     result = {
-        "machine": {"cpu": cpu_name(), "cores": available_cores()}, "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["python -m launch.bench_log", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": describe_machine(), "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python -m launch.bench.log_cost", *(argv if argv is not None else sys.argv[1:])]),
         "steps": args.steps, "threads": args.threads,
         "log": {"every": log.every, "align_every": log.align_every, "heldout": log.heldout, "dtype": log.dtype},
         "images_per_s": speeds, "median_images_per_s": median,

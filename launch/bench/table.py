@@ -1,10 +1,10 @@
 """The reproduction table: every method trained and probed at CPU scale, 3 seeds, next to the paper.
 
-    python -m launch.table --data cifar10 --data-root ../shared/data/cifar10
-    python -m launch.table --data fashion_mnist
-    python -m launch.table --render            # only rebuild BENCHMARKS.md's table and the chart
+    python -m launch.bench.table --data cifar10 --data-root ../shared/data/cifar10
+    python -m launch.bench.table --data fashion_mnist
+    python -m launch.bench.table --render            # only rebuild BENCHMARKS.md's table and the chart
 
-Each cell (dataset, method, seed) is one run of `launch.train` (or of torchrun for the layer-parallel
+Each cell (dataset, method, seed) is one run of `launch.train` (on 2 processes for the layer-parallel
 row) with launch/configs/table_cpu.toml; its result is added to launch/results/table.json as soon as it
 finishes, so a table can be completed over several invocations and re-rendered without training.
 """
@@ -14,15 +14,14 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from launch.bench_pipeline import available_cores, cpu_name
-from launch.observe import code_version
+from launch.machine import available_cores, code_version, cpu_name
+from launch.runner import launch_run
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).parents[1]  # launch/
 CONFIG = ROOT / "configs" / "table_cpu.toml"
 RESULTS = ROOT / "results" / "table.json"
 CHART = ROOT / "results" / "table.png"
@@ -61,20 +60,12 @@ def save_results(results: dict) -> None:
 def run_cell(dataset: str, root: str, row: str, seed: int, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"data.name={dataset}", f"data.root={root}", f"train.seed={seed}", *ROWS[row]]
-    if row.endswith("@2 delayed"):
-        command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m",
-                   "launch.train"]
-    else:
-        command = [sys.executable, "-m", "launch.train"]
-    command += [str(CONFIG), "--out", str(out), "--no-progress", *[a for s in sets for a in ("--set", s)]]
-    if subprocess.run(command).returncode != 0:
-        raise SystemExit(f"cell {dataset} / {row} / seed {seed} failed; command: {' '.join(command)}")
-    summary = json.loads((out / "summary.json").read_text())
-    probe = summary["probe"]
+    summary = launch_run(CONFIG, sets, out, processes=2 if row.endswith("@2 delayed") else 1, progress=False)
+    probe = summary.probe
     return {"test_acc": probe["test_acc"], "last_block_acc": probe["per_block_test_acc"][-1],
-            "per_block_test_acc": probe["per_block_test_acc"], "images_per_s": summary["images_per_s"],
-            "peak_memory_bytes": summary["peak_memory_bytes"], "steps": summary["steps"],
-            "world_size": summary["world_size"], "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
+            "per_block_test_acc": probe["per_block_test_acc"], "images_per_s": summary.images_per_s,
+            "peak_memory_bytes": summary.peak_memory_bytes, "steps": summary.steps,
+            "world_size": summary.world_size, "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{cpu_name()} ({available_cores()} cores)"}
 
 
@@ -166,7 +157,7 @@ def write_into_benchmarks(table: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.table", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.bench.table", description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=sorted(LABELS), help="dataset to train on")
     parser.add_argument("--data-root", default="", help="folder of the dataset (data.root)")
     parser.add_argument("--seeds", default="0,1,2")

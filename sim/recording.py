@@ -1,32 +1,46 @@
-"""Set up the training log (RUN_DIR/log.zarr) for a run: its settings, the store, and what each
-rank records."""
+"""What a rank records for the training log (RUN_DIR/log.zarr), and how a run sets the log up:
+its settings, the store, the held-out images and each rank's writers and passes."""
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from launch.config import to_dict
-from launch.plan import Plan
 from layers.block import Block
 from layers.encoder import GRID, NUM_BLOCKS, block_channels
 from layers.model import grid_kernels
 from layers.seeding import STREAM_PROBE, keyed_generator
+from sim.config import to_dict
 from sim.datasets import ImageSet
 from sim.diagnostics import AlignmentPass, HeldoutPass
 from sim.logbook import BlockInfo, LogSettings, RankLog, create_store
-from sim.runtime import Observers
+from sim.plan import Plan
 from sim.transport import Link
 from sim.views import plain_views
 
 LOG_NAME = "log.zarr"
 
 
+@dataclass
+class Recording:
+    """What a rank records for the log; all None when no log is kept."""
+    log: RankLog | None = None
+    heldout: HeldoutPass | None = None
+    alignment: AlignmentPass | None = None  # None also for end-to-end methods
+
+    def wants(self, step: int) -> tuple[bool, bool]:
+        """At `step`: measure each update's norm? keep each block's local gradient?"""
+        if self.log is None:
+            return False, False
+        return self.log.settings.logs(step), self.alignment is not None and self.log.settings.aligns(step)
+
+
 def log_settings(plan: Plan) -> LogSettings:
     c = plan.config.log
-    return LogSettings(c.every, c.align_every if plan.schedule.align_every else 0, c.heldout, c.dtype, c.chunk)
+    return LogSettings(c.every, plan.schedule.align_every, c.heldout, c.dtype, c.chunk)
 
 
 def code_version() -> str:
@@ -45,9 +59,9 @@ def block_infos(plan: Plan) -> list[BlockInfo]:
     infos = []
     for index in range(NUM_BLOCKS):
         c_in = info.channels if index == 0 else channels[index - 1]
-        infos.append(BlockInfo(block=index, rank=plan.placement.rank_of(index), feature_dim=channels[index] * GRID[index] ** 2,
-                               grid=GRID[index], channels=channels[index],
-                               has_loss=index == NUM_BLOCKS - 1 or not plan.method.end_to_end,
+        infos.append(BlockInfo(block=index, rank=plan.placement.rank_of(index),
+                               feature_dim=channels[index] * GRID[index] ** 2, grid=GRID[index],
+                               channels=channels[index], has_loss=index == NUM_BLOCKS - 1 or not plan.method.end_to_end,
                                weight_shape=(channels[index], c_in, 3, 3)))
     return infos
 
@@ -59,34 +73,33 @@ def heldout_images(test_set: ImageSet, count: int, seed: int) -> tuple[np.ndarra
     return index.numpy(), ImageSet(*test_set.batch(index))
 
 
-def start_log(plan: Plan, out_dir: Path, test_set: ImageSet, start: int, world_size: int) -> ImageSet:
+def start_log(plan: Plan, out_dir: Path, test_set: ImageSet, start: int) -> ImageSet:
     """Rank 0, before the other ranks open it: create the store (or keep it when resuming); returns
     the held-out images."""
     index, images = heldout_images(test_set, plan.config.log.heldout, plan.config.train.seed)
     path = out_dir / LOG_NAME
     if start == 0 or not (path / "zarr.json").exists():
-        attrs = {"config": to_dict(plan.config), "code_version": code_version(), "world_size": world_size,
+        attrs = {"config": to_dict(plan.config), "code_version": code_version(), "world_size": plan.world_size,
                  "placement": [list(g) for g in plan.placement.groups], "dataset": plan.info.name,
                  "method": plan.method.name, "num_blocks": NUM_BLOCKS, "log_every": plan.config.log.every,
-                 "align_every": log_settings(plan).align_every, "heldout_split": "test",
+                 "align_every": plan.schedule.align_every, "heldout_split": "test",
                  "num_classes": plan.info.num_classes}
         create_store(path, attrs, block_infos(plan), images.labels.numpy(), index)
     return images
 
 
-def rank_observers(plan: Plan, out_dir: Path, rank: int, blocks: list[Block], start: int, link: Link | None,
-                   heldout: ImageSet | None, heldout_count: int, device: torch.device) -> Observers:
+def rank_recording(plan: Plan, out_dir: Path, rank: int, blocks: list[Block], start: int, link: Link | None,
+                   heldout: ImageSet | None, heldout_count: int, device: torch.device) -> Recording:
     """What this rank records: its blocks' rows of the log, the held-out pass, the alignment pass.
     `heldout` (the images) is rank 0's; every rank knows their number."""
-    settings = log_settings(plan)
-    if settings.every == 0:
-        return Observers()
+    if not plan.schedule.log_every:
+        return Recording()
     own = [b.index for b in blocks]
-    log = RankLog(out_dir / LOG_NAME, [i for i in block_infos(plan) if i.block in own], settings, start)
+    log = RankLog(out_dir / LOG_NAME, [i for i in block_infos(plan) if i.block in own], log_settings(plan), start)
     images = plain_views(heldout.images, plan.info, device) if rank == 0 else None
     kernels = [grid_kernels(plan.info.image_size)[i] for i in own]
-    top_rank = plan.placement.world_size - 1
+    top_rank = plan.world_size - 1
     below = (heldout_count, *plan.shapes.activations[rank - 1][1:]) if rank > 0 else None  # (N, C, H, W)
     heldout_pass = HeldoutPass(blocks, kernels, rank, top_rank, link, below, images)
-    alignment = AlignmentPass(blocks, rank, top_rank, link, plan.config.train.seed) if settings.align_every else None
-    return Observers(log, heldout_pass, alignment)
+    alignment = AlignmentPass(blocks, rank, top_rank, link, plan.config.train.seed) if plan.schedule.align_every else None
+    return Recording(log, heldout_pass, alignment)

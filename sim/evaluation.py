@@ -1,4 +1,4 @@
-"""Linear-probe evaluation of a trained (or random) encoder: the paper's concatenated probe and
+"""The linear-probe evaluation at the end of a run, of a trained (or random) encoder: the paper's concatenated probe and
 one probe per block, trained side by side on features extracted without gradients."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from torch import nn
 from tqdm import tqdm
 
 from layers.model import grid_kernels
-from layers.probe import LinearProbe, probe_features
+from layers.linear_probe import LinearProbe, probe_features
 from layers.seeding import STREAM_PROBE, keyed_generator
+from sim.config import ProbeConfig
 from sim.datasets import DatasetInfo, ImageSet
 from sim.views import plain_views, probe_views
 
@@ -34,25 +35,23 @@ def linear_probe(
     info: DatasetInfo,
     train_set: ImageSet,
     test_set: ImageSet,
-    epochs: int,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    augment: bool = True,
-    standardize: bool = True,
-    seed: int = 0,
-    device: torch.device = torch.device("cpu"),
+    settings: ProbeConfig,
+    *,
+    seed: int,
+    device: torch.device,
     progress: bool = True,
 ) -> dict:
-    """Train the probes for `epochs` epochs with Adam and report the last epoch's test accuracy
-    (percent): `test_acc` for the concatenated probe, `per_block_test_acc` for each block."""
+    """Train the probes for `settings.epochs` epochs with Adam and report the last epoch's test
+    accuracy (percent): `test_acc` for the concatenated probe, `per_block_test_acc` for each block."""
+    epochs, batch_size, augment = settings.epochs, settings.batch_size, settings.augment
     kernels = grid_kernels(info.image_size)
     for block in blocks:
         block.eval()
     sample = plain_views(train_set.batch(torch.arange(2))[0], info, device)
     dims = [f.shape[1] for f in probe_features(blocks, sample, kernels)]
     torch.manual_seed(seed)
-    probe = LinearProbe(dims, info.num_classes, standardize).to(device)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    probe = LinearProbe(dims, info.num_classes, settings.standardize).to(device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=settings.lr)
     if augment:  # fresh crops and flips every epoch: features are extracted batch by batch
         def epoch_batches(generator: torch.Generator) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
             for index in _batches(len(train_set), batch_size, torch.randperm(len(train_set), generator=generator)):

@@ -1,6 +1,6 @@
 """Layer-parallel throughput against one process on the same cores.
 
-    python -m launch.bench_pipeline [CONFIG] [--world-size K] [--steps N] [--repeats R] [--set ...] [--out DIR]
+    python -m launch.bench.pipeline [CONFIG] [--world-size K] [--steps N] [--repeats R] [--set ...] [--out DIR]
 
 Runs, alternating and `--repeats` times each: one process with 1 thread, one process with K
 threads (the same cores as the parallel run), and K processes with 1 thread each under torchrun
@@ -12,58 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fashion_mnist.toml"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def launch(processes: int, threads: int, config: Path, overrides: list[str], out: Path,
-           module: str = "launch.train", options: Sequence[str] = ()) -> dict:
-    """One run of `module` on `processes` processes with `threads` threads each, without probe and
-    (unless `overrides` says otherwise) without log; returns its summary.json."""
-    shutil.rmtree(out, ignore_errors=True)
-    settings = ["probe.epochs=0", "log.every=0", *overrides, f"train.threads={threads}"]
-    sets = [arg for o in settings for arg in ("--set", o)]
-    if processes > 1:
-        torchrun = Path(sys.executable).parent / "torchrun"
-        command = [str(torchrun), "--standalone", "--nproc-per-node", str(processes), "-m", module]
-    else:
-        command = [sys.executable, "-m", module]
-    command += [str(config), *sets, *options, "--out", str(out), "--no-progress"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"run {out.name} failed:\n{done.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text())
-
-
-def efficiency(summary: dict) -> float:
-    """Slowest rank's busy time / wall time: images/s over the bound the slowest rank sets."""
-    busy = max(r["seconds"] - r["wait_seconds"] for r in summary["ranks"])
-    return busy / summary["train_seconds"]
-
+from launch.machine import describe_machine
+from launch.runner import DEFAULT_CONFIG, bench_run
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench_pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.bench.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
@@ -78,26 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for repeat in range(args.repeats):  # alternate, so that a noisy minute hits every kind alike
         for kind, (processes, threads) in layouts.items():
-            summary = launch(processes, threads, args.config, overrides, args.out / f"{kind}_{repeat}")
+            summary = bench_run(processes, threads, args.config, overrides, args.out / f"{kind}_{repeat}")
             runs[kind].append(summary)
-            print(f"{kind} #{repeat}: {summary['images_per_s']:.1f} images/s", flush=True)
-    speed = {kind: statistics.median(s["images_per_s"] for s in runs[kind]) for kind in kinds}
+            print(f"{kind} #{repeat}: {summary.images_per_s:.1f} images/s", flush=True)
+    speed = {kind: statistics.median(s.images_per_s for s in runs[kind]) for kind in kinds}
     parallel = runs["parallel"]
     result = {
-        "machine": {"cpu": cpu_name(), "cores": available_cores(), "torch": torch.__version__},
+        "machine": describe_machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["python -m launch.bench_pipeline", *(argv if argv is not None else sys.argv[1:])]),
-        "method": parallel[0]["method"], "dataset": parallel[0]["dataset"],
-        "width": parallel[0]["config"]["model"]["width"], "batch_size": parallel[0]["config"]["train"]["batch_size"],
-        "steps": args.steps, "world_size": k, "placement": parallel[0]["placement"],
+        "command": " ".join(["python -m launch.bench.pipeline", *(argv if argv is not None else sys.argv[1:])]),
+        "method": parallel[0].method, "dataset": parallel[0].dataset,
+        "width": parallel[0].config["model"]["width"], "batch_size": parallel[0].config["train"]["batch_size"],
+        "steps": args.steps, "world_size": k, "placement": parallel[0].placement,
         "images_per_s": speed,
         "ratios": {"parallel_vs_single_1_thread": speed["parallel"] / speed["single_1_thread"],
                    f"parallel_vs_single_{k}_threads": speed["parallel"] / speed[f"single_{k}_threads"]},
-        "pipeline_efficiency": statistics.median(efficiency(s) for s in parallel),
-        "peak_memory_bytes": {kind: [statistics.median(s["peak_memory_bytes"][r] for s in runs[kind])
-                                     for r in range(len(runs[kind][0]["peak_memory_bytes"]))] for kind in kinds},
-        "ranks": [{"rank": r["rank"], "blocks": r["blocks"], "busy_s": r["seconds"] - r["wait_seconds"],
-                   "wait_s": r["wait_seconds"], "bytes_sent": r["bytes_sent"]} for r in parallel[-1]["ranks"]],
+        "pipeline_efficiency": statistics.median(s.pipeline_efficiency() for s in parallel),
+        "peak_memory_bytes": {kind: [statistics.median(s.peak_memory_bytes[r] for s in runs[kind])
+                                     for r in range(len(runs[kind][0].peak_memory_bytes))] for kind in kinds},
+        "ranks": [{"rank": r["rank"], "blocks": r["blocks"], "busy_s": r["busy_seconds"],
+                   "wait_s": r["wait_seconds"], "bytes_sent": r["bytes_sent"]} for r in parallel[-1].ranks],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -105,10 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench_pipeline.md").write_text(table + "\n")
     print(table)
     return 0
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def markdown(result: dict) -> str:

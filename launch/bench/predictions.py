@@ -1,0 +1,96 @@
+"""The benchmark's predictions: sim.costmodel fed with times measured on this machine, for each
+measured run and for K = 1, 2, 3, 6 at full width, each with the placement its run uses."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from sim.config import Config
+from sim.costmodel import (
+    LinkSpeed,
+    backprop_pipelined,
+    local_exact_feedback,
+    local_pipelined,
+    measure_block_times,
+    measure_data_seconds,
+    measure_link,
+)
+from sim.plan import Plan, PipelineSettings, make_plan
+
+METHODS = ("clapp_pp", "clapp_pp_dfb", "bp_infonce")
+EVERYTHING = [list(range(6))]
+
+
+def _plan(config: Config, method: str, world_size: int = 1, microbatches: int | None = None) -> Plan:
+    config = dataclasses.replace(config, method=method)
+    # the placement is the same for either schedule; gpipe accepts any micro-batch count
+    pipeline = PipelineSettings("gpipe", microbatches) if microbatches and world_size > 1 else None
+    return make_plan(config, world_size, pipeline=pipeline)
+
+
+def measure_times(config: Config, k: int, quick: bool, microbatches: int) -> tuple[dict, LinkSpeed]:
+    """{(method, threads): BlockTimes} for 1 and k threads (and ("bp_infonce", "micro") on one
+    micro-batch, 1 thread), and the link between two processes."""
+    repeats = 2 if quick else 5
+    data = measure_data_seconds(_plan(config, "clapp_pp"))
+    times = {(m, t): measure_block_times(_plan(config, m), t, data, repeats) for m in METHODS for t in sorted({1, k})}
+    times["bp_infonce", "micro"] = measure_block_times(_plan(config, "bp_infonce"), 1, data, repeats, microbatches)
+    return times, measure_link()
+
+
+def predict(config: Config, runs: Sequence[dict], times: dict, link: LinkSpeed, m: int) -> dict:
+    """The model's images/s for each measured run (with the placement it ran with), and its error."""
+    batch = config.train.batch_size
+    predictions = {}
+    for run in runs:
+        groups = run.get("placement") or EVERYTHING
+        threads, name = run["threads_per_process"], run["name"]
+        if name == "bp_single":
+            value = backprop_pipelined(times["bp_infonce", threads], EVERYTHING, link, batch)
+        elif name.startswith("bp_pipeline"):
+            value = backprop_pipelined(times["bp_infonce", "micro"], groups, link, batch, m)
+        elif name in ("local_single", "local_parallel"):
+            value = local_pipelined(times["clapp_pp", threads], groups, link, batch)
+        elif name == "local_dfb_single":
+            value = local_pipelined(times["clapp_pp_dfb", threads], EVERYTHING, link, batch)
+        elif name == "local_dfb_exact_parallel":
+            value = local_exact_feedback(times["clapp_pp_dfb", threads], groups, link, batch)
+        else:  # local_dfb_delayed_parallel
+            value = local_pipelined(times["clapp_pp_dfb", threads], groups, link, batch, feedback=True)
+        predictions[name] = {"predicted": value, "measured": run["images_per_s"],
+                             "error": value / run["images_per_s"] - 1}
+    return {"link": {"latency_s": link.latency, "bandwidth_bytes_per_s": link.bandwidth},
+            "block_seconds": {f"{method}@{threads}": dataclasses.asdict(t) for (method, threads), t in times.items()},
+            "note": "bp_pipeline_* predictions use per-block times measured on one micro-batch",
+            "runs": predictions,
+            "max_abs_error": max(abs(p["error"]) for p in predictions.values())}
+
+
+def full_width_predictions(config: Config, link: LinkSpeed, m: int, world_sizes: Sequence[int] = (1, 2, 3, 6)) -> dict:
+    """Predicted images/s at width 1.0 for each schedule and K, from per-block times measured here
+    (1 thread per process on CPU, or this GPU), each K with the placement its run would use."""
+    full = dataclasses.replace(config, model=dataclasses.replace(config.model, width=1.0))
+    data = measure_data_seconds(_plan(full, "clapp_pp"))
+    local = measure_block_times(_plan(full, "clapp_pp"), 1, data, 2)
+    dfb = measure_block_times(_plan(full, "clapp_pp_dfb"), 1, data, 2)
+    bp = measure_block_times(_plan(full, "bp_infonce"), 1, data, 2)
+    bp_micro = measure_block_times(_plan(full, "bp_infonce"), 1, data, 2, m)
+    batch, table = full.train.batch_size, {}
+    for k in world_sizes:
+        local_groups = _plan(full, "clapp_pp", k).placement.groups
+        dfb_groups = _plan(full, "clapp_pp_dfb", k).placement.groups
+        bp_groups = _plan(full, "bp_infonce", k, m).placement.groups
+        table[str(k)] = {
+            "local_pipelined": local_pipelined(local, local_groups, link, batch),
+            "dfb_exact": local_exact_feedback(dfb, dfb_groups, link, batch),
+            "dfb_delayed": local_pipelined(dfb, dfb_groups, link, batch, feedback=True),
+            "bp_1f1b" if k > 1 else "bp_single": (backprop_pipelined(bp_micro, bp_groups, link, batch, m) if k > 1
+                                                  else backprop_pipelined(bp, bp_groups, link, batch)),
+            "placement_local": [list(g) for g in local_groups],
+        }
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU, 1 thread per process"
+    return {"device": device, "batch_size": batch, "microbatches": m, "images_per_s": table,
+            "block_seconds": {"clapp_pp": local.local, "clapp_pp_dfb": dfb.local, "bp_forward": bp.forward,
+                              "bp_backward": bp.backward, "data": data}}

@@ -1,0 +1,47 @@
+"""Start a training run as its own process (or torchrun's K processes) and read its summary: the
+one launcher that the comparison, the reproduction table and the benchmarks share, so that each
+run's memory and speed are its own."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sim.summary import RunSummary
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fashion_mnist.toml"  # the main job's and the benchmarks'
+
+
+def command(module: str, processes: int) -> list[str]:
+    """`python -m module`, or torchrun's K processes on this machine (its store on loopback)."""
+    if processes == 1:
+        return [sys.executable, "-m", module]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    return [torchrun, "--standalone", "--nproc-per-node", str(processes), "-m", module]
+
+
+def launch_run(config: Path, overrides: Sequence[str], out: Path, *, processes: int = 1, module: str = "launch.train",
+               options: Sequence[str] = (), progress: bool = True, capture: bool = False) -> RunSummary:
+    """Run `module` with CONFIG, `--set` overrides and `options` into `out`; its summary.
+    `capture`: keep its output, and show the end of it only if it fails."""
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    argv = command(module, processes) + [str(config), *sets, *options, "--out", str(out)]
+    if not progress:
+        argv.append("--no-progress")
+    print(f"\n== {' '.join(argv[1:])}", flush=True)
+    done = subprocess.run(argv, capture_output=capture, text=True)
+    if done.returncode != 0:
+        tail = f":\n{done.stderr[-3000:]}" if capture else " (see above)"
+        raise SystemExit(f"run {out} failed{tail}")
+    return RunSummary.read(out)
+
+
+def bench_run(processes: int, threads: int, config: Path, overrides: list[str], out: Path,
+              module: str = "launch.train", options: Sequence[str] = ()) -> RunSummary:
+    """One benchmark run without probe and (unless `overrides` says otherwise) without log."""
+    shutil.rmtree(out, ignore_errors=True)
+    settings = ["probe.epochs=0", "log.every=0", *overrides, f"train.threads={threads}"]
+    return launch_run(config, settings, out, processes=processes, module=module, options=options, progress=False,
+                      capture=True)

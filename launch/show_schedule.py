@@ -1,0 +1,41 @@
+"""Print a run's schedule as a rank x tick grid, without running anything.
+
+    python -m launch.show_schedule CONFIG --world-size K [--steps N] [--set key=value ...]
+
+Each column is one unit of work: `F3` is the forward pass (and local learning) of batch 3, `U3`
+the update of batch 3 once its top-down feedback has arrived, `G3` the diagnostic gradient of
+batch 3 at the log's alignment steps, `.` a rank waiting. Below the grid, the messages each kind of
+action sends and receives, in order: the list every rank's messages are checked against.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sim.config import add_config_arguments, load_config
+from sim.job import exit_code
+from sim.plan import make_plan
+from sim.schedule import render_grid, render_messages
+from sim.world import World
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.show_schedule", description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
+    parser.add_argument("--world-size", type=int, required=True, help="number of processes K")
+    parser.add_argument("--steps", type=int, default=6, help="batches to show")
+    args = parser.parse_args(argv)
+    return exit_code(lambda: show(args), World())
+
+
+def show(args: argparse.Namespace) -> None:
+    plan = make_plan(load_config(args.config, args.overrides), args.world_size)
+    feedback = f", {plan.schedule.feedback} feedback" if plan.method.uses_top_context else ""
+    print(f"{plan.method.name}: {plan.schedule.name} schedule{feedback} on {args.world_size} process(es), "
+          f"blocks per rank {plan.placement}")
+    print(render_grid(plan.schedule, args.steps, plan.placement.groups))
+    print(render_messages(plan.schedule, args.steps))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

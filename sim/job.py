@@ -1,0 +1,243 @@
+"""A rank's whole job, from a plan to a run folder, whichever engine trains it.
+
+`run_job` is what `launch.train` and `launch.bp_pipeline` call, on every rank alike: it sets the
+threads and the device, starts the memory measurement, joins the process group, records why this
+rank failed (so that the others can name it), lets rank 0 read the data and the checkpoints and
+share what it found, builds this rank's blocks, trains them with the plan's engine (the local
+engine, `sim.local_engine`, or the BP pipeline, `sim.bp_engine`), gathers every result and every
+block's weights on rank 0, which then writes final.pt, probes the encoder and writes summary.json.
+
+The run folder: config.toml (resolved), checkpoints/ (local engine), log.zarr (when a log is kept),
+final.pt ({block: state_dict}) and summary.json (`sim.summary`), written last.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layers.block import Block
+from layers.encoder import NUM_BLOCKS
+from layers.model import PoolingError
+from sim.bp_engine import BPPipelineEngine, pipeline_group
+from sim.checkpoint import completed_steps, discard_after, has_checkpoints, load_checkpoint, save_checkpoint, save_final
+from sim.config import ConfigError, to_dict
+from sim.datasets import DatasetMissing, ImageSet, load_split
+from sim.evaluation import linear_probe, sample_images
+from sim.feed import ViewFeed
+from sim.local_engine import LocalEngine
+from sim.memory import PeakMemory
+from sim.placement import PlacementError
+from sim.plan import Plan
+from sim.recording import rank_recording, start_log
+from sim.stage import NonFiniteLoss, make_stage
+from sim.summary import RankResult, RunSummary, finished
+from sim.transport import (
+    Link,
+    PeerFailure,
+    broadcast_from_first,
+    first_failure,
+    gather_to_first,
+    receive_weights,
+    record_failure,
+    send_weights,
+    setup_barrier,
+)
+from sim.views import SimCLRViews
+from sim.world import World, connect, connect_alone, disconnect
+
+SETUP_TIMEOUT_S = 900.0  # rank 0 may load a large dataset, or gather full-width weights, for minutes
+USER_ERRORS = (ConfigError, PlacementError, PoolingError, DatasetMissing)  # exit code 2: fix the input
+RUN_ERRORS = (NonFiniteLoss, PeerFailure)  # exit code 1: the run failed
+
+
+@dataclass
+class RankZeroData:
+    """What rank 0 reads before training (the other ranks read no images)."""
+    feed: ViewFeed | None = None
+    probe_sets: tuple[ImageSet, ImageSet] | None = None  # (train, test) images of the final probe
+    test_set: ImageSet | None = None  # where the log's held-out images come from
+
+
+def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool = False,
+            progress: bool = True) -> RunSummary | None:
+    """Train this rank's share of the plan; returns the summary on rank 0, None elsewhere.
+
+    `resume` continues from the last complete checkpoint in `out_dir`; so does a job that torchrun
+    restarted (world.attempt > 0)."""
+    check_run_folder(out_dir, resume, world.attempt)
+    if plan.config.train.threads:
+        torch.set_num_threads(plan.config.train.threads)
+    device = world.device(plan.config.train.device)
+    memory = PeakMemory(device)  # what the work holds: from here (imports done) to the end of training
+    memory.start()
+    store = link = None
+    if world.distributed:
+        store = connect(world, device, SETUP_TIMEOUT_S)
+        link = Link(world.rank, device, store, plan.config.sim.timeout_s)
+    elif plan.pipeline is not None:
+        connect_alone(device)
+    try:
+        summary = _run_rank(plan, out_dir, world, device, link, resume, progress, memory)
+    except BaseException as error:
+        if store is None:
+            disconnect()
+            raise
+        if not isinstance(error, PeerFailure):
+            reason = first_failure(store)  # a rank that failed first has left its reason there
+            if reason is not None:
+                raise PeerFailure(f"rank {world.rank} stops because {reason}") from error
+            record_failure(store, f"rank {world.rank} failed: {type(error).__name__}: {error}")
+        raise  # without tearing the process group down: that could wait on a broken peer
+    disconnect()
+    return summary
+
+
+def check_run_folder(out_dir: Path, resume: bool, attempt: int) -> None:
+    """A run folder that would lose or mix data is refused before any work."""
+    if finished(out_dir):
+        raise ConfigError(f"{out_dir} already holds a finished run; choose another --out or remove it")
+    if not resume and not attempt and has_checkpoints(out_dir):
+        raise ConfigError(f"{out_dir} holds checkpoints of an unfinished run: continue it with "
+                          f"--resume {out_dir}, or choose another --out")
+
+
+def resume_point(out_dir: Path, resume: bool, restarted: bool) -> int:
+    """The step a run starts from: its last complete checkpoint when resuming or restarted, else 0."""
+    complete = completed_steps(out_dir)
+    if (resume or restarted) and complete:
+        print(f"resuming {out_dir} from its checkpoint after step {complete[-1]}")
+        return complete[-1]
+    if resume:
+        raise ConfigError(f"{out_dir} holds no complete checkpoint to resume from; start a new run")
+    if restarted:
+        print(f"restarted, but {out_dir} holds no complete checkpoint: training again from step 0", flush=True)
+    return 0
+
+
+def read_rank_zero_data(plan: Plan, device: torch.device) -> RankZeroData:
+    config, name, root = plan.config, plan.info.name, plan.config.data.root or None
+    ssl_set = load_split(name, root, "ssl", config.data.download)
+    data = RankZeroData(ViewFeed(ssl_set, SimCLRViews(plan.info, device), config.train.batch_size, config.train.seed))
+    if config.probe.epochs or plan.schedule.log_every:
+        data.test_set = load_split(name, root, "test", config.data.download)
+    if config.probe.epochs:
+        train_set = load_split(name, root, "train", config.data.download)
+        data.probe_sets = (sample_images(train_set, config.probe.train_limit, config.train.seed),
+                           sample_images(data.test_set, config.probe.test_limit, config.train.seed))
+    return data
+
+
+def _run_rank(plan: Plan, out_dir: Path, world: World, device: torch.device, link: Link | None, resume: bool,
+              progress: bool, memory: PeakMemory) -> RunSummary | None:
+    data, heldout = RankZeroData(), None
+    start = stop = heldout_count = 0
+    if world.rank == 0:  # only the first rank reads images and checkpoints
+        data = read_rank_zero_data(plan, device)
+        stop = plan.total_steps(data.feed.steps_per_epoch)
+        print(plan.describe(stop, device, len(data.feed.images)))
+        start = resume_point(out_dir, resume, world.attempt > 0)
+        discard_after(out_dir, start if start else -1)  # what came after it will be written again
+        print(plan.encoder_table())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.toml").write_text(plan.config_toml)
+        if plan.schedule.log_every:
+            heldout = start_log(plan, out_dir, data.test_set, start)
+            heldout_count = len(heldout)
+    if link is not None:  # share what rank 0 found
+        link.collective("the setup barrier", setup_barrier, SETUP_TIMEOUT_S)
+        start, stop, heldout_count = link.collective("broadcast", broadcast_from_first, [start, stop, heldout_count],
+                                                     device)
+    own = plan.placement.groups[world.rank]
+    blocks = plan.build_blocks(own, device)
+    if start:
+        load_checkpoint(out_dir, start, blocks)
+    train = _local_training if plan.pipeline is None else _pipeline_training
+    run = train(plan, out_dir, world, device, link, blocks, data, start, heldout, heldout_count)
+    if link is not None:  # every rank built: start the clocks together
+        link.collective("the start barrier", setup_barrier, SETUP_TIMEOUT_S)
+    result = run(stop, progress, memory)
+    gathered = _gather(plan, world, device, link, blocks, result)
+    if gathered is None:
+        return None
+    every_block, results = gathered
+    return _finish(plan, out_dir, every_block, results, data.probe_sets, device, progress, stop)
+
+
+Training = Callable[[int, bool, PeakMemory], RankResult]  # (stop, progress, memory) -> this rank's result
+
+
+def _local_training(plan: Plan, out_dir: Path, world: World, device: torch.device, link: Link | None,
+                    blocks: list[Block], data: RankZeroData, start: int, heldout: ImageSet | None,
+                    heldout_count: int) -> Training:
+    recording = rank_recording(plan, out_dir, world.rank, blocks, start, link, heldout, heldout_count, device)
+    stage = make_stage(blocks, plan.config.train.seed, stash_weights=plan.config.sim.feedback == "delayed",
+                       observe=recording.wants)
+    engine = LocalEngine(world.rank, plan.schedule, stage, device, shapes=plan.shapes, feed=data.feed, link=link,
+                         recording=recording)
+    return lambda stop, progress, memory: engine.run(start, stop, lambda step: save_checkpoint(out_dir, step, blocks),
+                                                     progress, memory)
+
+
+def _pipeline_training(plan: Plan, out_dir: Path, world: World, device: torch.device, link: Link | None,
+                       blocks: list[Block], data: RankZeroData, start: int, heldout: ImageSet | None,
+                       heldout_count: int) -> Training:
+    if world.rank == 0 and plan.config.log.every:
+        print("note: the BP pipeline keeps no log.zarr (log.every is ignored)", flush=True)
+    group = pipeline_group(plan.config.sim.timeout_s) if world.distributed else None  # every rank, same point
+    engine = BPPipelineEngine(plan, blocks, world.rank, device, group)
+    return lambda stop, progress, memory: engine.train(stop, data.feed, progress, memory)
+
+
+def _gather(plan: Plan, world: World, device: torch.device, link: Link | None, blocks: list[Block],
+            result: RankResult) -> tuple[list[Block], list[RankResult]] | None:
+    """Every block (weights as trained) and every rank's result, on rank 0; None on the others."""
+    if link is None:
+        return blocks, [result]
+    with link.patience(SETUP_TIMEOUT_S):  # gathering full-width weights may take minutes between machines
+        results = link.collective("gathering results", gather_to_first, result)
+        if world.rank > 0:
+            send_weights(link, blocks, 0)
+            return None
+        own = plan.placement.groups[0]
+        rest = plan.build_blocks([i for i in range(NUM_BLOCKS) if i not in own], device)
+        for rank in range(1, world.size):
+            receive_weights(link, [b for b in rest if b.index in plan.placement.groups[rank]], rank)
+    return blocks + rest, results
+
+
+def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankResult],
+            probe_sets: tuple[ImageSet, ImageSet] | None, device: torch.device, progress: bool,
+            stop: int) -> RunSummary:
+    """Rank 0, with every block's final weights: final.pt, the probe, summary.json."""
+    config = plan.config
+    save_final(out_dir / "final.pt", blocks)
+    probe = None
+    if probe_sets is not None:
+        probe = linear_probe(blocks, plan.info, *probe_sets, config.probe, seed=config.train.seed, device=device,
+                             progress=progress)
+    pipeline = plan.pipeline
+    summary = RunSummary.from_results(
+        results, config.train.batch_size, method=plan.method.name, dataset=plan.info.name,
+        engine="local" if pipeline is None else "bp_pipeline", steps=stop, probe=probe,
+        placement=[list(g) for g in plan.placement.groups],
+        schedule=plan.schedule.name if pipeline is None else pipeline.schedule,
+        feedback=plan.schedule.feedback if plan.method.uses_top_context and pipeline is None else None,
+        microbatches=None if pipeline is None else pipeline.microbatches,
+        device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=to_dict(config))
+    summary.write(out_dir)
+    return summary
+
+
+def exit_code(job: Callable[[], None], world: World) -> int:
+    """Run a program's `job`: 0 when it succeeds; an error a user can fix (2) or a failed run (1)
+    printed in one line that names this rank, without a traceback."""
+    try:
+        job()
+    except USER_ERRORS + RUN_ERRORS as error:
+        print(f"error (rank {world.rank}): {error}", file=sys.stderr)
+        return 2 if isinstance(error, USER_ERRORS) else 1
+    return 0

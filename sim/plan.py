@@ -1,0 +1,152 @@
+"""Everything a run derives from its config before any work: the method, the dataset's geometry,
+pooling kernels, placement of blocks on ranks, the schedule, the shapes of messages and, for the
+BP pipeline, its micro-batching. A plan that cannot run fails here, before any process group."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from layers.block import Block
+from layers.encoder import NUM_BLOCKS, block_channels, describe_encoder, map_sizes
+from layers.methods import METHODS, Method, get_method
+from layers.model import build_blocks, feature_dims, pool_kernels
+from sim.config import Config, ConfigError, to_toml
+from sim.costmodel import estimated_block_costs
+from sim.datasets import DatasetInfo, dataset_info
+from sim.placement import Placement, balanced_placement, check_groups
+from sim.schedule import MessageShapes, Schedule
+
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # torch.distributed.pipelining's schedules the BP engine drives
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The BP pipeline's own settings (launch.bp_pipeline's options, not config keys)."""
+    schedule: str  # gpipe | 1f1b
+    microbatches: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: Config
+    method: Method
+    info: DatasetInfo
+    kernels: list[int]
+    placement: Placement
+    schedule: Schedule
+    shapes: MessageShapes
+    pipeline: PipelineSettings | None = None  # set: an end-to-end method trained by the BP pipeline engine
+
+    @property
+    def config_toml(self) -> str:
+        return to_toml(self.config)
+
+    @property
+    def world_size(self) -> int:
+        return self.placement.world_size
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        if self.config.train.steps > 0:
+            return self.config.train.steps
+        return round(self.config.train.epochs * steps_per_epoch)  # epochs = 0: an untrained encoder
+
+    def build_blocks(self, indices: Sequence[int], device: torch.device) -> list[Block]:
+        """Blocks `indices` as this run trains them: each initialised from (seed, block) alone."""
+        c = self.config
+        return build_blocks(self.method, c.rule, width=c.model.width, in_channels=self.info.channels,
+                            input_size=self.info.image_size, seed=c.train.seed, lr=c.optim.lr,
+                            weight_decay=c.optim.weight_decay, indices=indices, device=device)
+
+    def microbatch_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """BP pipeline: (input, output) shape of one micro-batch on `rank`, rows first."""
+        rows = 2 * self.config.train.batch_size // self.pipeline.microbatches
+        side = self.info.image_size
+        given = (self.info.channels, side, side) if rank == 0 else self.shapes.activations[rank - 1][1:]
+        made = self.shapes.feedback[1:] if rank == self.world_size - 1 else self.shapes.activations[rank][1:]
+        return (rows, *given), (rows, *made)
+
+    def describe(self, steps: int, device: torch.device, images: int) -> str:
+        c = self.config
+        text = (f"{self.method.name} on {self.info.name} ({images:,} images), width {c.model.width}, "
+                f"batch {c.train.batch_size}, {steps:,} steps, device {device}, {torch.get_num_threads()} threads")
+        if self.pipeline is not None:
+            return (text + f"\nBP pipeline: {self.pipeline.schedule}, {self.pipeline.microbatches} micro-batches, "
+                    f"{self.world_size} process(es), blocks per rank {self.placement}")
+        if self.world_size > 1:
+            delays = [self.schedule.delay(r) for r in range(self.world_size)]
+            text += f"\n{self.world_size} processes, blocks per rank {self.placement}, schedule {self.schedule.name}"
+            if self.method.uses_top_context:
+                text += f", {self.schedule.feedback} feedback (delay in steps per rank: {delays})"
+        return text
+
+    def encoder_table(self) -> str:
+        """Each block's output shape, parameters, cost, pooling and loss, as a table."""
+        width, method = self.config.model.width, self.method
+        dims = feature_dims(width, self.info.image_size, self.kernels)
+        lines = ["block  output (C,H,W)    conv params   MMAC/img  pool  loss on D features from contexts"]
+        for report, kernel, dim in zip(describe_encoder(width, self.info.channels, self.info.image_size),
+                                       self.kernels, dims):
+            has_loss = report.index == NUM_BLOCKS - 1 or not method.end_to_end
+            loss = f"D = {dim:,} ({', '.join(method.contexts)})" if has_loss else "- (gradient from the top)"
+            lines.append(f"{report.index:>5}  {str(report.output_shape):<16} {report.conv_params:>11,}  "
+                         f"{report.macs_per_image / 1e6:>8.1f}  {kernel:>4}  {loss}")
+        return "\n".join(lines)
+
+
+def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | None = None) -> Plan:
+    """The run's plan for `world_size` processes; a placement that does not fit fails here.
+
+    `pipeline`: an end-to-end method split over the ranks with back-propagation between them (the
+    BP pipeline engine); without it end-to-end methods run in one process only."""
+    method, info = get_method(config.method), dataset_info(config.data.name)
+    if pipeline is not None:
+        check_pipeline(config, method, pipeline, world_size)
+    elif method.end_to_end and world_size > 1:
+        raise ConfigError(f"{method.name} is end-to-end backprop: it runs in one process, not {world_size} "
+                          "(launch it with python -m launch.train, or pipelined with launch.bp_pipeline)")
+    kernels = pool_kernels(method, info.image_size, config.rule.pool or None)
+    dims = feature_dims(config.model.width, info.image_size, kernels)
+    placement = _placement(config, method, info, dims, world_size)
+    waits = tuple(method.uses_top_context and not method.end_to_end and r < world_size - 1 for r in range(world_size))
+    aligns = config.log.every > 0 and not method.end_to_end  # BP-SSL's update is the BP gradient itself
+    schedule = Schedule(config.sim.schedule, config.sim.feedback, waits, config.train.checkpoint_every,
+                        config.log.every if pipeline is None else 0, config.log.align_every if aligns else 0)
+    rows = 2 * config.train.batch_size
+    channels, sizes = block_channels(config.model.width), map_sizes(info.image_size)
+    activations = tuple((rows, channels[g[-1]], sizes[g[-1]], sizes[g[-1]]) for g in placement.groups)
+    return Plan(config, method, info, kernels, placement, schedule,
+                MessageShapes(activations, (rows, dims[NUM_BLOCKS - 1])), pipeline)
+
+
+def check_pipeline(config: Config, method: Method, pipeline: PipelineSettings, world_size: int) -> None:
+    """Everything about a BP pipeline request that can be wrong, before any process group exists."""
+    if not method.end_to_end:
+        end_to_end = ", ".join(name for name, m in METHODS.items() if m.end_to_end)
+        raise ConfigError(f"method = {config.method!r} learns locally: the BP pipeline trains end-to-end methods "
+                          f"({end_to_end}); run local methods with launch.train")
+    schedule, count, batch = pipeline.schedule, pipeline.microbatches, config.train.batch_size
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ConfigError(f"--schedule {schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}")
+    if count < 1 or batch % count:
+        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+        raise ConfigError(f"train.batch_size = {batch} is not divisible by --microbatches {count}: "
+                          f"use one of {divisors}, or another batch size")
+    if batch // count < 2:
+        raise ConfigError(f"--microbatches {count} leaves {batch // count} image per micro-batch; each needs at "
+                          f"least 2 (negatives come from other images): use at most {batch // 2}")
+    if schedule == "1f1b" and count < world_size:
+        raise ConfigError(f"1F1B needs at least as many micro-batches as processes: --microbatches {count} "
+                          f"with {world_size} processes; use --microbatches {world_size} or more, or gpipe")
+    if config.train.steps == 0 and config.train.epochs == 0:
+        raise ConfigError("train.steps and train.epochs are both 0: nothing to train; give --steps N")
+
+
+def _placement(config: Config, method: Method, info: DatasetInfo, dims: list[int], world_size: int) -> Placement:
+    if isinstance(config.sim.placement, list):
+        return check_groups(config.sim.placement, world_size)
+    contexts = [[dims[i] if s == "lateral" else dims[-1] for s in method.contexts] if not method.end_to_end else []
+                for i in range(NUM_BLOCKS)]
+    costs = estimated_block_costs(config.model.width, info.channels, info.image_size, dims, contexts)
+    return balanced_placement(costs, world_size)

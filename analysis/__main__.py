@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from analysis import plots
-from analysis.alignment import alignment_csv, alignment_table, block_alignment
 from analysis.cka import blocks_cka, blocks_cka_table, runs_cka, runs_cka_table
-from analysis.probe import ALPHA, SEED, TRAIN_FRACTION, probe_csv, probe_run, probe_table
+from analysis.gradient_alignment import alignment_csv, alignment_table, block_alignment
+from analysis.logged_probe import ALPHA, SEED, TRAIN_FRACTION, probe_csv, probe_run, probe_table
 from analysis.report import build_report
 from analysis.store import LogError, RunLog, open_run
 

@@ -9,9 +9,9 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from analysis.alignment import BlockAlignment
 from analysis.cka import BlockCka, RunsCka
-from analysis.probe import ProbeResult
+from analysis.gradient_alignment import BlockAlignment
+from analysis.logged_probe import ProbeResult
 from analysis.store import RunLog
 
 DPI = 110

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from analysis import plots
-from analysis.alignment import block_alignment
 from analysis.cka import blocks_cka
-from analysis.probe import probe_run
+from analysis.gradient_alignment import block_alignment
+from analysis.logged_probe import probe_run
 from analysis.store import LogError, RunLog
 
 STYLE = """

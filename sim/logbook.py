@@ -7,19 +7,33 @@ time; at every checkpoint the buffer is flushed, so the store always holds every
 the last checkpoint, and a resumed run truncates what came after it and appends from there: no
 gap, no duplicate. The `step` arrays are appended last and filled with -1 until written: a reader
 of a store still being written takes the rows whose step is >= 0, and every other array already
-holds them. The layout is documented in analysis/store.py, which reads it.
+holds them. The layout (names, dtypes, dimensions) is defined once, in sim/log_format.py.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 
-SCALARS = {"loss": "float32", "score_pos": "float32", "score_neg": "float32", "update_norm": "float32",
-           "feedback_norm": "float32", "step_seconds": "float32", "bytes_sent": "int64"}
+from sim.log_format import (
+    ACTIVATIONS,
+    ALIGN_GROUP,
+    ALIGN_STEP,
+    BLOCK_ARRAYS,
+    BLOCK_ATTRS,
+    GRADIENTS,
+    HELDOUT_INDEX,
+    HELDOUT_LABELS,
+    SCALARS,
+    STEP,
+    ArraySpec,
+    block_group,
+    root_attrs,
+)
 
 
 @dataclass(frozen=True)
@@ -48,15 +62,18 @@ class BlockInfo:
     weight_shape: tuple[int, ...]
 
 
-def create_store(path: Path, attrs: dict, blocks: Sequence[BlockInfo], heldout_labels: np.ndarray,
+def create_store(path: Path, attrs: dict[str, Any], blocks: Sequence[BlockInfo], heldout_labels: np.ndarray,
                  heldout_index: np.ndarray) -> None:
-    """Rank 0, before any rank writes: the root, its attributes and an empty group per block."""
-    root = zarr.open_group(str(path), mode="w", attributes={"laminar_log": 1, **attrs})
-    root.create_array("heldout_labels", data=heldout_labels.astype(np.int64), dimension_names=("image",))
-    root.create_array("heldout_index", data=heldout_index.astype(np.int64), dimension_names=("image",))
-    for info in blocks:
-        attributes = {**info.__dict__, "weight_shape": list(info.weight_shape)}
-        root.create_group(f"block{info.block}", attributes=attributes)
+    """Rank 0, before any rank writes: the root, its attributes and an empty group per block.
+
+    `attrs` holds the root fields of the format (see `root_attrs`); a missing or unknown one is an error.
+    """
+    root = zarr.open_group(str(path), mode="w", attributes=root_attrs(**attrs))
+    for spec, values in ((HELDOUT_LABELS, heldout_labels), (HELDOUT_INDEX, heldout_index)):
+        root.create_array(spec.name, data=values.astype(spec.dtype), dimension_names=spec.dims)
+    for info in blocks:  # getattr: a BlockInfo without a field the format names fails here, not in a reader
+        attributes = {name: getattr(info, name) for name in BLOCK_ATTRS} | {"weight_shape": list(info.weight_shape)}
+        root.create_group(block_group(info.block), attributes=attributes)
 
 
 class BlockWriter:
@@ -64,20 +81,16 @@ class BlockWriter:
 
     def __init__(self, root: zarr.Group, info: BlockInfo, settings: LogSettings, start_step: int):
         self.info, self.settings = info, settings
-        group = root[f"block{info.block}"]
-        chunk = settings.chunk
-        self.arrays = {name: _array(group, name, (0,), (chunk,), dtype, ("step",)) for name, dtype in SCALARS.items()}
-        self.arrays["activations"] = _array(group, "activations", (0, settings.heldout, info.feature_dim),
-                                            (chunk, settings.heldout, info.feature_dim), settings.dtype,
-                                            ("step", "image", "feature"))
-        self.arrays["step"] = _array(group, "step", (0,), (chunk,), "int64", ("step",), fill_value=-1)  # last
+        group = root[block_group(info.block)]
+        chunk, one_step = settings.chunk, (settings.heldout, info.feature_dim)  # (image, feature) of a logged step
+        self.arrays: dict[str, zarr.Array] = {}  # in BLOCK_ARRAYS order, step last: flush appends in this order
+        for spec in BLOCK_ARRAYS:
+            row, dtype = (one_step, settings.dtype) if spec is ACTIVATIONS else ((), None)
+            self.arrays[spec.name] = _array(group, spec, (0, *row), (chunk, *row), dtype)
         params = int(np.prod(info.weight_shape))
-        align = group.require_group("align")
-        self.align = {"local_gradient": _array(align, "local_gradient", (0, params), (1, params), "float32",
-                                               ("align", "param")),
-                      "bp_gradient": _array(align, "bp_gradient", (0, params), (1, params), "float32",
-                                            ("align", "param")),
-                      "step": _array(align, "step", (0,), (chunk,), "int64", ("align",), fill_value=-1)}
+        align = group.require_group(ALIGN_GROUP)
+        self.align = {spec.name: _array(align, spec, (0, params), (1, params)) for spec in GRADIENTS}
+        self.align[ALIGN_STEP.name] = _array(align, ALIGN_STEP, (0,), (chunk,))
         _truncate(self.arrays, start_step)  # a resumed run rewrites what came after its checkpoint
         _truncate(self.align, start_step)
         self.rows: dict[int, dict] = {}  # step -> fields recorded so far
@@ -88,7 +101,7 @@ class BlockWriter:
         """Add fields to row `step`. A row is complete once both its parts are in: "forward" (the
         rank's forward action of the step is over) and "update" (the block learned from the step's
         batch, which for delayed feedback comes later)."""
-        row = self.rows.setdefault(step, {"step": step, "parts": set()})
+        row = self.rows.setdefault(step, {STEP.name: step, "parts": set()})
         row.update(fields)
         if part is not None:
             row["parts"].add(part)
@@ -97,10 +110,10 @@ class BlockWriter:
 
     def _complete(self, step: int) -> None:
         row = self.rows.pop(step)  # missing scalars are NaN: no loss of its own, no feedback
-        if self.ready and self.ready[-1]["step"] >= step:
+        if self.ready and self.ready[-1][STEP.name] >= step:
             raise RuntimeError(f"block {self.info.block}: log row {step} completed out of order")
-        for name, dtype in SCALARS.items():
-            row.setdefault(name, np.nan if dtype == "float32" else 0)
+        for spec in SCALARS:
+            row.setdefault(spec.name, 0 if spec.integer else np.nan)
         self.ready.append(row)
         if len(self.ready) >= self.settings.chunk:
             self.flush()
@@ -108,11 +121,11 @@ class BlockWriter:
     def record_pair(self, step: int, **gradients: np.ndarray) -> None:
         pair = self.pairs.setdefault(step, {})
         pair.update(gradients)
-        if len(pair) == 2:
+        if len(pair) == len(GRADIENTS):
             del self.pairs[step]
-            for name in ("local_gradient", "bp_gradient"):
-                self.align[name].append(pair[name].reshape(1, -1).astype(np.float32))
-            self.align["step"].append(np.array([step], dtype=np.int64))  # last: the row is now whole
+            for spec in GRADIENTS:
+                self.align[spec.name].append(pair[spec.name].reshape(1, -1).astype(spec.dtype))
+            self.align[ALIGN_STEP.name].append(np.array([step], dtype=ALIGN_STEP.dtype))  # last: the row is now whole
 
     def flush(self) -> None:
         if not self.ready:
@@ -123,17 +136,18 @@ class BlockWriter:
         self.ready.clear()
 
 
-def _array(group: zarr.Group, name: str, shape: tuple, chunks: tuple, dtype: str, dims: tuple,
-           fill_value: float | None = None) -> zarr.Array:
-    if name in group:
-        return group[name]
-    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims,
-                              fill_value=fill_value)
+def _array(group: zarr.Group, spec: ArraySpec, shape: tuple[int, ...], chunks: tuple[int, ...],
+           dtype: str | None = None) -> zarr.Array:
+    """The array `spec` of `group`: the one already there (a resumed run), or a new empty one."""
+    if spec.name in group:
+        return group[spec.name]
+    return group.create_array(spec.name, shape=shape, chunks=chunks, dtype=spec.pick(dtype), dimension_names=spec.dims,
+                              fill_value=spec.fill_value)
 
 
 def _truncate(arrays: dict[str, zarr.Array], start_step: int) -> None:
     """Drop rows of steps >= start_step (and any row beyond the shortest field)."""
-    steps = arrays["step"][:]
+    steps = arrays[STEP.name][:]  # ALIGN_STEP has the same name
     steps = steps[: int(np.argmax(steps < 0)) if (steps < 0).any() else len(steps)]  # rows fully written
     keep = min(int(np.searchsorted(steps, start_step)), *(a.shape[0] for a in arrays.values()))
     for array in arrays.values():

@@ -1,11 +1,14 @@
 """analysis/: stores written here with zarr by the log format (the spec), read back and analysed.
 
-`write_fake_store` writes RUN_DIR/log.zarr the way the real runs do: rank 0 creates the root, its
-attributes and the held-out arrays, then each "rank" (a thread) creates and appends to the groups of
-its own blocks, concurrently, one logged step at a time.
+`write_fake_store` writes RUN_DIR/log.zarr the way the real runs do, through the names, dtypes and
+dimensions of sim/log_format.py: rank 0 creates the root, its attributes and the held-out arrays,
+then each "rank" (a thread) creates and appends to the groups of its own blocks, concurrently, one
+logged step at a time.
 """
 import json
 import math
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from html.parser import HTMLParser
@@ -18,9 +21,28 @@ from matplotlib.image import imread
 
 from analysis.__main__ import main
 from analysis.cka import blocks_cka, linear_cka, runs_cka
-from analysis.probe import probe_run, stratified_split
-from analysis.store import SERIES, LogError, _common_rows, open_run
+from analysis.logged_probe import probe_run, stratified_split
+from analysis.store import LogError, _common_rows, open_run
+from sim.log_format import (
+    ACTIVATIONS,
+    ALIGN_ARRAYS,
+    ALIGN_STEP,
+    BLOCK_ARRAYS,
+    BLOCK_ATTRS,
+    BP_GRADIENT,
+    HELDOUT_INDEX,
+    HELDOUT_LABELS,
+    LOCAL_GRADIENT,
+    SCALARS,
+    STEP,
+    STORE_NAME,
+    ArraySpec,
+    align_group,
+    block_group,
+    root_attrs,
+)
 
+ROOT = Path(__file__).resolve().parents[1]
 CHANNELS, GRIDS = (2, 4, 4, 8, 8, 8), (2, 2, 2, 1, 1, 1)
 DIMS = tuple(c * g * g for c, g in zip(CHANNELS, GRIDS))
 Acts = Callable[[int, int, np.random.Generator], np.ndarray]  # (block, row, rng) -> (image, feature)
@@ -38,6 +60,26 @@ def separable_acts(labels: np.ndarray) -> Acts:
     return make
 
 
+def fake_series(rng: np.random.Generator, rows: int, log_every: int) -> dict[str, np.ndarray]:
+    """One block's per-step series, each in the format's dtype."""
+    data = {STEP.name: np.arange(rows) * log_every, "bytes_sent": rng.integers(0, 5000, rows)}  # drawn first
+    data |= {spec.name: rng.normal(size=rows) for spec in SCALARS if spec.name not in data}
+    for name in ("loss", "update_norm", "step_seconds"):  # positive, like the real ones
+        data[name] = np.abs(data[name])
+    data["feedback_norm"][:] = np.nan  # clapp_pp: no block receives top-down feedback
+    return {spec.name: data[spec.name].astype(spec.dtype) for spec in (STEP, *SCALARS)}
+
+
+def create(group: zarr.Group, spec: ArraySpec, values: np.ndarray, whole: bool, chunk: int | None = None) -> zarr.Array:
+    """`spec`'s array in `group`, holding `values` if `whole`, else empty (to be appended to)."""
+    array = group.create_array(spec.name, shape=(len(values) if whole else 0, *values.shape[1:]), dtype=spec.dtype,
+                               chunks="auto" if chunk is None else (chunk, *values.shape[1:]),
+                               dimension_names=spec.dims, fill_value=spec.fill_value)
+    if whole:
+        array[:] = values
+    return array
+
+
 def write_fake_store(run_dir: Path, rows: int = 5, log_every: int = 10, align_every: int = 20, images: int = 40,
                      num_classes: int = 4, placement=((0, 1, 2), (3, 4, 5)), acts: Callable[..., Acts] = random_acts,
                      index_offset: int = 0, seed: int = 0, row_by_row: bool = False) -> dict:
@@ -47,64 +89,56 @@ def write_fake_store(run_dir: Path, rows: int = 5, log_every: int = 10, align_ev
     rewrites the arrays' metadata); otherwise each array is written whole.
     """
     rng = np.random.default_rng(seed)
-    labels = np.arange(images) % num_classes
-    index = np.arange(images, dtype=np.int64) * 3 + index_offset
-    attrs = {"laminar_log": 1, "config": {"method": "clapp_pp", "train": {"steps": rows * log_every}},
-             "code_version": "unknown", "world_size": len(placement), "placement": [list(g) for g in placement],
-             "dataset": "synthetic", "method": "clapp_pp", "num_blocks": 6, "log_every": log_every,
-             "align_every": align_every, "heldout_split": "test", "num_classes": num_classes}
-    root = zarr.open_group(run_dir / "log.zarr", mode="w")
-    root.attrs.update(attrs)
-    root.create_array("heldout_labels", data=labels.astype(np.int64), dimension_names=["image"])
-    root.create_array("heldout_index", data=index, dimension_names=["image"])
+    labels = (np.arange(images) % num_classes).astype(HELDOUT_LABELS.dtype)
+    index = (np.arange(images) * 3 + index_offset).astype(HELDOUT_INDEX.dtype)
+    attrs = root_attrs(config={"method": "clapp_pp", "train": {"steps": rows * log_every}}, code_version="unknown",
+                       world_size=len(placement), placement=[list(g) for g in placement], dataset="synthetic",
+                       method="clapp_pp", num_blocks=6, log_every=log_every, align_every=align_every,
+                       heldout_split="test", num_classes=num_classes)
+    root = zarr.open_group(run_dir / STORE_NAME, mode="w", attributes=attrs)
+    for spec, values in ((HELDOUT_LABELS, labels), (HELDOUT_INDEX, index)):
+        create(root, spec, values, whole=True)
     make_acts = acts(labels)
     written: dict = {"attrs": attrs, "labels": labels, "index": index, "blocks": {}}
     for b in range(6):  # the data first (one generator, so the content does not depend on thread timing)
         weight = [CHANNELS[b], CHANNELS[b - 1] if b else 1, 3, 3]
-        steps = np.arange(rows, dtype=np.int64) * log_every
-        data = {"step": steps, "bytes_sent": rng.integers(0, 5000, rows)}
-        data |= {k: rng.normal(size=rows).astype(np.float32) for k, integer in SERIES.items() if not integer}
-        for name in ("loss", "update_norm", "step_seconds"):  # positive, like the real ones
-            data[name] = np.abs(data[name])
-        data["feedback_norm"][:] = np.nan  # clapp_pp: no block receives top-down feedback
-        data["activations"] = np.array([make_acts(b, r, rng) for r in range(rows)], np.float16).reshape(
+        data = fake_series(rng, rows, log_every)
+        data[ACTIVATIONS.name] = np.array([make_acts(b, r, rng) for r in range(rows)], ACTIVATIONS.dtype).reshape(
             rows, images, DIMS[b])
+        steps = data[STEP.name]
         align_steps = steps[steps % align_every == 0] if align_every else steps[:0]
         params = math.prod(weight)
-        align = {"step": align_steps, "local_gradient": rng.normal(size=(len(align_steps), params)).astype(np.float32)}
-        align["bp_gradient"] = (align["local_gradient"] + rng.normal(size=(len(align_steps), params))).astype(np.float32)
+        local = rng.normal(size=(len(align_steps), params)).astype(LOCAL_GRADIENT.dtype)
+        bp = (local + rng.normal(size=local.shape)).astype(BP_GRADIENT.dtype)
+        align = {ALIGN_STEP.name: align_steps, LOCAL_GRADIENT.name: local, BP_GRADIENT.name: bp}
         written["blocks"][b] = {"attrs": {"block": b, "rank": next(r for r, g in enumerate(placement) if b in g),
                                           "feature_dim": DIMS[b], "grid": GRIDS[b], "channels": CHANNELS[b],
                                           "has_loss": True, "weight_shape": weight},
                                 "series": data, "align": align if align_every else None}
+        assert tuple(written["blocks"][b]["attrs"]) == BLOCK_ATTRS  # exactly the format's names
 
     def rank(blocks: tuple[int, ...]) -> None:
-        store = zarr.open_group(run_dir / "log.zarr", mode="r+")
-        arrays = {}
-        for b in blocks:
+        store = zarr.open_group(run_dir / STORE_NAME, mode="r+")
+        arrays: dict[tuple, zarr.Array] = {}
+        for b in blocks:  # created in the writer's order: step last
             w = written["blocks"][b]
-            g = store.create_group(f"block{b}", attributes=w["attrs"])
-            for name, v in w["series"].items():
-                arrays[b, name] = g.create_array(name, shape=(0 if row_by_row else rows, *v.shape[1:]), dtype=v.dtype,
-                                                 chunks=(2, *v.shape[1:]), dimension_names=["step", "image", "feature"][:v.ndim])
-                if not row_by_row:
-                    arrays[b, name][:] = v
+            group = store.create_group(block_group(b), attributes=w["attrs"])
+            for spec in BLOCK_ARRAYS:
+                arrays[b, spec.name] = create(group, spec, w["series"][spec.name], not row_by_row, chunk=2)
             if w["align"] is not None:
-                a = g.create_group("align")
-                for name, v in w["align"].items():
-                    arrays[b, "align", name] = a.create_array(name, shape=(0, *v.shape[1:]), dtype=v.dtype,
-                                                              dimension_names=["align", "param"][:v.ndim])
-                    if not row_by_row:
-                        arrays[b, "align", name].append(v)
+                align = store.create_group(align_group(b))
+                for spec in ALIGN_ARRAYS:
+                    arrays[b, "align", spec.name] = create(align, spec, w["align"][spec.name], not row_by_row)
         for r in range(rows if row_by_row else 0):  # append one logged step at a time, as training does
             for b in blocks:
                 w = written["blocks"][b]
-                for name, v in w["series"].items():
-                    arrays[b, name].append(v[r:r + 1])
-                if w["align"] is not None and w["series"]["step"][r] % align_every == 0:
-                    i = int(np.searchsorted(w["align"]["step"], w["series"]["step"][r]))
-                    for name, v in w["align"].items():
-                        arrays[b, "align", name].append(v[i:i + 1])
+                for spec in BLOCK_ARRAYS:
+                    arrays[b, spec.name].append(w["series"][spec.name][r:r + 1])
+                step = w["series"][STEP.name][r]
+                if w["align"] is not None and step % align_every == 0:
+                    i = int(np.searchsorted(w["align"][ALIGN_STEP.name], step))
+                    for spec in ALIGN_ARRAYS:
+                        arrays[b, "align", spec.name].append(w["align"][spec.name][i:i + 1])
 
     threads = [threading.Thread(target=rank, args=(tuple(g),)) for g in placement]
     for t in threads:
@@ -112,6 +146,11 @@ def write_fake_store(run_dir: Path, rows: int = 5, log_every: int = 10, align_ev
     for t in threads:
         t.join()
     return written
+
+
+def open_block(run_dir: Path, block: int) -> zarr.Group:
+    """A block's group, to change by hand."""
+    return zarr.open_group(run_dir / STORE_NAME / block_group(block), mode="r+")
 
 
 class TagChecker(HTMLParser):
@@ -155,20 +194,29 @@ def test_round_trip_of_every_field_from_two_concurrent_ranks(tmp_path):
 
 def test_reader_tolerates_a_store_being_written(tmp_path, capsys):
     write_fake_store(tmp_path, rows=4, align_every=0)
-    g = zarr.open_group(tmp_path / "log.zarr/block1", mode="r+")
+    g = open_block(tmp_path, 1)
     g["loss"].append(np.full(1, np.nan, np.float32))  # one array a row ahead of the others
-    g["step"].append(np.array([40]))
-    g["activations"].append(np.zeros((1, 40, DIMS[1]), np.float16))
-    h = zarr.open_group(tmp_path / "log.zarr/block2", mode="r+")
-    for name in h.array_keys():  # grown but not filled yet: the step row reads as the fill value, 0
+    g[STEP.name].append(np.array([40]))
+    g[ACTIVATIONS.name].append(np.zeros((1, 40, DIMS[1]), np.float16))
+    h = open_block(tmp_path, 2)
+    for name in h.array_keys():  # grown but not filled yet: the step row reads as the fill value, -1
         h[name].resize((5, *h[name].shape[1:]))
-    del zarr.open_group(tmp_path / "log.zarr/block5", mode="r+")["step"]  # its rank is still creating arrays
+    del open_block(tmp_path, 5)[STEP.name]  # its rank is still creating arrays
     run = open_run(tmp_path)
     assert [len(run.blocks[b].steps) for b in range(5)] == [4] * 5 and 5 not in run.blocks
     assert all(blk.align is None for blk in run.blocks.values())
     assert [_common_rows(np.array(s), [9]) for s in ([0, 10, -1], [-1], [0, 10, 0, 0], [0, 10])] == [2, 0, 2, 2]
     assert main(["alignment", str(tmp_path)]) == 2
     assert "no gradient pairs (align_every = 0)" in capsys.readouterr().err
+
+
+def test_analysis_imports_no_torch():
+    """Reading a log must not need torch: of sim, analysis imports only the format (standard library)."""
+    code = "import analysis.__main__, analysis.store, sys; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False", "importing analysis imported torch"
 
 
 def test_clear_errors(tmp_path, capsys):
@@ -184,7 +232,7 @@ def test_clear_errors(tmp_path, capsys):
     write_fake_store(tmp_path / "b")
     with pytest.raises(LogError, match="different held-out images"):
         runs_cka(open_run(other), open_run(tmp_path / "b"))
-    del zarr.open_group(other / "log.zarr/block3", mode="r+")["score_neg"]
+    del open_block(other, 3)["score_neg"]
     with pytest.raises(LogError, match="block3: array 'score_neg' is missing"):
         open_run(other)
 
@@ -259,9 +307,9 @@ def test_cka_commands(tmp_path):
     assert main(["cka", str(tmp_path / "a"), "--step", "7"]) == 2
 
 
-def test_report_builds_from_tiny_two_rank_run(tmp_path):
+def test_report_builds_from_a_fake_two_rank_store(tmp_path):
     write_fake_store(tmp_path, rows=6, row_by_row=True)
-    block0 = zarr.open_group(tmp_path / "log.zarr/block0", mode="r+")  # as in BP-SSL: no loss of its own
+    block0 = open_block(tmp_path, 0)  # as in BP-SSL: no loss of its own
     block0.attrs["has_loss"] = False
     block0["loss"][:] = np.nan
     (tmp_path / "config.toml").write_text('method = "clapp_pp"\n[train]\nsteps = 60\n')

@@ -9,31 +9,65 @@ import numpy as np
 import pytest
 import zarr
 
+from sim.log_format import (
+    ACTIVATIONS,
+    ALIGN_ARRAYS,
+    ALIGN_GROUP,
+    FORMAT_VERSION,
+    ROOT_ARRAYS,
+    ROOT_FIELDS,
+    SERIES,
+    STORE_NAME,
+    VERSION_ATTR,
+    ArraySpec,
+    block_group,
+    root_attrs,
+)
 from tests.ranks import run_ranks
 from tests.test_distributed import ROOT, args, assert_same_weights, single_process
 
 LOG = ["log.every=2", "log.align_every=4", "log.heldout=24", "log.chunk=3", "train.steps=9"]
-FIELDS = ["step", "loss", "score_pos", "score_neg", "update_norm", "feedback_norm", "step_seconds", "bytes_sent",
-          "activations"]
+MEASURED = ("step_seconds", "bytes_sent")  # timings and traffic: they differ with the number of processes
+LEARNED = [spec.name for spec in (*SERIES, ACTIVATIONS) if spec.name not in MEASURED]
 
 
 def open_log(run: Path) -> zarr.Group:
-    return zarr.open_group(str(run / "log.zarr"), mode="r")
+    return zarr.open_group(str(run / STORE_NAME), mode="r")
+
+
+def assert_follows_format(array: zarr.Array, spec: ArraySpec) -> None:
+    """The writer stored `spec` with the format's dtype (the default one) and dimension names."""
+    assert (array.dtype, array.metadata.dimension_names) == (np.dtype(spec.dtype), spec.dims), spec.name
+
+
+def test_root_attrs_take_exactly_the_format_fields():
+    fields = dict.fromkeys(ROOT_FIELDS, 0)
+    assert root_attrs(**fields) == {VERSION_ATTR: FORMAT_VERSION, **fields}
+    assert root_attrs(**root_attrs(**fields)) == root_attrs(**fields)  # the version may pass through
+    with pytest.raises(ValueError, match=r"missing \['dataset'\], unknown \['datset'\]"):
+        root_attrs(**{k: v for k, v in fields.items() if k != "dataset"}, datset="x")
+    with pytest.raises(ValueError, match="log format version 1"):
+        root_attrs(**fields, laminar_log=2)
 
 
 def test_round_trip_of_a_small_store(tmp_path):
     single_process(tmp_path / "run", "method=clapp_pp_dfb", *LOG)
     log = open_log(tmp_path / "run")
-    assert log.attrs["laminar_log"] == 1 and log.attrs["world_size"] == 1 and log.attrs["method"] == "clapp_pp_dfb"
+    assert log.attrs[VERSION_ATTR] == FORMAT_VERSION
+    assert log.attrs["world_size"] == 1 and log.attrs["method"] == "clapp_pp_dfb"
     assert log.attrs["config"]["log"]["every"] == 2 and log.attrs["placement"] == [[0, 1, 2, 3, 4, 5]]
     assert log.attrs["code_version"]
     assert log["heldout_labels"].shape == (24,) and log["heldout_index"].shape == (24,)
+    for spec in ROOT_ARRAYS:
+        assert_follows_format(log[spec.name], spec)
     for block in range(6):
-        group = log[f"block{block}"]
+        group = log[block_group(block)]
+        for spec in (*SERIES, ACTIVATIONS):
+            assert_follows_format(group[spec.name], spec)
+        for spec in ALIGN_ARRAYS:
+            assert_follows_format(group[ALIGN_GROUP][spec.name], spec)
         assert group["step"][:].tolist() == [0, 2, 4, 6, 8]
         assert group["activations"].shape == (5, 24, group.attrs["feature_dim"])
-        assert group["activations"].dtype == np.float16
-        assert group["activations"].metadata.dimension_names == ("step", "image", "feature")
         assert np.isfinite(group["loss"][:]).all() and (group["update_norm"][:] > 0).all()
         assert np.isnan(group["feedback_norm"][:]).all() == (block == 5)  # the top block needs no feedback
         assert group["align"]["step"][:].tolist() == [0, 4, 8]
@@ -47,7 +81,7 @@ def test_logging_does_not_change_what_is_learned(tmp_path):
     silent = single_process(tmp_path / "silent", "method=clapp_pp_dfb", "log.every=0", "train.steps=9")
     logged = single_process(tmp_path / "logged", "method=clapp_pp_dfb", *LOG)
     assert_same_weights(silent, logged)
-    assert not (tmp_path / "silent" / "log.zarr").exists()
+    assert not (tmp_path / "silent" / STORE_NAME).exists()
 
 
 def test_ranks_writing_at_once_give_the_single_process_log(tmp_path):
@@ -57,7 +91,7 @@ def test_ranks_writing_at_once_give_the_single_process_log(tmp_path):
     one, three = open_log(tmp_path / "k1"), open_log(tmp_path / "k3")
     assert three.attrs["world_size"] == 3
     for block in range(6):
-        for name in FIELDS[:-3] + ["activations"]:  # timings and traffic differ, the science must not
+        for name in LEARNED:  # timings and traffic differ, the science must not
             assert np.array_equal(one[f"block{block}/{name}"][:], three[f"block{block}/{name}"][:], equal_nan=True), \
                 (block, name)
         for name in ("step", "local_gradient", "bp_gradient"):  # back-propagated across ranks, bit for bit
@@ -95,8 +129,8 @@ def test_a_store_can_be_read_while_it_is_written(tmp_path):
         lengths = []
         deadline = time.monotonic() + 120
         while writer.poll() is None and time.monotonic() < deadline:
-            if (out / "log.zarr" / "block0" / "step" / "zarr.json").exists():  # created after the others
-                group = zarr.open_group(str(out / "log.zarr"), mode="r")["block0"]
+            if (out / STORE_NAME / "block0" / "step" / "zarr.json").exists():  # created after the others
+                group = open_log(out)["block0"]
                 steps = group["step"][:]
                 steps = steps[steps >= 0]  # -1: a row still being written
                 lengths.append(len(steps))

@@ -65,7 +65,8 @@ def cmd_cka(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
         result = blocks_cka(run, args.step)
         print(blocks_cka_table(result))
         return [_write(out, "cka_blocks.json", _json(result.as_dict())),
-                plots.plot_blocks_cka(result, out / "cka_blocks.png", title=f"linear CKA, step {result.step}: {run.name}")]
+                plots.plot_blocks_cka(result, out / "cka_blocks.png",
+                                      title=f"linear CKA, step {result.step}: {run.name}")]
     other = open_run(args.other_run_dir)
     result = runs_cka(run, other, args.step)
     print(runs_cka_table(result))

@@ -38,7 +38,8 @@ def _lines(ax: Axes, series: dict[int, tuple[np.ndarray, np.ndarray]], ylabel: s
         finite = np.isfinite(y) & ((y > 0) if logy else True)
         if finite.any():
             # Markers too, so that a lone finite point between NaNs still shows.
-            ax.plot(np.asarray(x)[finite], y[finite], style, marker=".", color=f"C{b}", label=f"block {b}", lw=1.4, ms=3)
+            ax.plot(np.asarray(x)[finite], y[finite], style, marker=".", color=f"C{b}", label=f"block {b}",
+                    lw=1.4, ms=3)
             drawn = True
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)

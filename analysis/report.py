@@ -17,11 +17,13 @@ from analysis.cka import blocks_cka
 from analysis.gradient_alignment import block_alignment
 from analysis.logged_probe import probe_run
 from analysis.store import LogError, RunLog
+from sim.summary import RunSummary
 
 STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1180px; margin: 2em auto;
        padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; } th { background: #f3f3f3; }
 td:first-child, th:first-child { text-align: left; }
@@ -58,29 +60,29 @@ def _overview(run: RunLog) -> str:
     rows = [("method", a["method"]), ("dataset", a["dataset"]), ("code version", a["code_version"]),
             ("world size", a["world_size"]), ("placement (blocks per rank)", a["placement"]),
             ("logged every / gradient pairs every", f"{a['log_every']} / {a['align_every'] or '-'} steps"),
-            ("held-out images (split)", f"{len(run.heldout_labels)} ({a['heldout_split']}), {a['num_classes']} classes"),
+            ("held-out images (split)",
+             f"{len(run.heldout_labels)} ({a['heldout_split']}), {a['num_classes']} classes"),
             ("logged steps per block", ", ".join(f"{b}: {n}" for b, n in logged.items()))]
     return _table(("", "value"), rows)
 
 
-def _summary(summary: dict[str, Any] | None) -> str:
+def _summary(summary: RunSummary | None) -> str:
     if summary is None:
         return _note("summary.json is not there yet: the run has not finished (the figures below use the log only).")
-    probe = summary.get("probe") or {}
-    rows = [("steps", summary.get("steps")), ("images per second", _fmt(summary.get("images_per_s"), ".1f")),
-            ("training seconds", _fmt(summary.get("train_seconds"), ".1f")),
-            ("schedule / feedback", f"{summary.get('schedule', '-')} / {summary.get('feedback') or '-'}"),
-            ("feedback delay per block (steps)", summary.get("feedback_delay_steps", "-")),
+    probe = summary.probe or {}
+    rows = [("steps", summary.steps), ("images per second", _fmt(summary.images_per_s, ".1f")),
+            ("training seconds", _fmt(summary.train_seconds, ".1f")),
+            ("schedule / feedback", f"{summary.schedule} / {summary.feedback or '-'}"),
+            ("feedback delay per block (steps)", summary.feedback_delay_steps),
             ("probe test accuracy (run's own probe, %)", _fmt(probe.get("test_acc"), ".2f")),
             ("probe per block (%)", " ".join(_fmt(v, ".1f") for v in probe.get("per_block_test_acc", []))),
-            ("loss per block (last 50 steps)", " ".join(_fmt(v) for v in summary.get("loss_per_block", []))),
-            ("peak memory per process (MiB)", " ".join(f"{m / 2**20:.0f}" for m in summary.get("peak_memory_bytes", [])))]
+            ("loss per block (last 50 steps)", " ".join(_fmt(v) for v in summary.loss_per_block)),
+            ("peak memory per process (MiB)", " ".join(f"{m / 2**20:.0f}" for m in summary.peak_memory_bytes))]
     out = _table(("", "value"), rows)
-    ranks = summary.get("ranks") or []
-    if ranks:
+    if summary.ranks:
         out += _table(("rank", "blocks", "seconds", "waiting (s)", "sent (MiB)"),
                       [(r["rank"], r["blocks"], _fmt(r["seconds"], ".1f"), _fmt(r["wait_seconds"], ".1f"),
-                        _fmt(r["bytes_sent"] / 2**20, ".2f")) for r in ranks])
+                        _fmt(r["bytes_sent"] / 2**20, ".2f")) for r in summary.ranks])
     return out
 
 
@@ -122,7 +124,8 @@ def build_report(run: RunLog, out_dir: Path, points: int = 20) -> list[Path]:
                         for r in alignment])
         body += _note("Cosine between the gradient of each block's local loss and the gradient of the top block's "
                       "loss back-propagated to the same weights, on the same batch. Interval: mean +- 1.96 sd/sqrt(n) "
-                      "over the logged pairs (correlated over steps, so optimistic). The top block is 1 by construction.")
+                      "over the logged pairs (correlated over steps, so optimistic). "
+                      "The top block is 1 by construction.")
     except LogError as err:
         body = _note(str(err))
     parts.append(_section("Alignment with backprop", body))
@@ -140,11 +143,13 @@ def build_report(run: RunLog, out_dir: Path, points: int = 20) -> list[Path]:
     try:
         cka = blocks_cka(run)
         parts.append(_section("Similarity between blocks (linear CKA)",
-                              _image(plots.plot_blocks_cka(cka, out_dir / "cka_blocks.png"), "CKA between blocks", figures)))
+                              _image(plots.plot_blocks_cka(cka, out_dir / "cka_blocks.png"), "CKA between blocks",
+                                     figures)))
     except LogError as err:
         parts.append(_section("Similarity between blocks (linear CKA)", _note(str(err))))
 
-    body = _image(plots.plot_throughput(run, out_dir / "throughput.png"), "throughput and traffic", figures) + _traffic_table(run)
+    body = (_image(plots.plot_throughput(run, out_dir / "throughput.png"), "throughput and traffic", figures)
+            + _traffic_table(run))
     body += _note("From each rank's lowest block: the wall time of the rank's forward action and the bytes it sent "
                   "during it, at the logged steps. Totals over the whole run are in the summary above.")
     parts.append(_section("Throughput and message traffic per rank", body))
@@ -154,7 +159,8 @@ def build_report(run: RunLog, out_dir: Path, points: int = 20) -> list[Path]:
     parts.append(_section("Config", f"<pre>{html.escape(config)}</pre>"))
 
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>laminar report: '
-            f"{html.escape(run.name)}</title><style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "</body></html>\n")
+            f"{html.escape(run.name)}</title><style>{STYLE}</style></head><body>\n"
+            + "\n".join(parts) + "</body></html>\n")
     path = out_dir / "report.html"
     path.write_text(page)
     return [path, *figures]

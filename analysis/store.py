@@ -8,7 +8,6 @@ of one block are cut to their shortest common length.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from sim.log_format import (
     align_group,
     block_group,
 )
+from sim.summary import RunSummary, finished
 
 ENABLE_HINT = "rerun with logging on, e.g. `--set log.every=N` (log every N training steps)"
 
@@ -137,7 +137,7 @@ class RunLog:
     heldout_labels: np.ndarray  # (image,) int64
     heldout_index: np.ndarray  # (image,) int64
     blocks: dict[int, BlockLog]  # by block index; only blocks whose rank has created their arrays
-    summary: dict[str, Any] | None  # summary.json, written when the run ends
+    summary: RunSummary | None  # summary.json, written when the run ends
 
     @property
     def name(self) -> str:
@@ -198,10 +198,9 @@ def _read_align(nodes: Nodes, index: int, attrs: dict[str, Any]) -> AlignLog | N
     return AlignLog(steps[:n], local, bp) if n else None
 
 
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
+def read_summary(run_dir: Path) -> RunSummary | None:
     """summary.json, or None while the run has not finished."""
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return RunSummary.read(run_dir) if finished(run_dir) else None
 
 
 def open_run(run_dir: str | Path) -> RunLog:

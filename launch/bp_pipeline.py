@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from sim.config import Config, add_config_arguments, load_config
-from sim.job import exit_code, run_job
+from sim.job import ProgramErrors, run_job
 from sim.plan import PIPELINE_SCHEDULES, PipelineSettings, make_plan
 from sim.world import World
 
@@ -46,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microbatches", type=int, required=True, metavar="M", help="micro-batches per step")
     parser.add_argument("--steps", type=int, help="training steps (sets train.steps)")
     parser.add_argument("--out", type=Path, required=True, help="run folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     world = World.from_env()
-    return exit_code(lambda: train(args, world), world)
+    with ProgramErrors(world.rank) as errors:
+        train(args, world)
+    return errors.exit_code
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ import argparse
 import sys
 
 from sim.config import add_config_arguments, load_config
-from sim.job import exit_code
-from sim.plan import make_plan
+from sim.job import ProgramErrors
+from sim.plan import Plan, make_plan
 from sim.schedule import render_grid, render_messages
-from sim.world import World
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,16 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, required=True, help="number of processes K")
     parser.add_argument("--steps", type=int, default=6, help="batches to show")
     args = parser.parse_args(argv)
-    return exit_code(lambda: show(args), World())
+    with ProgramErrors(rank=0) as errors:
+        plan = make_plan(load_config(args.config, args.overrides), args.world_size)
+        show(plan, args.steps)
+    return errors.exit_code
 
 
-def show(args: argparse.Namespace) -> None:
-    plan = make_plan(load_config(args.config, args.overrides), args.world_size)
+def show(plan: Plan, steps: int) -> None:
     feedback = f", {plan.schedule.feedback} feedback" if plan.method.uses_top_context else ""
-    print(f"{plan.method.name}: {plan.schedule.name} schedule{feedback} on {args.world_size} process(es), "
+    print(f"{plan.method.name}: {plan.schedule.name} schedule{feedback} on {plan.world_size} process(es), "
           f"blocks per rank {plan.placement}")
-    print(render_grid(plan.schedule, args.steps, plan.placement.groups))
-    print(render_messages(plan.schedule, args.steps))
+    print(render_grid(plan.schedule, steps, plan.placement.groups))
+    print(render_messages(plan.schedule, steps))
 
 
 if __name__ == "__main__":

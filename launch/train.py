@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from sim.config import Config, ConfigError, add_config_arguments, load_config
-from sim.job import exit_code, run_job
+from sim.job import ProgramErrors, run_job
 from sim.plan import make_plan
 from sim.world import World
 
@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     world = World.from_env()
-    return exit_code(lambda: train(args, world), world)
+    with ProgramErrors(world.rank) as errors:
+        train(args, world)
+    return errors.exit_code
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ class LinearProbe(nn.Module):
 
     With `standardize`, each feature is first standardised by batch statistics in training and,
     in evaluation, by their average over all training batches (BatchNorm without affine parameters
-    and with a cumulative average, as in MAE's linear probe): still one linear map per classifier, but deep blocks whose activity is tiny at
-    initialisation are not handicapped by their scale in a short probe.
+    and with a cumulative average, as in MAE's linear probe): still one linear map per classifier,
+    but deep blocks whose activity is tiny at initialisation are not handicapped by their scale in
+    a short probe.
     """
 
     def __init__(self, feature_dims: Sequence[int], num_classes: int, standardize: bool = True):

@@ -21,6 +21,7 @@ from layers.losses import CONTRAST_MODES, NEGATIVE_MODES
 from layers.methods import get_method
 from layers.model import pool_kernels
 from sim.datasets import dataset_info
+from sim.log_format import ACTIVATIONS
 from sim.placement import check_groups
 from sim.schedule import Schedule
 
@@ -194,23 +195,27 @@ def validate(config: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
     if config.train.batch_size < 2:
-        raise ConfigError(f"train.batch_size must be >= 2 (negatives come from other images), got {config.train.batch_size}")
+        raise ConfigError("train.batch_size must be >= 2 (negatives come from other images), "
+                          f"got {config.train.batch_size}")
     try:
         Schedule(config.sim.schedule, config.sim.feedback, ())
         if isinstance(config.sim.placement, list):
             check_groups(config.sim.placement, len(config.sim.placement))
         elif config.sim.placement != "auto":
-            raise ValueError(f"sim.placement = {config.sim.placement!r}: use \"auto\" or groups like [[0, 1, 2], [3, 4, 5]]")
+            raise ValueError(f"sim.placement = {config.sim.placement!r}: use \"auto\" or groups like "
+                             "[[0, 1, 2], [3, 4, 5]]")
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    for key in ("model.width", "optim.lr", "sim.timeout_s", "probe.batch_size", "probe.lr", "rule.proj_dim", "rule.temperature"):
+    for key in ("model.width", "optim.lr", "sim.timeout_s", "probe.batch_size", "probe.lr", "rule.proj_dim",
+                "rule.temperature"):
         if getattr_path(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr_path(config, key)}")
-    if config.log.dtype not in ("float16", "float32"):
-        raise ConfigError(f"log.dtype = {config.log.dtype!r} is not one of float16, float32")
+    if config.log.dtype not in ACTIVATIONS.dtypes:
+        raise ConfigError(f"log.dtype = {config.log.dtype!r} is not one of {', '.join(ACTIVATIONS.dtypes)}")
     if config.log.chunk < 1 or (config.log.every and config.log.heldout < 1):
         raise ConfigError("log.chunk and log.heldout must be >= 1 when log.every > 0")
-    for key in ("log.every", "log.align_every", "train.steps", "train.epochs", "train.threads", "train.checkpoint_every", "probe.epochs", "probe.train_limit", "probe.test_limit"):
+    for key in ("log.every", "log.align_every", "train.steps", "train.epochs", "train.threads",
+                "train.checkpoint_every", "probe.epochs", "probe.train_limit", "probe.test_limit"):
         if getattr_path(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr_path(config, key)}")
 

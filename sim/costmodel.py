@@ -109,7 +109,8 @@ def time_local_blocks(blocks: Sequence[Block], views: torch.Tensor, repeats: int
     return times
 
 
-def time_backprop_blocks(blocks: Sequence[Block], views: torch.Tensor, repeats: int = 5) -> tuple[list[float], list[float]]:
+def time_backprop_blocks(blocks: Sequence[Block], views: torch.Tensor,
+                         repeats: int = 5) -> tuple[list[float], list[float]]:
     """Forward and backward seconds of each block inside one end-to-end backprop step."""
     forward, backward = [[] for _ in blocks], [[] for _ in blocks]
     for repeat in range(repeats + 1):
@@ -132,8 +133,12 @@ def time_backprop_blocks(blocks: Sequence[Block], views: torch.Tensor, repeats: 
             grad = x.grad
         for block in blocks:
             block.zero_grad(set_to_none=True)
-    median = lambda values: sorted(values[1:])[len(values[1:]) // 2]  # noqa: E731 - the first is warm-up
-    return [median(f) for f in forward], [median(b) for b in backward]
+    return [_median_after_warmup(f) for f in forward], [_median_after_warmup(b) for b in backward]
+
+
+def _median_after_warmup(values: Sequence[float]) -> float:
+    """The median of `values` without the first, a warm-up."""
+    return sorted(values[1:])[len(values[1:]) // 2]
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import gzip
 import math
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -136,7 +136,8 @@ def _decode_jpegs(blobs: list[torch.Tensor]) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     # torchvision 0.29 deprecates its JPEG decoder in favour of TorchCodec; it is pinned below 0.30.
-    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
+                            category=DeprecationWarning)
     first = decode_jpeg(blobs[0], mode=ImageReadMode.RGB)
     out = torch.empty((len(blobs), *first.shape), dtype=torch.uint8)  # (N, 3, H, W)
     chunk = 4096  # decode in chunks so the list of decoded images never doubles peak memory
@@ -175,7 +176,9 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def _read_fashion_mnist(root: Path | None, split: str, download: bool) -> ImageSet:
     stems = _FMNIST_STEMS["test" if split == "test" else "train"]
-    has = lambda f: all(_idx_path(f, s) is not None for s in stems)  # noqa: E731
+    def has(f: Path) -> bool:
+        return all(_idx_path(f, s) is not None for s in stems)
+
     subdirs = ["FashionMNIST/raw"] if root is not None else []  # torchvision's layout
     folder, tried = _search(root or _FMNIST_DEFAULT, subdirs, has)
     if folder is None and download:
@@ -196,7 +199,9 @@ def _read_fashion_mnist(root: Path | None, split: str, download: bool) -> ImageS
 # ---------------------------------------------------------------- CIFAR-10 (pickles or JPEG shards)
 def _read_cifar10(root: Path | None, split: str, download: bool) -> ImageSet:
     part = "test" if split == "test" else "train"
-    has = lambda f: (f / "data_batch_1").is_file() or (f / f"{part}_jpeg.npy").is_file()  # noqa: E731
+    def has(f: Path) -> bool:
+        return (f / "data_batch_1").is_file() or (f / f"{part}_jpeg.npy").is_file()
+
     subdirs = ["cifar-10-batches-py", "cifar10"]
     folder, tried = _search(root, subdirs, has)
     if folder is None and download:
@@ -234,7 +239,9 @@ def _read_cifar_shards(folder: Path, part: str) -> ImageSet:
 # ---------------------------------------------------------------- STL-10 (column-major binaries)
 def _read_stl10(root: Path | None, split: str, download: bool) -> ImageSet:
     prefix = {"ssl": "unlabeled", "train": "train", "test": "test"}[split]
-    has = lambda f: (f / f"{prefix}_X.bin").is_file()  # noqa: E731
+    def has(f: Path) -> bool:
+        return (f / f"{prefix}_X.bin").is_file()
+
     folder, tried = _search(root, ["stl10_binary"], has)
     if folder is None and download:
         from torchvision.datasets import STL10

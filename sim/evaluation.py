@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from layers.model import grid_kernels
 from layers.linear_probe import LinearProbe, probe_features
+from layers.model import grid_kernels
 from layers.seeding import STREAM_PROBE, keyed_generator
 from sim.config import ProbeConfig
 from sim.datasets import DatasetInfo, ImageSet
@@ -84,7 +84,8 @@ def linear_probe(
     correct = torch.zeros(len(blocks) + 1)
     for index in _batches(len(test_set), batch_size):
         images, labels = test_set.batch(index)
-        correct += probe.correct(probe_features(blocks, plain_views(images, info, device), kernels), labels.to(device)).cpu()
+        correct += probe.correct(probe_features(blocks, plain_views(images, info, device), kernels),
+                                 labels.to(device)).cpu()
     accuracy = (100.0 * correct / len(test_set)).tolist()
     return {"test_acc": accuracy[-1], "per_block_test_acc": accuracy[:-1], "epochs": epochs,
             "train_images": len(train_set), "test_images": len(test_set)}

@@ -232,12 +232,25 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
     return summary
 
 
-def exit_code(job: Callable[[], None], world: World) -> int:
-    """Run a program's `job`: 0 when it succeeds; an error a user can fix (2) or a failed run (1)
-    printed in one line that names this rank, without a traceback."""
-    try:
-        job()
-    except USER_ERRORS + RUN_ERRORS as error:
-        print(f"error (rank {world.rank}): {error}", file=sys.stderr)
-        return 2 if isinstance(error, USER_ERRORS) else 1
-    return 0
+class ProgramErrors:
+    """What a program's main does with the errors of a run (launch.train, launch.bp_pipeline, ...):
+
+        with ProgramErrors(world.rank) as errors:
+            ...
+        return errors.exit_code
+
+    An error a user can fix (exit code 2) or a failed run (1) becomes one line on stderr that names
+    this rank, without a traceback; anything else is a bug and keeps its traceback."""
+
+    def __init__(self, rank: int):
+        self.rank, self.exit_code = rank, 0
+
+    def __enter__(self) -> ProgramErrors:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> bool:
+        if not isinstance(error, USER_ERRORS + RUN_ERRORS):
+            return False
+        print(f"error (rank {self.rank}): {error}", file=sys.stderr)
+        self.exit_code = 2 if isinstance(error, USER_ERRORS) else 1
+        return True

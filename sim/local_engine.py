@@ -130,7 +130,8 @@ class LocalEngine:
             fields = {"update_norm": update.update_norm, "feedback_norm": update.feedback_norm}
             if update.stats is not None:
                 stats = update.stats
-                fields.update(loss=stats.loss.item(), score_pos=stats.score_pos.item(), score_neg=stats.score_neg.item())
+                fields.update(loss=stats.loss.item(), score_pos=stats.score_pos.item(),
+                              score_neg=stats.score_neg.item())
             log.blocks[update.block].record(update.step, "update", **{k: v for k, v in fields.items() if v is not None})
         self.stage.updates.clear()
 

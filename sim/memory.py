@@ -33,7 +33,7 @@ class PeakMemory:
         # torch.optim imports torch._dynamo (and sympy with it) when the first optimiser is built:
         # about 150 MB of modules, not work. Import it before the baseline, as every process that
         # imports torch.distributed.pipelining (the BP pipeline) already has.
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

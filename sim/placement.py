@@ -2,8 +2,8 @@
 
 Explicit (`[[0, 1, 2], [3, 4, 5]]`) or `auto`, which splits the blocks into as many contiguous
 groups as there are processes so that the most expensive group is as cheap as possible, using each
-block's estimated cost per step (`sim.costmodel.estimated_block_costs`). A placement that does not fit the world size fails before any
-work, naming both numbers.
+block's estimated cost per step (`sim.costmodel.estimated_block_costs`). A placement that does not
+fit the world size fails before any work, naming both numbers.
 """
 from __future__ import annotations
 

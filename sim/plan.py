@@ -90,7 +90,7 @@ class Plan:
                                        self.kernels, dims):
             has_loss = report.index == NUM_BLOCKS - 1 or not method.end_to_end
             loss = f"D = {dim:,} ({', '.join(method.contexts)})" if has_loss else "- (gradient from the top)"
-            lines.append(f"{report.index:>5}  {str(report.output_shape):<16} {report.conv_params:>11,}  "
+            lines.append(f"{report.index:>5}  {report.output_shape!s:<16} {report.conv_params:>11,}  "
                          f"{report.macs_per_image / 1e6:>8.1f}  {kernel:>4}  {loss}")
         return "\n".join(lines)
 

@@ -16,12 +16,11 @@ from layers.seeding import STREAM_PROBE, keyed_generator
 from sim.config import to_dict
 from sim.datasets import ImageSet
 from sim.diagnostics import AlignmentPass, HeldoutPass
+from sim.log_format import STORE_NAME, root_attrs
 from sim.logbook import BlockInfo, LogSettings, RankLog, create_store
 from sim.plan import Plan
 from sim.transport import Link
 from sim.views import plain_views
-
-LOG_NAME = "log.zarr"
 
 
 @dataclass
@@ -77,13 +76,13 @@ def start_log(plan: Plan, out_dir: Path, test_set: ImageSet, start: int) -> Imag
     """Rank 0, before the other ranks open it: create the store (or keep it when resuming); returns
     the held-out images."""
     index, images = heldout_images(test_set, plan.config.log.heldout, plan.config.train.seed)
-    path = out_dir / LOG_NAME
+    path = out_dir / STORE_NAME
     if start == 0 or not (path / "zarr.json").exists():
-        attrs = {"config": to_dict(plan.config), "code_version": code_version(), "world_size": plan.world_size,
-                 "placement": [list(g) for g in plan.placement.groups], "dataset": plan.info.name,
-                 "method": plan.method.name, "num_blocks": NUM_BLOCKS, "log_every": plan.config.log.every,
-                 "align_every": plan.schedule.align_every, "heldout_split": "test",
-                 "num_classes": plan.info.num_classes}
+        attrs = root_attrs(config=to_dict(plan.config), code_version=code_version(), world_size=plan.world_size,
+                           placement=[list(g) for g in plan.placement.groups], dataset=plan.info.name,
+                           method=plan.method.name, num_blocks=NUM_BLOCKS, log_every=plan.config.log.every,
+                           align_every=plan.schedule.align_every, heldout_split="test",
+                           num_classes=plan.info.num_classes)
         create_store(path, attrs, block_infos(plan), images.labels.numpy(), index)
     return images
 
@@ -95,11 +94,12 @@ def rank_recording(plan: Plan, out_dir: Path, rank: int, blocks: list[Block], st
     if not plan.schedule.log_every:
         return Recording()
     own = [b.index for b in blocks]
-    log = RankLog(out_dir / LOG_NAME, [i for i in block_infos(plan) if i.block in own], log_settings(plan), start)
+    log = RankLog(out_dir / STORE_NAME, [i for i in block_infos(plan) if i.block in own], log_settings(plan), start)
     images = plain_views(heldout.images, plan.info, device) if rank == 0 else None
     kernels = [grid_kernels(plan.info.image_size)[i] for i in own]
     top_rank = plan.world_size - 1
     below = (heldout_count, *plan.shapes.activations[rank - 1][1:]) if rank > 0 else None  # (N, C, H, W)
     heldout_pass = HeldoutPass(blocks, kernels, rank, top_rank, link, below, images)
-    alignment = AlignmentPass(blocks, rank, top_rank, link, plan.config.train.seed) if plan.schedule.align_every else None
+    aligns = plan.schedule.align_every > 0
+    alignment = AlignmentPass(blocks, rank, top_rank, link, plan.config.train.seed) if aligns else None
     return Recording(log, heldout_pass, alignment)

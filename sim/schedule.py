@@ -236,5 +236,5 @@ def render_messages(schedule: Schedule, steps: int) -> str:
             if action.kind == "C" or (action.kind, messages) in shown:
                 continue
             shown.add((action.kind, messages))
-            lines.append(f"  rank {rank} {str(action):<5} " + (", ".join(map(str, messages)) or "(none)"))
+            lines.append(f"  rank {rank} {action!s:<5} " + (", ".join(map(str, messages)) or "(none)"))
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 `World.from_env()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT); without it the run is a single process and needs no process group. A launcher of its
-own (the tests) may set LAMINAR_INIT_METHOD to a `file://` rendezvous instead of MASTER_ADDR/PORT. Backend: gloo on CPU, nccl on GPUs (one GPU per process, LOCAL_RANK).
+own (the tests) may set LAMINAR_INIT_METHOD to a `file://` rendezvous instead of MASTER_ADDR/PORT.
+Backend: gloo on CPU, nccl on GPUs (one GPU per process, LOCAL_RANK).
 """
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ from sim.log_format import (
     block_group,
     root_attrs,
 )
+from sim.summary import RunSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANNELS, GRIDS = (2, 4, 4, 8, 8, 8), (2, 2, 2, 1, 1, 1)
@@ -313,13 +314,14 @@ def test_report_builds_from_a_fake_two_rank_store(tmp_path):
     block0.attrs["has_loss"] = False
     block0["loss"][:] = np.nan
     (tmp_path / "config.toml").write_text('method = "clapp_pp"\n[train]\nsteps = 60\n')
-    (tmp_path / "summary.json").write_text(json.dumps({
-        "method": "clapp_pp", "dataset": "synthetic", "world_size": 2, "steps": 60, "images_per_s": 123.4,
-        "loss_per_block": [1.0, 1.1, None, 1.2, 1.3, 1.4], "probe": {"test_acc": 50.0, "per_block_test_acc": [40] * 6},
-        "peak_memory_bytes": [2**27, 2**27], "placement": [[0, 1, 2], [3, 4, 5]], "schedule": "pipelined",
-        "feedback": None, "feedback_delay_steps": [0] * 6, "train_seconds": 5.0, "config": {},
-        "ranks": [{"rank": r, "blocks": [3 * r, 3 * r + 1, 3 * r + 2], "seconds": 5.0, "wait_seconds": 1.0,
-                   "bytes_sent": 10**6} for r in range(2)]}))
+    RunSummary(
+        method="clapp_pp", dataset="synthetic", engine="local", world_size=2, steps=60, images_per_s=123.4,
+        images_per_s_steady=None, loss_per_block=[1.0, 1.1, None, 1.2, 1.3, 1.4],
+        probe={"test_acc": 50.0, "per_block_test_acc": [40] * 6}, peak_memory_bytes=[2**27, 2**27],
+        placement=[[0, 1, 2], [3, 4, 5]], schedule="pipelined", feedback=None, feedback_delay_steps=[0] * 6,
+        ranks=[{"rank": r, "blocks": [3 * r, 3 * r + 1, 3 * r + 2], "seconds": 5.0, "busy_seconds": 4.0,
+                "wait_seconds": 1.0, "bytes_sent": 10**6} for r in range(2)],
+        train_seconds=5.0, device="cpu", threads=1, torch="2", config={}).write(tmp_path)
     out = tmp_path / "page"
     assert main(["report", str(tmp_path), "--out", str(out), "--points", "3"]) == 0
     page = (out / "report.html").read_text()

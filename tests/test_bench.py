@@ -23,7 +23,8 @@ def test_local_pipeline_runs_at_its_slowest_rank():
 
 
 def test_exact_feedback_gains_nothing_from_more_ranks():
-    assert local_exact_feedback(EVEN, SIXTHS, FREE, batch=32) == pytest.approx(local_exact_feedback(EVEN, ALL, FREE, 32))
+    assert local_exact_feedback(EVEN, SIXTHS, FREE, batch=32) == pytest.approx(
+        local_exact_feedback(EVEN, ALL, FREE, 32))
 
 
 def test_flushed_backprop_pipeline_pays_its_bubble():

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from launch.bp_pipeline import load_request, main
-from sim.config import ConfigError
-from sim.plan import PipelineSettings, make_plan
 from layers.encoder import block_channels, map_sizes
 from sim.bp_engine import microbatches
+from sim.config import ConfigError
 from sim.datasets import load_split
 from sim.feed import ViewFeed
+from sim.plan import PipelineSettings, make_plan
 from sim.summary import RunSummary
 from sim.views import SimCLRViews
 
@@ -128,5 +128,6 @@ def test_summary_has_the_format_the_driver_reads(pipelined):
     for rank in summary["ranks"]:
         assert rank.keys() == {"rank", "blocks", "seconds", "busy_seconds", "wait_seconds", "bytes_sent"}
         assert rank["blocks"] == summary["placement"][rank["rank"]]
-        assert rank["busy_seconds"] > 0 and rank["busy_seconds"] + rank["wait_seconds"] == pytest.approx(rank["seconds"])
+        assert rank["busy_seconds"] > 0
+        assert rank["busy_seconds"] + rank["wait_seconds"] == pytest.approx(rank["seconds"])
         assert rank["bytes_sent"] == crossing  # activations up from rank 0, their gradient down from rank 1

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from launch.show_schedule import main as schedule_main
-from sim.schedule import Schedule, render_grid, simulate
+from sim.schedule import Action, Message, Schedule, render_grid, simulate
+from sim.transport import Link, ProtocolError
 
 CONFIG = str(Path(__file__).parent.parent / "launch/configs/fashion_mnist.toml")
 
@@ -59,10 +60,42 @@ def test_sequential_rank_zero_waits_for_the_top():
                                                       ("sequential", "exact"))
     for w in (False, True) for a in (0, 2)])
 def test_no_schedule_deadlocks(k, name, feedback, waits, align):
+    """Every message, held-out and alignment ones included, is received as the kind it was sent."""
     schedule = Schedule(name, feedback, tuple(waits and r < k - 1 for r in range(k)), checkpoint_every=4,
-                        align_every=align)
+                        log_every=3 if align else 0, align_every=align)
     timeline = simulate(schedule, 9)
     assert all(sum(a.kind == "F" for _, a in events) == 9 for events in timeline)
+
+
+def test_messages_are_data_that_a_wrong_order_fails():
+    schedule = Schedule("pipelined", "exact", (True, True, False), log_every=2, align_every=2)
+    middle = [str(m) for m in schedule.messages(1, Action("F", 0))]
+    assert middle == ["recv heldout from 0", "send heldout to 2", "recv activations from 0", "send activations to 2"]
+    assert [str(m) for m in schedule.messages(2, Action("F", 2))] == [
+        "recv heldout from 1", "recv activations from 1", "send feedback to 0", "send feedback to 1",
+        "send gradient to 1"]
+    assert [str(m) for m in schedule.messages(1, Action("G", 2))] == ["recv gradient from 2", "send gradient to 0"]
+    assert schedule.messages(1, Action("F", 1)) == (Message("activations", 0, False), Message("activations", 2, True))
+
+    class GradientFirst(Schedule):  # the top rank sends the gradient before the feedback rank 1 waits for
+        def messages(self, rank: int, action: Action) -> tuple[Message, ...]:
+            listed = super().messages(rank, action)
+            return tuple(sorted(listed, key=lambda m: m.kind != "gradient")) if rank == 2 else listed
+
+    with pytest.raises(RuntimeError, match="rank 1 expects feedback from rank 2 in U0, but the next message"):
+        simulate(GradientFirst("pipelined", "exact", (True, True, False), log_every=2, align_every=2), 3)
+
+
+def test_the_link_refuses_a_message_its_schedule_does_not_list():
+    link = Link.__new__(Link)  # the check alone: no process group needed
+    link.rank, link.expected = 1, None
+    link.expect([Message("activations", 0, False), Message("activations", 2, True)])
+    link._check(Message("activations", 0, False))
+    with pytest.raises(ProtocolError, match="rank 1 did send feedback to 0, but its schedule lists send activations"):
+        link._check(Message("feedback", 0, True))
+    link.expect([Message("token", 2, False)])
+    with pytest.raises(ProtocolError, match="W3 did not recv token from 2"):
+        link.end_action(Action("W", 3))
 
 
 def test_grid_shows_the_stalls_of_exact_feedback():
@@ -77,4 +110,5 @@ def test_schedule_command_prints_the_grid(capsys):
                           "--set", "sim.feedback=delayed"]) == 0
     out = capsys.readouterr().out
     assert "delayed feedback on 3 process(es)" in out and "feedback delay per rank (steps): [2, 1, 0]" in out
+    assert "rank 2 F0    recv heldout from 1, recv activations from 1, send feedback to 0, send feedback to 1" in out
     assert schedule_main([CONFIG, "--world-size", "7"]) == 2

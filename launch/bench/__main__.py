@@ -47,7 +47,8 @@ def run_specs(k: int, microbatches: int, quick: bool) -> list[RunSpec]:
     pipeline = "launch.bp_pipeline"
     specs = [
         RunSpec("bp_single", "bp_infonce", 1, k),
-        RunSpec("bp_pipeline_1f1b", "bp_infonce", k, 1, pipeline, options=("--schedule", "1f1b", "--microbatches", str(microbatches))),
+        RunSpec("bp_pipeline_1f1b", "bp_infonce", k, 1, pipeline,
+                options=("--schedule", "1f1b", "--microbatches", str(microbatches))),
         RunSpec("local_single", "clapp_pp", 1, k),
         RunSpec("local_parallel", "clapp_pp", k, 1, overrides=("sim.schedule=pipelined",)),
     ]
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": config.data.name, "width": config.model.width, "batch_size": config.train.batch_size,
         "steps": steps, "world_size": k, "microbatches": m, "runs": runs, "ratios": ratios,
         "analytic_bounds": bounds, "best_bp_pipeline": bp_pipeline["name"],
-        "memory_local_parallel_vs_bp_single": max(parallel["peak_memory_bytes"]) / max(by_name["bp_single"]["peak_memory_bytes"]),
+        "memory_local_parallel_vs_bp_single": (max(parallel["peak_memory_bytes"])
+                                               / max(by_name["bp_single"]["peak_memory_bytes"])),
         "cost_model": model,
     }
     if not args.quick:

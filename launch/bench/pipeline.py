@@ -20,6 +20,7 @@ from pathlib import Path
 from launch.machine import describe_machine
 from launch.runner import DEFAULT_CONFIG, bench_run
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.bench.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)

@@ -17,7 +17,7 @@ from sim.costmodel import (
     measure_data_seconds,
     measure_link,
 )
-from sim.plan import Plan, PipelineSettings, make_plan
+from sim.plan import PipelineSettings, Plan, make_plan
 
 METHODS = ("clapp_pp", "clapp_pp_dfb", "bp_infonce")
 EVERYTHING = [list(range(6))]

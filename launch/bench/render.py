@@ -10,7 +10,8 @@ def markdown(result: dict) -> str:
     lines = [f"{result['dataset']}, width {result['width']}, batch {result['batch_size']}, {result['steps']} steps, "
              f"K = {k}, M = {m} micro-batches; {machine['cuda'] or machine['cpu']} ({machine['cores']} cores), "
              f"torch {machine['torch']}, {result['date']}", "",
-             "| run | processes x threads | images/s | predicted | peak memory per process (MiB) | busy / idle per rank (s) |",
+             "| run | processes x threads | images/s | predicted | peak memory per process (MiB) "
+             "| busy / idle per rank (s) |",
              "|---|---|---:|---:|---|---|"]
     predictions = result["cost_model"]["runs"]
     for run in result["runs"]:
@@ -24,8 +25,10 @@ def markdown(result: dict) -> str:
         bound = bounds.get(name)
         lines.append(f"| {name} | {value:.3f} | {'-' if bound is None else f'{bound:.3f}'} |")
     lines += ["", f"Best BP pipeline: {result['best_bp_pipeline']}. Flushed BP pipelines idle (K - 1) of every "
-              f"M + K - 1 slots, so local SSL's ceiling against them is (M + K - 1) / M = {bounds['local_parallel_vs_bp_pipeline']:.2f}.",
-              f"Peak memory, largest local-parallel process / BP single process: {result['memory_local_parallel_vs_bp_single']:.2f}.",
+              f"M + K - 1 slots, so local SSL's ceiling against them is (M + K - 1) / M = "
+              f"{bounds['local_parallel_vs_bp_pipeline']:.2f}.",
+              f"Peak memory, largest local-parallel process / BP single process: "
+              f"{result['memory_local_parallel_vs_bp_single']:.2f}.",
               f"Cost model: largest error on these runs {100 * result['cost_model']['max_abs_error']:.0f} %."]
     full = result["cost_model"].get("full_width_predictions")
     if full:

@@ -38,7 +38,8 @@ ROWS = {
     "bp_infonce": ["method=bp_infonce"],
     "ff": ["method=ff"],
     "infonce_local": ["method=infonce_local"],
-    "clapp_pp_dfb@2 delayed": ["method=clapp_pp_dfb", "sim.feedback=delayed", "sim.schedule=pipelined", "train.threads=1"],
+    "clapp_pp_dfb@2 delayed": ["method=clapp_pp_dfb", "sim.feedback=delayed", "sim.schedule=pipelined",
+                               "train.threads=1"],
 }
 # Linear-probe top-1 % at full scale (300 epochs, width 1.0) from the paper, CIFAR-10 column.
 PAPER = {"cifar10": {"bp_infonce": 80.69, "bp_clapp_pp": 80.49, "clapp_pp": 80.51, "clapp_pp_dfb": 80.65,
@@ -94,7 +95,8 @@ def render(results: dict) -> str:
     for dataset in datasets:
         paper = PAPER.get(dataset, {})
         lines = [f"### {LABELS.get(dataset, dataset)}", "",
-                 "| method | probe, all blocks (%) | probe, last block (%) | images/s | peak memory (MiB) | seeds | paper, full scale (%) |",
+                 "| method | probe, all blocks (%) | probe, last block (%) | images/s | peak memory (MiB) | seeds "
+                 "| paper, full scale (%) |",
                  "|---|---:|---:|---:|---:|---:|---:|"]
         for row in ROWS:
             found = row_cells(cells, dataset, row)
@@ -104,7 +106,8 @@ def render(results: dict) -> str:
             memory = statistics.mean(max(c["peak_memory_bytes"]) for c in found) / 2**20
             paper_value = paper.get(row.split("@")[0]) if "@" not in row else None
             lines.append(f"| {row} | {_stats([c['test_acc'] for c in found])} | "
-                         f"{_stats([c['last_block_acc'] for c in found])} | {'-' if speed is None else f'{speed:.0f}'} | "
+                         f"{_stats([c['last_block_acc'] for c in found])} | "
+                         f"{'-' if speed is None else f'{speed:.0f}'} | "
                          f"{memory:.0f} | {len(found)} | {'-' if paper_value is None else paper_value} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         for number, (row, seed) in enumerate(todo, 1):
             print(f"\n== [{number}/{len(todo)}] {args.data} / {row} / seed {seed}", flush=True)
             key = cell_key(args.data, row, seed)
-            cell = run_cell(args.data, args.data_root, row, seed, args.runs / args.data / f"{row.replace(' ', '_')}_s{seed}")
+            cell = run_cell(args.data, args.data_root, row, seed,
+                            args.runs / args.data / f"{row.replace(' ', '_')}_s{seed}")
             if key in results["cells"]:
                 print(f"{key}: probe accuracy {results['cells'][key]['test_acc']:.2f} % before, "
                       f"{cell['test_acc']:.2f} % now (the old cell is replaced)", flush=True)

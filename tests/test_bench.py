@@ -6,8 +6,8 @@ import pytest
 
 from launch.bench.__main__ import main as bench
 from sim.costmodel import BlockTimes, LinkSpeed, backprop_pipelined, local_exact_feedback, local_pipelined
+from tests.helpers import TINY_CONFIG
 
-ROOT = Path(__file__).parent.parent
 FREE = LinkSpeed(latency=0.0, bandwidth=float("inf"))
 EVEN = BlockTimes(local=[1.0] * 6, forward=[0.5] * 6, backward=[1.0] * 6, data=0.0,
                   activation_bytes=[1000] * 6, feedback_bytes=100)
@@ -37,7 +37,7 @@ def test_flushed_backprop_pipeline_pays_its_bubble():
 
 
 def test_quick_benchmark_writes_its_report(tmp_path):
-    config = str(ROOT / "launch/configs/tiny.toml")
+    config = str(TINY_CONFIG)
     assert bench([config, "--quick", "--out", str(tmp_path), "--set", "train.batch_size=8"]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     names = [run["name"] for run in result["runs"]]

@@ -1,11 +1,10 @@
 """Strict TOML configs: every shipped config loads, mistakes are errors that name the key."""
-from pathlib import Path
-
 import pytest
 
 from sim.config import ConfigError, load_config, parse_override, to_toml
+from tests.helpers import ROOT
 
-CONFIGS = sorted((Path(__file__).parent.parent / "launch" / "configs").glob("*.toml"))
+CONFIGS = sorted((ROOT / "launch/configs").glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

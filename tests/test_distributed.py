@@ -1,46 +1,78 @@
 """The transport must not change the answer: weights after N steps are the same with one process
 or K, and faults end every rank with an error, never a hang (gloo, spawn, one thread per rank)."""
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from launch.train import main
+from layers.encoder import NUM_BLOCKS
+from sim.config import Config
+from sim.datasets import dataset_info, load_split
+from sim.feed import ViewFeed
+from sim.plan import make_plan
+from sim.stage import LocalStage
+from sim.views import SimCLRViews
+from tests.helpers import (
+    ROOT,
+    TINY_CONFIG,
+    Weights,
+    args,
+    assert_same_weights,
+    differing_tensors,
+    final_weights,
+    run_config,
+    single_process,
+    summary,
+)
 from tests.ranks import run_ranks, start_ranks, wait
 
-TINY = ["data.name=synthetic", "model.width=0.0625", "train.batch_size=4", "train.steps=6", "train.threads=1",
-        "rule.negatives=random", "probe.epochs=0", "sim.timeout_s=30", "log.heldout=32"]
-ROOT = Path(__file__).parent.parent
+
+@contextmanager
+def threads_of(config: Config) -> Iterator[None]:
+    """Compute in this process as every rank does: sums in convolutions and views may depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.train.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
-def args(*overrides: str, out: Path) -> list[str]:
-    argv = [str(ROOT / "launch/configs/tiny.toml")]
-    for override in TINY + list(overrides):
-        argv += ["--set", override]
-    return argv + ["--out", str(out)]
+def batches_of(config: Config) -> list[torch.Tensor]:
+    """The views of every step of a run of `config`, as its rank 0 builds them."""
+    info, cpu = dataset_info(config.data.name), torch.device("cpu")
+    feed = ViewFeed(load_split(info.name, config.data.root or None, "ssl"), SimCLRViews(info, cpu),
+                    config.train.batch_size, config.train.seed)
+    return [feed.views_at(step) for step in range(config.train.steps)]  # (2B, C, S, S) each
 
 
-def single_process(out: Path, *overrides: str) -> dict:
-    assert main(args(*overrides, out=out) + ["--no-progress"]) == 0
-    return torch.load(out / "final.pt", weights_only=True)
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b) == list(range(6))
-    for block in a:
-        assert a[block].keys() == b[block].keys()
-        for key in a[block]:
-            assert torch.equal(a[block][key], b[block][key]), f"block {block} {key} differs"
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
+def trained_with_delays(config: Config, batches: Sequence[torch.Tensor], delays: Sequence[int]) -> Weights:
+    """The run of `config` in this process, with a chosen feedback delay per block: block b applies
+    the update of batch s (with the top block's context of batch s) just before it forwards batch
+    s + delays[b] + 1, and every update still pending after the last batch, as a run's final
+    checkpoint does. Blocks and seeds are those of `launch.train`."""
+    blocks = make_plan(config, 1).build_blocks(range(NUM_BLOCKS), torch.device("cpu"))
+    # One stage per block, so that no stage holds the top block and applies feedback at once;
+    # stashed weights, as in delayed runs, so an update uses the weights of its own forward.
+    stages = [LocalStage([block], config.train.seed, stash_weights=True) for block in blocks]
+    feedback: dict[int, torch.Tensor] = {}  # step -> the top block's pooled activity, (2B, D_top)
+    for step, x in enumerate(batches):
+        for stage, delay in zip(stages, delays):
+            for waiting in sorted(s for s in stage.pending if s < step - delay):
+                stage.apply_feedback(waiting, feedback[waiting])
+            x = stage.forward(x, step)
+        feedback[step] = stages[-1].top_context
+    for stage in stages:
+        for waiting in sorted(stage.pending):
+            stage.apply_feedback(waiting, feedback[waiting])
+    return {block.index: block.state_dict() for block in blocks}
 
 
 CASES = [("clapp_pp", "pipelined"), ("clapp_pp_dfb", "pipelined"), ("clapp_pp_both", "pipelined"),
@@ -55,7 +87,7 @@ def test_weights_equal_single_process_for_any_world_size(tmp_path, method, sched
         out = tmp_path / f"k{k}"
         outcomes = run_ranks(k, args(*overrides, out=out), tmp_path / f"logs{k}")
         assert [o.exitcode for o in outcomes] == [0] * k, outcomes[0].log + outcomes[-1].log
-        assert_same_weights(reference, torch.load(out / "final.pt", weights_only=True))
+        assert_same_weights(reference, final_weights(out))
         assert summary(out)["world_size"] == k and len(summary(out)["peak_memory_bytes"]) == k
 
 
@@ -68,16 +100,34 @@ def test_probe_after_a_distributed_run_equals_the_single_process_probe(tmp_path)
 
 
 def test_delayed_feedback_trains_with_the_delays_of_its_schedule(tmp_path):
-    overrides = ["method=clapp_pp_dfb", "sim.feedback=delayed", "sim.placement=[[0,1],[2,3],[4,5]]", "train.steps=8"]
-    outcomes = run_ranks(3, args(*overrides, out=tmp_path / "delayed"), tmp_path / "logs")
+    """On K ranks, rank r applies the feedback of batch s just before it forwards batch
+    s + (K - 1 - r) + 1. Read from the weights: the 3-rank run equals, bit for bit, the in-process
+    reference with exactly those delays per block, and no other delay of any one block."""
+    delayed = ["method=clapp_pp_dfb", "sim.feedback=delayed", "sim.placement=[[0,1],[2,3],[4,5]]"]
+    outcomes = run_ranks(3, args(*delayed, out=tmp_path / "delayed"), tmp_path / "logs")
     assert [o.exitcode for o in outcomes] == [0, 0, 0], outcomes[0].log
-    result = summary(tmp_path / "delayed")
-    assert result["feedback"] == "delayed"
-    assert result["feedback_delay_steps"] == [2, 2, 1, 1, 0, 0]  # rank r: K - 1 - r, the top rank none
-    assert all(v is not None and v == v for v in result["loss_per_block"])
-    exact = single_process(tmp_path / "exact", *overrides[:1], "train.steps=8")
-    delayed = torch.load(tmp_path / "delayed" / "final.pt", weights_only=True)
-    assert not torch.equal(exact[0]["conv.conv.weight"], delayed[0]["conv.conv.weight"])  # feedback was late
+    run = final_weights(tmp_path / "delayed")
+    expected = [2, 2, 1, 1, 0, 0]  # blocks of rank r wait K - 1 - r steps; the top rank's feedback is at once
+    config = run_config("method=clapp_pp_dfb")  # the reference needs blocks, seeds and data, not the placement
+    with threads_of(config):
+        batches = batches_of(config)
+        assert_same_weights(trained_with_delays(config, batches, expected), run)
+
+        # The reference is faithful: with no delay it is the exact single-process run, which the delays change.
+        exact = single_process(tmp_path / "exact", "method=clapp_pp_dfb")
+        assert_same_weights(trained_with_delays(config, batches, [0] * NUM_BLOCKS), exact)
+        assert differing_tensors(exact, run)
+
+        # Each block's delay is measured: of the delays 0..3 for that block alone, only its schedule's
+        # reproduces its weights. (The top block learns from its own context: it has no delay.)
+        def reproduces(block: int, delay: int) -> bool:
+            trial = expected[:block] + [delay] + expected[block + 1:]
+            reference = trained_with_delays(config, batches, trial)[block]
+            return all(torch.equal(reference[key], run[block][key]) for key in run[block])
+
+        measured = [[d for d in range(4) if reproduces(block, d)] for block in range(NUM_BLOCKS - 1)]
+    assert measured == [[d] for d in expected[:-1]]
+    assert summary(tmp_path / "delayed")["feedback_delay_steps"] == expected  # and the summary says so
 
 
 def test_a_nan_on_one_rank_stops_every_rank_naming_it(tmp_path):
@@ -117,7 +167,7 @@ def test_resume_equals_uninterrupted(tmp_path, world_size):
     resumed = run_ranks(world_size, ["--resume", str(out)], tmp_path / "logs2")
     assert [o.exitcode for o in resumed] == [0] * world_size, resumed[0].log
     assert "resuming" in resumed[0].log
-    assert_same_weights(uninterrupted, torch.load(out / "final.pt", weights_only=True))
+    assert_same_weights(uninterrupted, final_weights(out))
 
 
 def test_a_world_size_that_does_not_fit_the_placement_fails_before_any_work(tmp_path):
@@ -137,12 +187,12 @@ def test_end_to_end_methods_refuse_several_processes(tmp_path):
 def test_torchrun_smoke_of_the_tiny_config(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "launch.train",
-               str(ROOT / "launch/configs/tiny.toml"), "--set", "probe.epochs=1", "--out", str(tmp_path / "run"),
+               str(TINY_CONFIG), "--set", "probe.epochs=1", "--out", str(tmp_path / "run"),
                "--no-progress"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     result = summary(tmp_path / "run")
-    assert result["world_size"] == 2 and sum(result["placement"], []) == list(range(6))
+    assert result["world_size"] == 2 and [b for group in result["placement"] for b in group] == list(range(6))
     assert result["probe"]["test_acc"] > 50
 
 
@@ -154,8 +204,9 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
                str(ROOT / "tests/fault_worker.py"), *args(*overrides, out=tmp_path / "run"), "--no-progress"]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "LAMINAR_TEST_FAULT_RANK": "1",
                    "LAMINAR_TEST_FAULT_STEP": "6", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment,
+                          check=False)  # the return code is asserted, with the log
     assert done.returncode == 0, done.stderr[-3000:]
     assert "error (rank 1): block 5 at step 6: loss is nan" in done.stderr  # the first attempt failed...
     assert "resuming" in done.stdout  # ...and the restart continued from step 4
-    assert_same_weights(uninterrupted, torch.load(tmp_path / "run" / "final.pt", weights_only=True))
+    assert_same_weights(uninterrupted, final_weights(tmp_path / "run"))

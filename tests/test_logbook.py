@@ -23,8 +23,8 @@ from sim.log_format import (
     block_group,
     root_attrs,
 )
+from tests.helpers import ROOT, TINY_CONFIG, args, assert_same_weights, single_process
 from tests.ranks import run_ranks
-from tests.test_distributed import ROOT, args, assert_same_weights, single_process
 
 LOG = ["log.every=2", "log.align_every=4", "log.heldout=24", "log.chunk=3", "train.steps=9"]
 MEASURED = ("step_seconds", "bytes_sent")  # timings and traffic: they differ with the number of processes
@@ -120,7 +120,7 @@ def test_crash_and_resume_leave_a_complete_gapless_store(tmp_path):
 
 def test_a_store_can_be_read_while_it_is_written(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "launch.train", str(ROOT / "launch/configs/tiny.toml"), "--out", str(out),
+    command = [sys.executable, "-m", "launch.train", str(TINY_CONFIG), "--out", str(out),
                "--no-progress", "--set", "train.steps=400", "--set", "log.every=1", "--set", "log.chunk=2",
                "--set", "log.heldout=16", "--set", "log.align_every=0", "--set", "probe.epochs=0",
                "--set", "train.threads=1"]

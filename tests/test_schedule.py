@@ -1,13 +1,12 @@
 """Schedules as data: action lists, delays, flushes at checkpoints, and the printed grid."""
-from pathlib import Path
-
 import pytest
 
 from launch.show_schedule import main as schedule_main
 from sim.schedule import Action, Message, Schedule, render_grid, simulate
 from sim.transport import Link, ProtocolError
+from tests.helpers import ROOT
 
-CONFIG = str(Path(__file__).parent.parent / "launch/configs/fashion_mnist.toml")
+CONFIG = str(ROOT / "launch/configs/fashion_mnist.toml")
 
 
 def kinds(schedule: Schedule, rank: int, stop: int, start: int = 0) -> list[str]:

@@ -15,6 +15,7 @@ from sim.datasets import DatasetMissing
 from sim.job import run_job
 from sim.plan import make_plan
 from sim.stage import LocalStage, NonFiniteLoss
+from tests.helpers import TINY_CONFIG
 
 TINY = ["data.name=synthetic", "model.width=0.0625", "train.batch_size=8", "train.steps=6",
         "probe.epochs=1", "probe.train_limit=400", "probe.test_limit=200", "probe.augment=false",
@@ -89,7 +90,7 @@ def test_missing_dataset_fails_at_once_with_the_path(tmp_path):
 
 
 def test_command_line_reports_errors_without_a_traceback(capsys):
-    assert main([str(Path(__file__).parent.parent / "launch/configs/tiny.toml"), "--set", "method=clap"]) == 2
+    assert main([str(TINY_CONFIG), "--set", "method=clap"]) == 2
     assert "unknown method 'clap'" in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from launch.runner import DEFAULT_CONFIG, launch_run
-from sim.config import ConfigError, load_config
+from sim.config import ConfigError, add_config_arguments, load_config
 from sim.placement import PlacementError
 from sim.plan import make_plan
 from sim.summary import RunSummary, finished
@@ -87,10 +87,9 @@ def plot(rows: list[tuple[str, RunSummary]], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
+    add_config_arguments(parser, default=DEFAULT_CONFIG)
     parser.add_argument("--runs", default="random,clapp_pp,clapp_pp@2,bp_infonce",
                         help="comma-separated runs: METHOD, METHOD@K (K processes) or random (untrained)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, help="folder of the comparison (default runs/compare_TIME)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.runs.split(",") if n.strip()]

@@ -3,15 +3,27 @@ one launcher that the comparison, the reproduction table and the benchmarks shar
 run's memory and speed are its own."""
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from sim.config import add_config_arguments
 from sim.summary import RunSummary
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fashion_mnist.toml"  # the main job's and the benchmarks'
+
+
+def benchmark_parser(prog: str, doc: str, name: str) -> argparse.ArgumentParser:
+    """A benchmark program's command line: CONFIG (default: the main job's), `--set` overrides and
+    `--out` (default runs/NAME_TIME); the program adds its own options."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.splitlines()[0])
+    add_config_arguments(parser, default=DEFAULT_CONFIG)
+    parser.add_argument("--out", type=Path, default=Path("runs") / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}")
+    return parser
 
 
 def command(module: str, processes: int) -> list[str]:

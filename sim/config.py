@@ -138,9 +138,12 @@ def _fill(target: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(target, name, _check_type(key, value, hints[name]))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
-    """A program's CONFIG argument and its repeatable `--set key=value` overrides (`load_config`'s)."""
-    parser.add_argument("config", nargs=None if config_required else "?",
+def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True,
+                         default: Path | None = None) -> None:
+    """A program's CONFIG argument and its repeatable `--set key=value` overrides (`load_config`'s).
+    CONFIG may be left out when it is not required, or when it has a `default`."""
+    optional = default is not None or not config_required
+    parser.add_argument("config", nargs="?" if optional else None, type=Path if default else None, default=default,
                         help="TOML config, e.g. launch/configs/tiny.toml (shipped ones are in launch/configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, value read as TOML (repeatable)")

@@ -17,17 +17,15 @@ Writes bench.json, bench.md and bench.png into DIR.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from launch.bench.predictions import full_width_predictions, measure_times, predict
 from launch.bench.render import chart, markdown
 from launch.machine import describe_machine
-from launch.runner import DEFAULT_CONFIG, bench_run
+from launch.runner import bench_run, benchmark_parser
 from sim.config import load_config
 from sim.summary import RunSummary
 
@@ -68,14 +66,11 @@ def busy_and_idle(summary: RunSummary) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
+    parser = benchmark_parser("launch.bench", __doc__, "bench")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="4 runs of a few steps, no full-width predictions")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=Path("runs") / f"bench_{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
     k, m = args.world_size, args.microbatches
     steps = 24 if args.quick else args.steps

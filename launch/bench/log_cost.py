@@ -8,26 +8,21 @@ Writes bench_log.json and bench_log.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from launch.machine import describe_machine
-from launch.runner import DEFAULT_CONFIG, bench_run
+from launch.runner import bench_run, benchmark_parser
 from sim.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench.log_cost", description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
+    parser = benchmark_parser("launch.bench.log_cost", __doc__, "bench_log")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=Path("runs") / f"bench_log_{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
     overrides = [f"train.steps={args.steps}", *args.overrides]
     log = load_config(args.config, overrides).log

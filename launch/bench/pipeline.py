@@ -10,25 +10,20 @@ slowest rank can compute) and each rank's peak memory. Writes bench_pipeline.jso
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from launch.machine import describe_machine
-from launch.runner import DEFAULT_CONFIG, bench_run
+from launch.runner import bench_run, benchmark_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
+    parser = benchmark_parser("launch.bench.pipeline", __doc__, "bench_pipeline")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=Path("runs") / f"bench_pipeline_{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
     k = args.world_size
     overrides = [f"train.steps={args.steps}", "sim.schedule=pipelined", *args.overrides]

@@ -11,17 +11,33 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from sim.diagnostics import AlignmentPass, HeldoutPass
 from sim.feed import ViewFeed
+from sim.logbook import RankLog
 from sim.measuring import WindowClock, progress_bar
 from sim.memory import PeakMemory
-from sim.recording import Recording
 from sim.schedule import MessageShapes, Schedule
 from sim.stage import EndToEndStage, LocalStage
 from sim.summary import LOSS_WINDOW, RankResult
 from sim.transport import Link
+
+
+@dataclass
+class Recording:
+    """What a rank records for the log; all None when no log is kept."""
+    log: RankLog | None = None
+    heldout: HeldoutPass | None = None
+    alignment: AlignmentPass | None = None  # None also for end-to-end methods
+
+    def wants(self, step: int) -> tuple[bool, bool]:
+        """At `step`: measure each update's norm? keep each block's local gradient?"""
+        if self.log is None:
+            return False, False
+        return self.log.settings.logs(step), self.alignment is not None and self.log.settings.aligns(step)
 
 
 class LocalEngine:

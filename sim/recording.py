@@ -1,9 +1,8 @@
-"""What a rank records for the training log (RUN_DIR/log.zarr), and how a run sets the log up:
-its settings, the store, the held-out images and each rank's writers and passes."""
+"""How a run sets up its training log (RUN_DIR/log.zarr): its settings, the store, the held-out
+images and what each rank records (`Recording`: its writers and passes)."""
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +15,12 @@ from layers.seeding import STREAM_PROBE, keyed_generator
 from sim.config import to_dict
 from sim.datasets import ImageSet
 from sim.diagnostics import AlignmentPass, HeldoutPass
+from sim.local_engine import Recording
 from sim.log_format import STORE_NAME, root_attrs
 from sim.logbook import BlockInfo, LogSettings, RankLog, create_store
 from sim.plan import Plan
 from sim.transport import Link
 from sim.views import plain_views
-
-
-@dataclass
-class Recording:
-    """What a rank records for the log; all None when no log is kept."""
-    log: RankLog | None = None
-    heldout: HeldoutPass | None = None
-    alignment: AlignmentPass | None = None  # None also for end-to-end methods
-
-    def wants(self, step: int) -> tuple[bool, bool]:
-        """At `step`: measure each update's norm? keep each block's local gradient?"""
-        if self.log is None:
-            return False, False
-        return self.log.settings.logs(step), self.alignment is not None and self.log.settings.aligns(step)
 
 
 def log_settings(plan: Plan) -> LogSettings:

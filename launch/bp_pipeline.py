@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="training steps (sets train.steps)")
     parser.add_argument("--out", type=Path, required=True, help="run folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="keep tracebacks (also LAMINAR_DEBUG=1)")
     args = parser.parse_args(argv)
     world = World.from_env()
-    with ProgramErrors(world.rank) as errors:
+    with ProgramErrors(world.rank, args.debug) as errors:
         train(args, world)
     return errors.exit_code
 

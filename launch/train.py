@@ -30,6 +30,9 @@ def train(args: argparse.Namespace, world: World) -> None:
     if args.resume:
         if args.config or args.overrides or args.out:
             raise ConfigError("--resume RUN_DIR takes the run's own config.toml: give no CONFIG, --set or --out")
+        if not (args.resume / "config.toml").is_file():
+            raise ConfigError(f"--resume {args.resume}: no run there (no config.toml); give the --out folder of "
+                              "the run to continue")
         config, out_dir = load_config(args.resume / "config.toml"), args.resume
     elif args.config:
         config = load_config(args.config, args.overrides)
@@ -49,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue a stopped run from its last complete checkpoint, with its config")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="keep tracebacks (also LAMINAR_DEBUG=1)")
     args = parser.parse_args(argv)
     world = World.from_env()
-    with ProgramErrors(world.rank) as errors:
+    with ProgramErrors(world.rank, args.debug) as errors:
         train(args, world)
     return errors.exit_code
 

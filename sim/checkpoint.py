@@ -3,12 +3,16 @@
 
 A checkpoint is one file per block, `checkpoints/step00000100/block3.pt`, written by whichever
 rank owns the block: a run can resume with any number of processes and any placement. A step is
-complete when all six block files exist; each rank keeps its blocks' last `KEEP` steps.
+complete when all six block files exist; each rank keeps its blocks' last `KEEP` steps. A write
+that fails (a full disk, no permission) removes what it wrote of that step and raises
+`CheckpointWriteError`, naming the path and the bytes needed; earlier steps are left as they were.
+A step whose files cannot all be read is set aside in `checkpoints/unreadable/`, never deleted.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,16 +22,41 @@ from layers.block import Block
 from layers.encoder import NUM_BLOCKS
 
 KEEP = 2  # checkpoints kept per block: a crash while writing one leaves the previous one whole
+UNREADABLE = "unreadable"  # checkpoints/unreadable/stepNNNNNNNN: steps set aside by a resume
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or final.pt could not be written: names the path, the cause and the bytes needed."""
+
+
+def _tensor_bytes(obj: object) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what its file needs."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _save_atomic(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(path.suffix + ".tmp")
-    with open(temporary, "wb") as file:
-        torch.save(obj, file)
-        file.flush()
-        os.fsync(file.fileno())  # on disk before it takes the real name, even if the host crashes
-    os.replace(temporary, path)  # a crash leaves the previous file intact, never half of one
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before it takes the real name, even if the host crashes
+        os.replace(temporary, path)  # a crash leaves the previous file intact, never half of one
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        temporary.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else "the write failed"
+        if free < _tensor_bytes(obj):
+            cause = "No space left on device"
+        raise CheckpointWriteError(f"could not write {path}: {cause}; it needs about {_tensor_bytes(obj):,} bytes "
+                                   f"and {free:,} are free there") from None
 
 
 def step_folder(run_dir: Path, step: int) -> Path:
@@ -36,9 +65,19 @@ def step_folder(run_dir: Path, step: int) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
     """Everything needed to continue after `step` steps: weights, B matrices, optimiser states."""
+    written = []
     for block in blocks:
         state = {"step": step, "block": block.state_dict(), "optimizer": block.optimizer.state_dict()}
-        _save_atomic(state, step_folder(run_dir, step) / f"block{block.index}.pt")
+        path = step_folder(run_dir, step) / f"block{block.index}.pt"
+        try:
+            _save_atomic(state, path)
+        except CheckpointWriteError as error:
+            for done in written:  # a step this rank could not finish holds nothing of it
+                done.unlink(missing_ok=True)
+            earlier = completed_steps(run_dir)
+            kept = f"the checkpoint of step {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"{error}; {kept}. Free space, then continue with --resume {run_dir}") from None
+        written.append(path)
     complete = completed_steps(run_dir)
     if len(complete) < KEEP:
         return
@@ -65,6 +104,30 @@ def completed_steps(run_dir: Path, blocks: Sequence[int] = range(NUM_BLOCKS)) ->
 def has_checkpoints(run_dir: Path) -> bool:
     """Whether any block file of any step is in the run folder."""
     return any((run_dir / "checkpoints").glob("step*/block*.pt"))
+
+
+def unreadable_file(run_dir: Path, step: int) -> str | None:
+    """Why the checkpoint of `step` cannot be loaded (the first block file that fails its archive's
+    checksums, or is no archive at all), or None when every block file reads."""
+    for block in range(NUM_BLOCKS):
+        path = step_folder(run_dir, step) / f"block{block}.pt"
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch.save writes a zip archive; this reads it all
+                bad = archive.testzip()
+            if bad is not None:
+                return f"{path.name}: {bad} fails its checksum"
+        except (OSError, zipfile.BadZipFile, EOFError) as error:
+            return f"{path.name}: {error}"
+    return None
+
+
+def set_aside(run_dir: Path, step: int) -> Path:
+    """Move the checkpoint of `step` to checkpoints/unreadable/, where nothing deletes it."""
+    target = run_dir / "checkpoints" / UNREADABLE / step_folder(run_dir, step).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(step_folder(run_dir, step), target)
+    return target
 
 
 def load_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:

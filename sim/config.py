@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from layers.block import RuleSettings
+from layers.encoder import CHANNELS
 from layers.losses import CONTRAST_MODES, NEGATIVE_MODES
 from layers.methods import get_method
 from layers.model import pool_kernels
@@ -172,11 +176,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     config = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config {path} is a folder; give a TOML file, e.g. {path / 'fashion_mnist.toml'}")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; shipped configs are in launch/configs/")
         try:
             _fill(config, tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as error:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path} is not valid TOML: {error}") from None
     for text in overrides:
         _fill(config, parse_override(text))
@@ -184,8 +190,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config
 
 
+MIN_CHANNELS = 4  # fewer channels in a block and its contrast has almost nothing to work with
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def validate(config: Config) -> None:
     """Checks of values (types were checked while filling)."""
+    for key, value in _numbers(config):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value} is not a finite number; give a number")
+    if not DEVICES.fullmatch(config.train.device):
+        raise ConfigError(f"train.device = {config.train.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if config.model.width > 0:
+        check_width(config.model.width)
     try:
         method = get_method(config.method)
         info = dataset_info(config.data.name)
@@ -221,6 +238,25 @@ def validate(config: Config) -> None:
                 "train.checkpoint_every", "probe.epochs", "probe.train_limit", "probe.test_limit"):
         if getattr_path(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr_path(config, key)}")
+
+
+def check_width(width: float) -> None:
+    """A width multiplier that leaves every block at least MIN_CHANNELS channels."""
+    for block, full in enumerate(CHANNELS):
+        if round(full * width) < MIN_CHANNELS:
+            raise ConfigError(f"model.width = {width} leaves block {block} with {round(full * width)} channels "
+                              f"({full} at width 1.0); every block needs at least {MIN_CHANNELS}: use model.width "
+                              f">= {MIN_CHANNELS / min(CHANNELS)}")
+
+
+def _numbers(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every float setting of `node` (a config or one of its sections), with its key."""
+    for item in dataclasses.fields(node):
+        value, key = getattr(node, item.name), prefix + item.name
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, key + ".")
+        elif isinstance(value, float):
+            yield key, value
 
 
 def getattr_path(config: Config, key: str) -> Any:

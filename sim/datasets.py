@@ -4,15 +4,18 @@
 to `DatasetInfo.image_size` and normalisation happen in `sim.views`. Splits: "ssl" is the set used
 for self-supervised training (the labeled train set, except STL-10's 100k `unlabeled` images);
 "train" and "test" are the labeled sets of the linear probe. Missing files raise `DatasetMissing`
-at once: there is never a silent fallback to another dataset.
+at once: there is never a silent fallback to another dataset. A file that cannot be read (truncated,
+garbage) raises `DatasetCorrupt`, naming the file and how to get it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import pickle
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,33 @@ def dataset_info(name: str) -> DatasetInfo:
 
 class DatasetMissing(FileNotFoundError):
     """A dataset's files are not where they were searched for; the message says how to get them."""
+
+
+class DatasetCorrupt(ValueError):
+    """A dataset file that cannot be read (truncated, garbage): names the file and how to get it again."""
+
+
+_GET_AGAIN = {
+    "fashion_mnist": "sudo apt-get install --reinstall dataset-fashion-mnist, or download the four IDX files again",
+    "cifar10": "download cifar-10-python.tar.gz again (https://www.cs.toronto.edu/~kriz/cifar.html), or copy the "
+               ".npy shards again",
+    "stl10": "download stl10_binary.tar.gz again (https://cs.stanford.edu/~acoates/stl10/)",
+    "tiny_imagenet": "download tiny-imagenet-200.zip again and unzip it",
+}
+
+
+@contextlib.contextmanager
+def _reading(name: str, path: Path) -> Iterator[None]:
+    """Whatever goes wrong while reading `path` becomes a DatasetCorrupt that names the file."""
+    try:
+        yield
+    except (DatasetMissing, DatasetCorrupt):
+        raise
+    except (EOFError, OSError, ValueError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError,
+            zlib.error) as error:
+        detail = (str(error).splitlines() or [""])[0][:200]
+        raise DatasetCorrupt(f"dataset {name!r}: {path} is corrupt or truncated ({type(error).__name__}: "
+                             f"{detail}). Get it again: {_GET_AGAIN[name]}") from None
 
 
 @dataclass
@@ -158,6 +188,11 @@ def _idx_path(folder: Path, stem: str) -> Path | None:
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    with _reading("fashion_mnist", path):
+        return _parse_idx(path)
+
+
+def _parse_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         raw = f.read()
@@ -191,8 +226,7 @@ def _read_fashion_mnist(root: Path | None, split: str, download: bool) -> ImageS
                        "sudo apt-get install dataset-fashion-mnist (installs into "
                        f"{_FMNIST_DEFAULT}), or set data.root to a folder holding the four IDX "
                        "files, or set data.download = true with data.root")
-    images = _read_idx(_idx_path(folder, stems[0]))  # (N, 28, 28)
-    labels = _read_idx(_idx_path(folder, stems[1]))  # (N,)
+    images, labels = (_read_idx(_idx_path(folder, stem)) for stem in stems)  # (N, 28, 28), (N,)
     return ImageSet(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
 
 
@@ -221,19 +255,27 @@ def _read_cifar10(root: Path | None, split: str, download: bool) -> ImageSet:
     for file in names:
         if not (folder / file).is_file():
             raise _missing("cifar10", [folder / file], file, "re-download cifar-10-python.tar.gz")
-        with open(folder / file, "rb") as f:
+        with _reading("cifar10", folder / file), open(folder / file, "rb") as f:
             batch = pickle.load(f, encoding="bytes")  # the official format; trust only real copies
-        images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[b"labels"], np.int64))
+            images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[b"labels"], np.int64))
     return ImageSet(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 
 def _read_cifar_shards(folder: Path, part: str) -> ImageSet:
-    data = np.load(folder / f"{part}_jpeg.npy", mmap_mode="r")  # (bytes,) all JPEG files concatenated
-    offsets = np.load(folder / f"{part}_offsets.npy")  # (N + 1,) image i is data[o[i]:o[i+1]]
-    labels = np.load(folder / f"{part}_labels.npy").astype(np.int64)  # (N,)
-    blobs = [torch.from_numpy(np.array(data[a:b])) for a, b in zip(offsets[:-1], offsets[1:])]
-    return ImageSet(_decode_jpegs(blobs), torch.from_numpy(labels))
+    jpegs, offsets_file, labels_file = (folder / f"{part}_{kind}.npy" for kind in ("jpeg", "offsets", "labels"))
+    with _reading("cifar10", offsets_file):
+        offsets = np.load(offsets_file)  # (N + 1,) image i is jpegs[o[i]:o[i+1]]
+    with _reading("cifar10", labels_file):
+        labels = np.load(labels_file).astype(np.int64)  # (N,)
+        if labels.shape != (len(offsets) - 1,):
+            raise ValueError(f"{labels.size} labels for {len(offsets) - 1} images")
+    with _reading("cifar10", jpegs):
+        data = np.load(jpegs, mmap_mode="r")  # (bytes,) all JPEG files concatenated
+        if len(offsets) and offsets[-1] > len(data):
+            raise ValueError(f"it holds {len(data):,} bytes, its offsets reach {offsets[-1]:,}")
+        blobs = [torch.from_numpy(np.array(data[a:b])) for a, b in zip(offsets[:-1], offsets[1:])]
+        return ImageSet(_decode_jpegs(blobs), torch.from_numpy(labels))
 
 
 # ---------------------------------------------------------------- STL-10 (column-major binaries)
@@ -256,15 +298,17 @@ def _read_stl10(root: Path | None, split: str, download: bool) -> ImageSet:
     per_image = 3 * 96 * 96
     n, extra = divmod(path.stat().st_size, per_image)
     if extra:
-        raise ValueError(f"{path} is not a whole number of 3x96x96 images: truncated; download again")
+        raise DatasetCorrupt(f"dataset 'stl10': {path} is not a whole number of 3x96x96 images: it is truncated. "
+                             f"Get it again: {_GET_AGAIN['stl10']}")
     # Copy-on-write map: nothing is read until rows are indexed, and torch gets a writable buffer.
     raw = np.memmap(path, np.uint8, mode="c", shape=(n, 3, 96, 96))
     images = torch.from_numpy(raw).transpose(2, 3)  # (N, 3, 96, 96) view: the file is column-major
     if prefix == "unlabeled":
         return ImageSet(images, torch.full((n,), -1, dtype=torch.int64))
-    labels = np.fromfile(folder / f"{prefix}_y.bin", np.uint8).astype(np.int64) - 1  # file: 1..10
-    if labels.shape != (n,):
-        raise ValueError(f"{folder / f'{prefix}_y.bin'} holds {labels.size} labels for {n} images")
+    with _reading("stl10", folder / f"{prefix}_y.bin"):
+        labels = np.fromfile(folder / f"{prefix}_y.bin", np.uint8).astype(np.int64) - 1  # file: 1..10
+        if labels.shape != (n,):
+            raise ValueError(f"it holds {labels.size} labels for {n} images")
     return ImageSet(images, torch.from_numpy(labels))
 
 
@@ -293,7 +337,8 @@ def _read_tiny_imagenet(root: Path | None, split: str, download: bool) -> ImageS
         raise _missing("tiny_imagenet", [folder], f"JPEG images of the {split} split", fix)
     blobs = [torch.from_numpy(np.fromfile(p, np.uint8)) for p, _ in files]
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return ImageSet(_decode_jpegs(blobs), labels)
+    with _reading("tiny_imagenet", folder / ("val" if split == "test" else "train")):
+        return ImageSet(_decode_jpegs(blobs), labels)
 
 
 # ---------------------------------------------------------------- synthetic (procedural)

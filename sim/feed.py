@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from layers.seeding import STREAM_ORDER, STREAM_VIEWS, keyed_generator
+from sim.config import ConfigError
 from sim.datasets import ImageSet
 from sim.views import SimCLRViews
 
@@ -15,7 +16,8 @@ class ViewFeed:
 
     def __init__(self, images: ImageSet, views: SimCLRViews, batch_size: int, seed: int):
         if len(images) < batch_size:
-            raise ValueError(f"train.batch_size = {batch_size} is larger than the {len(images)} training images")
+            raise ConfigError(f"train.batch_size = {batch_size} is larger than the {len(images)} training images; "
+                              f"use a batch of at most {len(images)}")
         self.images, self.views, self.batch_size, self.seed = images, views, batch_size, seed
         self.steps_per_epoch = len(images) // batch_size
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) cache

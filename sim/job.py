@@ -12,6 +12,7 @@ final.pt ({block: state_dict}) and summary.json (`sim.summary`), written last.
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +24,19 @@ from layers.block import Block
 from layers.encoder import NUM_BLOCKS
 from layers.model import PoolingError
 from sim.bp_engine import BPPipelineEngine, pipeline_group
-from sim.checkpoint import completed_steps, discard_after, has_checkpoints, load_checkpoint, save_checkpoint, save_final
+from sim.checkpoint import (
+    CheckpointWriteError,
+    completed_steps,
+    discard_after,
+    has_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_final,
+    set_aside,
+    unreadable_file,
+)
 from sim.config import ConfigError, to_dict
-from sim.datasets import DatasetMissing, ImageSet, load_split
+from sim.datasets import DatasetCorrupt, DatasetMissing, ImageSet, load_split
 from sim.evaluation import linear_probe, sample_images
 from sim.feed import ViewFeed
 from sim.local_engine import LocalEngine
@@ -50,8 +61,8 @@ from sim.views import SimCLRViews
 from sim.world import World, connect, connect_alone, disconnect
 
 SETUP_TIMEOUT_S = 900.0  # rank 0 may load a large dataset, or gather full-width weights, for minutes
-USER_ERRORS = (ConfigError, PlacementError, PoolingError, DatasetMissing)  # exit code 2: fix the input
-RUN_ERRORS = (NonFiniteLoss, PeerFailure)  # exit code 1: the run failed
+USER_ERRORS = (ConfigError, PlacementError, PoolingError, DatasetMissing, DatasetCorrupt)  # exit 2: fix the input
+RUN_ERRORS = (NonFiniteLoss, PeerFailure, CheckpointWriteError)  # exit code 1: the run failed
 
 
 @dataclass
@@ -69,6 +80,9 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
     `resume` continues from the last complete checkpoint in `out_dir`; so does a job that torchrun
     restarted (world.attempt > 0)."""
     check_run_folder(out_dir, resume, world.attempt)
+    if plan.config.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {plan.config.train.device!r} but this machine has no CUDA device; "
+                          "use train.device = \"cpu\" or \"auto\"")
     if plan.config.train.threads:
         torch.set_num_threads(plan.config.train.threads)
     device = world.device(plan.config.train.device)
@@ -98,6 +112,8 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
 
 def check_run_folder(out_dir: Path, resume: bool, attempt: int) -> None:
     """A run folder that would lose or mix data is refused before any work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; give a folder for the run")
     if finished(out_dir):
         raise ConfigError(f"{out_dir} already holds a finished run; choose another --out or remove it")
     if not resume and not attempt and has_checkpoints(out_dir):
@@ -106,13 +122,19 @@ def check_run_folder(out_dir: Path, resume: bool, attempt: int) -> None:
 
 
 def resume_point(out_dir: Path, resume: bool, restarted: bool) -> int:
-    """The step a run starts from: its last complete checkpoint when resuming or restarted, else 0."""
-    complete = completed_steps(out_dir)
-    if (resume or restarted) and complete:
-        print(f"resuming {out_dir} from its checkpoint after step {complete[-1]}")
-        return complete[-1]
+    """The step a run starts from: its newest checkpoint that reads completely when resuming or
+    restarted, else 0. Newer ones that do not read are set aside (checkpoints/unreadable/), said so."""
+    if resume or restarted:
+        for step in reversed(completed_steps(out_dir)):
+            reason = unreadable_file(out_dir, step)
+            if reason is None:
+                print(f"resuming {out_dir} from its checkpoint after step {step}", flush=True)
+                return step
+            moved = set_aside(out_dir, step)
+            print(f"the checkpoint of step {step} does not read ({reason}): set aside in {moved}; "
+                  "trying the one before", flush=True)
     if resume:
-        raise ConfigError(f"{out_dir} holds no complete checkpoint to resume from; start a new run")
+        raise ConfigError(f"{out_dir} holds no complete checkpoint that reads to resume from; start a new run")
     if restarted:
         print(f"restarted, but {out_dir} holds no complete checkpoint: training again from step 0", flush=True)
     return 0
@@ -235,22 +257,31 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
 class ProgramErrors:
     """What a program's main does with the errors of a run (launch.train, launch.bp_pipeline, ...):
 
-        with ProgramErrors(world.rank) as errors:
+        with ProgramErrors(world.rank, args.debug) as errors:
             ...
         return errors.exit_code
 
-    An error a user can fix (exit code 2) or a failed run (1) becomes one line on stderr that names
-    this rank, without a traceback; anything else is a bug and keeps its traceback."""
+    An error in what the user gave (config, files, command line: exit code 2) or a failed run (1)
+    becomes one or two lines on stderr that name this rank, without a traceback; so does anything
+    unexpected (1), which asks for `--debug` (or LAMINAR_DEBUG=1): with it, every traceback is kept."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, debug: bool = False):
         self.rank, self.exit_code = rank, 0
+        self.debug = debug or os.environ.get("LAMINAR_DEBUG", "") not in ("", "0")
 
     def __enter__(self) -> ProgramErrors:
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> bool:
-        if not isinstance(error, USER_ERRORS + RUN_ERRORS):
-            return False
-        print(f"error (rank {self.rank}): {error}", file=sys.stderr)
-        self.exit_code = 2 if isinstance(error, USER_ERRORS) else 1
+        if error is None or self.debug or not isinstance(error, Exception):
+            return False  # KeyboardInterrupt and SystemExit keep their meaning
+        if isinstance(error, RUN_ERRORS):
+            self.exit_code, text = 1, str(error)
+        elif isinstance(error, USER_ERRORS + (OSError, ValueError)):
+            self.exit_code, text = 2, str(error)
+        else:
+            self.exit_code = 1
+            text = (f"unexpected {type(error).__name__}: {error}\n(a bug in laminar, or an input it does not "
+                    "check yet: rerun with --debug for the traceback, and report it)")
+        print(f"error (rank {self.rank}): {text}", file=sys.stderr, flush=True)
         return True

@@ -23,9 +23,9 @@ from sim.transport import Link
 from sim.views import plain_views
 
 
-def log_settings(plan: Plan) -> LogSettings:
+def log_settings(plan: Plan, heldout_count: int) -> LogSettings:
     c = plan.config.log
-    return LogSettings(c.every, plan.schedule.align_every, c.heldout, c.dtype, c.chunk)
+    return LogSettings(c.every, plan.schedule.align_every, heldout_count, c.dtype, c.chunk)
 
 
 def code_version() -> str:
@@ -61,7 +61,11 @@ def heldout_images(test_set: ImageSet, count: int, seed: int) -> tuple[np.ndarra
 def start_log(plan: Plan, out_dir: Path, test_set: ImageSet, start: int) -> ImageSet:
     """Rank 0, before the other ranks open it: create the store (or keep it when resuming); returns
     the held-out images."""
-    index, images = heldout_images(test_set, plan.config.log.heldout, plan.config.train.seed)
+    wanted = plan.config.log.heldout
+    if wanted > len(test_set):
+        print(f"note: log.heldout = {wanted} is more than the {len(test_set)} test images: the log holds all "
+              f"{len(test_set)}", flush=True)
+    index, images = heldout_images(test_set, wanted, plan.config.train.seed)
     path = out_dir / STORE_NAME
     if start == 0 or not (path / "zarr.json").exists():
         attrs = root_attrs(config=to_dict(plan.config), code_version=code_version(), world_size=plan.world_size,
@@ -80,7 +84,8 @@ def rank_recording(plan: Plan, out_dir: Path, rank: int, blocks: list[Block], st
     if not plan.schedule.log_every:
         return Recording()
     own = [b.index for b in blocks]
-    log = RankLog(out_dir / STORE_NAME, [i for i in block_infos(plan) if i.block in own], log_settings(plan), start)
+    infos = [i for i in block_infos(plan) if i.block in own]
+    log = RankLog(out_dir / STORE_NAME, infos, log_settings(plan, heldout_count), start)
     images = plain_views(heldout.images, plan.info, device) if rank == 0 else None
     kernels = [grid_kernels(plan.info.image_size)[i] for i in own]
     top_rank = plan.world_size - 1

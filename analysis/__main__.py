@@ -7,6 +7,11 @@
     python -m analysis report RUN_DIR               one HTML page with every figure, table and the config
 
 Each command prints a table and writes its files into RUN_DIR/analysis/ (or --out DIR).
+
+A damaged log (corrupted chunk files, a lost zarr.json) is analysed without what cannot be read: each
+unreadable part is one `warning:` line on stderr naming the array and the steps lost, the outputs are
+written from the rest, and the exit status is 0. It is 2, with one line saying what is missing, when
+nothing the command needs can be read (or the store's root metadata is damaged).
 """
 from __future__ import annotations
 
@@ -67,8 +72,7 @@ def cmd_cka(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
         return [_write(out, "cka_blocks.json", _json(result.as_dict())),
                 plots.plot_blocks_cka(result, out / "cka_blocks.png",
                                       title=f"linear CKA, step {result.step}: {run.name}")]
-    other = open_run(args.other_run_dir)
-    result = runs_cka(run, other, args.step)
+    result = runs_cka(run, args.other_run, args.step)
     print(runs_cka_table(result))
     stem = f"cka_vs_{Path(args.other_run_dir).resolve().name}"
     return [_write(out, f"{stem}.json", _json(result.as_dict())), plots.plot_runs_cka(result, out / f"{stem}.png")]
@@ -109,16 +113,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _damage_note(runs: list[RunLog]) -> str:
+    """The damaged parts read, for an error that left nothing to analyse: kept on the error's one line."""
+    parts = [f"{d.path}: {d.what} ({d.reason})" for run in runs for d in run.damage]
+    if not parts:
+        return ""
+    shown = "; ".join(dict.fromkeys(parts[:3]))
+    return f" [unreadable: {shown}{f'; and {len(parts) - 3} more' if len(parts) > 3 else ''}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    runs: list[RunLog] = []
     try:
-        run = open_run(args.run_dir)
+        runs.append(open_run(args.run_dir))
+        other = getattr(args, "other_run_dir", None)
+        args.other_run = open_run(other) if other is not None else None
+        runs += [args.other_run] if other is not None else []
         out = args.out if args.out is not None else args.run_dir / "analysis"
         out.mkdir(parents=True, exist_ok=True)
-        written = COMMANDS[args.command](run, out, args)
+        written = COMMANDS[args.command](runs[0], out, args)
     except LogError as err:
-        print(f"python -m analysis {args.command}: {err}", file=sys.stderr)
+        print(f"python -m analysis {args.command}: {err}{_damage_note(runs)}", file=sys.stderr)
         return 2
+    for run in runs:  # after the command: arrays are read, and their damage found, as the analysis needs them
+        store = "log.zarr" if run is runs[0] else str(run.run_dir / "log.zarr")
+        for line in run.warnings(store):
+            print(line, file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

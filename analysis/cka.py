@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.store import LogError, RunLog
+from analysis.store import BlockLog, LogError, RunLog, Unreadable
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -63,22 +63,48 @@ class RunsCka:
                                                      for b, sa, sb, c in self.rows]}
 
 
+def _read(block: BlockLog, row: int) -> np.ndarray | None:
+    """The activations of `row`, or None when they do not decode (the damage is in the run's warnings)."""
+    try:
+        return block.activations(row)
+    except Unreadable:
+        return None
+
+
 def blocks_cka(run: RunLog, step: int | None = None) -> BlockCka:
-    """CKA between all blocks of `run` at `step` (default: the last step every block has logged)."""
+    """CKA between all blocks of `run` at `step` (default: the last step every block has logged).
+
+    Blocks whose activations at the step do not decode, or with no readable logged step, are left out. By
+    default the step is the last one at which every block's activations read, or failing that the one at
+    which the most blocks do.
+    """
     run.require_rows()
-    common = run.common_steps()
-    if step is None:
-        if len(common) == 0:
-            raise LogError("the blocks have no logged step in common yet (their ranks are at different steps); "
-                           "pass --step with a step every block has logged, or wait")
-        step = int(common[-1])
-    blocks = sorted(run.blocks)
-    acts = [run.blocks[b].activations(run.blocks[b].row_of(step)) for b in blocks]
-    matrix = np.eye(len(blocks))
-    for i in range(len(blocks)):
-        for j in range(i + 1, len(blocks)):
-            matrix[i, j] = matrix[j, i] = linear_cka(acts[i], acts[j])
-    return BlockCka(step, blocks, matrix)
+    # Blocks without a readable logged step (their rank has not logged yet, or their steps are damaged) are
+    # left out rather than leaving no step in common.
+    blocks = [b for b in sorted(run.blocks) if len(run.blocks[b].steps)]
+    common = sorted(set.intersection(*(set(run.blocks[b].steps.tolist()) for b in blocks)))
+    if step is None and not common:
+        raise LogError("the blocks have no logged step in common yet (their ranks are at different steps); "
+                       "pass --step with a step every block has logged, or wait")
+    best: dict[int, np.ndarray] = {}
+    asked = step
+    for s in [step] if step is not None else common[::-1]:
+        rows = {b: run.blocks[b].row_of(s) for b in blocks}  # a LogError for a step some block did not log
+        acts = {b: a for b in blocks if (a := _read(run.blocks[b], rows[b])) is not None}
+        if len(acts) > len(best):
+            step, best = s, acts
+        if len(best) == len(blocks):
+            break
+    if not best:
+        where = f"at step {asked}" if asked is not None else "at any step the blocks logged in common"
+        raise LogError(f"no block's activations {where} can be read (the log is damaged there); pass --step "
+                       "with another logged step")
+    used = sorted(best)
+    matrix = np.eye(len(used))
+    for i in range(len(used)):
+        for j in range(i + 1, len(used)):
+            matrix[i, j] = matrix[j, i] = linear_cka(best[used[i]], best[used[j]])
+    return BlockCka(int(step), used, matrix)
 
 
 def check_same_images(a: RunLog, b: RunLog) -> None:
@@ -96,8 +122,8 @@ def check_same_images(a: RunLog, b: RunLog) -> None:
 def runs_cka(a: RunLog, b: RunLog, step: int | None = None) -> RunsCka:
     """CKA between block k of run `a` and block k of run `b`, for each block both logged.
 
-    Each run is read at `step`, or by default at its own last logged step (runs of different lengths
-    are compared at their ends).
+    Each run is read at `step`, or by default at its own last logged step whose activations read (runs
+    of different lengths are compared at their ends). A block unreadable in either run is left out.
     """
     check_same_images(a, b)
     a.require_rows()
@@ -107,13 +133,24 @@ def runs_cka(a: RunLog, b: RunLog, step: int | None = None) -> RunsCka:
         ba, bb = a.blocks[k], b.blocks[k]
         if not (len(ba.steps) and len(bb.steps)):
             continue
-        ra = ba.row_of(step) if step is not None else len(ba.steps) - 1
-        rb = bb.row_of(step) if step is not None else len(bb.steps) - 1
-        value = linear_cka(ba.activations(ra), bb.activations(rb))
-        rows.append((k, int(ba.steps[ra]), int(bb.steps[rb]), value))
+        ra, xa = _pick(ba, step)
+        rb, xb = _pick(bb, step)
+        if xa is not None and xb is not None:  # else not logged yet, or unreadable: in the runs' warnings
+            rows.append((k, int(ba.steps[ra]), int(bb.steps[rb]), linear_cka(xa, xb)))
     if not rows:
-        raise LogError(f"{a.run_dir} and {b.run_dir} have no logged block in common")
+        raise LogError(f"{a.run_dir} and {b.run_dir} have no logged block in common whose activations can be read")
     return RunsCka((a.name, b.name), rows)
+
+
+def _pick(block: BlockLog, step: int | None) -> tuple[int, np.ndarray | None]:
+    """(row, activations) at `step`, or by default at the last logged row whose activations read."""
+    if step is not None:
+        row = block.row_of(step)
+        return row, _read(block, row)
+    for row in range(len(block.steps) - 1, -1, -1):
+        if (acts := _read(block, row)) is not None:
+            return row, acts
+    return -1, None
 
 
 def blocks_cka_table(result: BlockCka) -> str:

@@ -171,6 +171,8 @@ class Listing:
         if not (self.store_dir / path).is_dir():
             return None, None  # not created (yet): the caller decides whether that is allowed
         try:
-            return self.root[path], None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return self.root[path], None
         except Exception as err:  # missing or invalid zarr.json
             return None, metadata_error(self.store_dir, path, err)

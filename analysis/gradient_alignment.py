@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis.store import LogError, RunLog
+from sim.log_format import ALIGN_GROUP, STORE_NAME
 
 ROWS_PER_READ = 8  # gradient rows read at once: a full-width block's row holds 590k values (4.7 MB in float64)
 Z95 = 1.96
@@ -61,17 +62,24 @@ class BlockAlignment:
 
 
 def block_alignment(run: RunLog) -> list[BlockAlignment]:
-    """Cosines of every block that logged gradient pairs; a LogError if none did."""
+    """Cosines of every block that logged gradient pairs, without the pairs that do not decode (they are in
+    `run.damage`); a LogError if no block has a readable pair."""
     out = []
     for b, block in sorted(run.blocks.items()):
-        if block.align is None:
+        if block.align is None or not len(block.align):
             continue
-        parts = [cosines(*block.align.rows(i, i + ROWS_PER_READ)) for i in range(0, len(block.align), ROWS_PER_READ)]
-        out.append(BlockAlignment(b, block.align.step.copy(), np.concatenate(parts)))
+        parts = [block.align.pairs(i, i + ROWS_PER_READ) for i in range(0, len(block.align), ROWS_PER_READ)]
+        steps = np.concatenate([p[0] for p in parts])
+        if len(steps):
+            out.append(BlockAlignment(b, steps, np.concatenate([cosines(p[1], p[2]) for p in parts if len(p[0])])))
     if not out:
+        store = run.run_dir / STORE_NAME
+        if any(f"/{ALIGN_GROUP}/" in d.path for d in run.damage):
+            raise LogError(f"{store} holds no readable gradient pair: every logged pair is in a damaged part of the "
+                           "store; rerun with `--set log.align_every=N` to log them again")
         why = ("align_every = 0" if not run.attrs["align_every"]
                else "no pair logged yet, or the method is end to end (its blocks have no local loss to compare)")
-        raise LogError(f"{run.run_dir / 'log.zarr'} holds no gradient pairs ({why}); rerun with "
+        raise LogError(f"{store} holds no gradient pairs ({why}); rerun with "
                        "`--set log.align_every=N` (a local method, N a multiple of log.every) to log them")
     return out
 

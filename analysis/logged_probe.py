@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.store import LogError, RunLog
+from analysis.store import ENABLE_HINT, LogError, RunLog, Unreadable
+from sim.log_format import ACTIVATIONS, STORE_NAME
 
 TRAIN_FRACTION = 0.7
 SEED = 0
@@ -95,7 +96,11 @@ class ProbeResult:
 
 def probe_run(run: RunLog, points: int = 0, alpha: float = ALPHA, train_fraction: float = TRAIN_FRACTION,
               seed: int = SEED) -> ProbeResult:
-    """Fit and score a probe for every block at `points` evenly spread logged steps (0 = every logged step)."""
+    """Fit and score a probe for every block at `points` evenly spread logged steps (0 = every logged step).
+
+    Steps whose activations do not decode are left out (they are in `run.damage`); a block with none left
+    is absent from the result, and a LogError says so if no block has any.
+    """
     run.require_rows()
     labels, k = run.heldout_labels, int(run.attrs["num_classes"])
     if labels.min(initial=0) < 0 or labels.max(initial=0) >= k:
@@ -105,12 +110,19 @@ def probe_run(run: RunLog, points: int = 0, alpha: float = ALPHA, train_fraction
         raise LogError(f"only {len(labels)} held-out images: too few to keep a scoring part; log more images")
     result = ProbeResult(k, len(fit), len(score))
     for b, block in sorted(run.blocks.items()):
-        if not len(block.steps):
-            continue  # its rank has not logged yet
-        rows = pick_rows(len(block.steps), points)
-        result.steps[b] = block.steps[rows]
-        result.accuracy[b] = np.array([ridge_accuracy(block.activations(r), labels, fit, score, k, alpha)
-                                       for r in rows])
+        steps, accuracy = [], []
+        for r in pick_rows(len(block.steps), points):  # none while its rank has not logged yet
+            try:
+                acts = block.activations(r)
+            except Unreadable:  # in run.damage: the step is left out of this block's curve
+                continue
+            steps.append(block.steps[r])
+            accuracy.append(ridge_accuracy(acts, labels, fit, score, k, alpha))
+        if steps:
+            result.steps[b], result.accuracy[b] = np.array(steps, np.int64), np.array(accuracy)
+    if not result.steps:
+        raise LogError(f"{run.run_dir / STORE_NAME}: no block has readable activations at a logged step "
+                       f"(every {ACTIVATIONS.name} row read is damaged); {ENABLE_HINT} to log them again")
     return result
 
 

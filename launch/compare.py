@@ -19,6 +19,7 @@ from pathlib import Path
 
 from launch.runner import DEFAULT_CONFIG, launch_run
 from sim.config import ConfigError, add_config_arguments, load_config
+from sim.job import ProgramErrors
 from sim.placement import PlacementError
 from sim.plan import make_plan
 from sim.summary import RunSummary, finished
@@ -114,4 +115,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
+        code = main()
+    sys.exit(errors.exit_code or code)

@@ -27,6 +27,7 @@ from launch.machine import code_version
 from layers.seeding import keyed_generator
 from layers.theory.figures import FIGURES, FrozenCurve, TrainingSetup, frozen_figure, run_fig3b, run_frozen
 from sim.datasets import DatasetInfo, DatasetMissing, ImageSet, dataset_info, load_split
+from sim.job import ProgramErrors
 from sim.views import SimCLRViews
 
 PATCH, CROP = 14, 16
@@ -270,4 +271,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
+        code = main()
+    sys.exit(errors.exit_code or code)

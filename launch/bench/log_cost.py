@@ -16,6 +16,7 @@ import time
 from launch.machine import describe_machine
 from launch.runner import bench_run, benchmark_parser
 from sim.config import load_config
+from sim.job import ProgramErrors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,4 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
+        code = main()
+    sys.exit(errors.exit_code or code)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from launch.machine import available_cores, code_version, cpu_name
 from launch.runner import launch_run
+from sim.job import ProgramErrors
 
 ROOT = Path(__file__).parents[1]  # launch/
 CONFIG = ROOT / "configs" / "table_cpu.toml"
@@ -178,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [r for r in rows if r not in ROWS]
         if unknown:
             parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
-        todo = [(r, int(s)) for s in args.seeds.split(",") for r in rows
-                if args.redo or cell_key(args.data, r, int(s)) not in results["cells"]]
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            parser.error(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2")
+        todo = [(r, seed) for seed in seeds for r in rows
+                if args.redo or cell_key(args.data, r, seed) not in results["cells"]]
         for number, (row, seed) in enumerate(todo, 1):
             print(f"\n== [{number}/{len(todo)}] {args.data} / {row} / seed {seed}", flush=True)
             key = cell_key(args.data, row, seed)
@@ -199,4 +204,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
+        code = main()
+    sys.exit(errors.exit_code or code)

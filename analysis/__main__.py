@@ -26,7 +26,8 @@ from analysis.cka import blocks_cka, blocks_cka_table, runs_cka, runs_cka_table
 from analysis.gradient_alignment import alignment_csv, alignment_table, block_alignment
 from analysis.logged_probe import ALPHA, SEED, TRAIN_FRACTION, probe_csv, probe_run, probe_table
 from analysis.report import build_report
-from analysis.store import LogError, RunLog, open_run
+from analysis.store import LogError, RunLog, Unreadable, open_run
+from sim.log_format import STORE_NAME
 
 
 def _write(out: Path, name: str, text: str) -> Path:
@@ -115,10 +116,10 @@ def parser() -> argparse.ArgumentParser:
 
 def _damage_note(runs: list[RunLog]) -> str:
     """The damaged parts read, for an error that left nothing to analyse: kept on the error's one line."""
-    parts = [f"{d.path}: {d.what} ({d.reason})" for run in runs for d in run.damage]
+    parts = list(dict.fromkeys(f"{d.path}: {d.what} ({d.reason})" for run in runs for d in run.damage))
     if not parts:
         return ""
-    shown = "; ".join(dict.fromkeys(parts[:3]))
+    shown = "; ".join(parts[:3])
     return f" [unreadable: {shown}{f'; and {len(parts) - 3} more' if len(parts) > 3 else ''}]"
 
 
@@ -127,17 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[RunLog] = []
     try:
         runs.append(open_run(args.run_dir))
-        other = getattr(args, "other_run_dir", None)
-        args.other_run = open_run(other) if other is not None else None
-        runs += [args.other_run] if other is not None else []
+        if getattr(args, "other_run_dir", None) is not None:  # cka with a second run
+            runs.append(open_run(args.other_run_dir))
+        args.other_run = runs[1] if len(runs) > 1 else None
         out = args.out if args.out is not None else args.run_dir / "analysis"
         out.mkdir(parents=True, exist_ok=True)
         written = COMMANDS[args.command](runs[0], out, args)
     except LogError as err:
-        print(f"python -m analysis {args.command}: {err}{_damage_note(runs)}", file=sys.stderr)
+        note = "" if isinstance(err, Unreadable) else _damage_note(runs)  # Unreadable names its array itself
+        print(f"python -m analysis {args.command}: {err}{note}", file=sys.stderr)
         return 2
     for run in runs:  # after the command: arrays are read, and their damage found, as the analysis needs them
-        store = "log.zarr" if run is runs[0] else str(run.run_dir / "log.zarr")
+        store = STORE_NAME if run is runs[0] else str(run.run_dir / STORE_NAME)
         for line in run.warnings(store):
             print(line, file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in written))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.store import BlockLog, LogError, RunLog, Unreadable
+from analysis.store import ENABLE_HINT, BlockLog, LogError, RunLog, Unreadable
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -96,9 +96,11 @@ def blocks_cka(run: RunLog, step: int | None = None) -> BlockCka:
         if len(best) == len(blocks):
             break
     if not best:
-        where = f"at step {asked}" if asked is not None else "at any step the blocks logged in common"
-        raise LogError(f"no block's activations {where} can be read (the log is damaged there); pass --step "
-                       "with another logged step")
+        if asked is not None:
+            raise LogError(f"no block's activations at step {asked} can be read (the log is damaged there); pass "
+                           "--step with another logged step")
+        raise LogError(f"no block's activations can be read at any step the blocks logged in common (the log is "
+                       f"damaged); {ENABLE_HINT} to log them again")
     used = sorted(best)
     matrix = np.eye(len(used))
     for i in range(len(used)):

@@ -10,6 +10,10 @@ the commands print them as warnings and analyse without those rows.
 What is done with an unreadable row is the caller's choice, made in analysis/store.py: rows are
 dropped where a value must be real (steps, activations, gradients) and NaN where the series is a
 float plot line. Never zeros: zarr's fill value must not pass for data.
+
+What cannot be seen: a float chunk whose file is gone reads as zeros, exactly like a chunk zarr never
+wrote because it held only the fill value, so it is not reported. A `step` chunk gone reads as -1
+(NOT_WRITTEN), which is damage before later steps, but at the end looks like rows still being written.
 """
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ def one_line(err: BaseException, limit: int = 160) -> str:
 
 def span(word: str, values: list[int]) -> str:
     """"steps 20..30", or "step 20" for one value."""
-    return f"{word}s {values[0]}..{values[-1]}" if len(values) > 1 else f"{word} {values[0]}"
+    return f"{word}s {values[0]}..{values[-1]}" if values[-1] != values[0] else f"{word} {values[0]}"
 
 
 def row_label(lo: int, hi: int) -> str:

@@ -61,7 +61,7 @@ def _overview(run: RunLog) -> str:
             ("world size", a["world_size"]), ("placement (blocks per rank)", a["placement"]),
             ("logged every / gradient pairs every", f"{a['log_every']} / {a['align_every'] or '-'} steps"),
             ("held-out images (split)",
-             f"{len(run.heldout_labels)} ({a['heldout_split']}), {a['num_classes']} classes"),
+             f"{_fmt(run.num_images, 'd')} ({a['heldout_split']}), {a['num_classes']} classes"),
             ("logged steps per block", ", ".join(f"{b}: {n}" for b, n in logged.items()))]
     return _table(("", "value"), rows)
 
@@ -90,9 +90,14 @@ def _traffic_table(run: RunLog) -> str:
     rows = []
     for rank, blk in run.rank_blocks().items():
         seconds, sent = blk.series["step_seconds"], blk.series["bytes_sent"]
-        rows.append((rank, _fmt(1e3 * np.nanmean(seconds) if len(seconds) else None, ".1f"),
-                     _fmt(sent.mean() / 2**10 if len(sent) else None, ".1f"), len(seconds)))
+        rows.append((rank, _fmt(_nanmean(1e3 * seconds), ".1f"), _fmt(_nanmean(sent / 2**10), ".1f"), len(seconds)))
     return _table(("rank", "mean forward action (ms)", "mean sent per step (KiB)", "logged steps"), rows)
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    """The mean of the readable values (damaged rows are NaN), None if there is none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else None
 
 
 def _section(title: str, body: str) -> str:
@@ -130,14 +135,17 @@ def build_report(run: RunLog, out_dir: Path, points: int = 20) -> list[Path]:
         body = _note(str(err))
     parts.append(_section("Alignment with backprop", body))
 
-    probe = probe_run(run, points=points)
-    body = _image(plots.plot_probe(probe, out_dir / "probe.png"), "probe accuracy", figures)
-    body += _table(("block", "first step", "accuracy (%)", "last step", "accuracy (%)"),
-                   [(b, int(probe.steps[b][0]), _fmt(100 * probe.accuracy[b][0], ".1f"), int(probe.steps[b][-1]),
-                     _fmt(100 * probe.accuracy[b][-1], ".1f")) for b in probe.steps])
-    body += _note(f"Ridge one-vs-all classifier on standardised logged features, fitted on {probe.fit_images} and "
-                  f"scored on {probe.score_images} held-out images (stratified 70/30 split, fixed seed); "
-                  f"chance {100 * probe.chance:.1f}%.")
+    try:
+        probe = probe_run(run, points=points)
+        body = _image(plots.plot_probe(probe, out_dir / "probe.png"), "probe accuracy", figures)
+        body += _table(("block", "first step", "accuracy (%)", "last step", "accuracy (%)"),
+                       [(b, int(probe.steps[b][0]), _fmt(100 * probe.accuracy[b][0], ".1f"), int(probe.steps[b][-1]),
+                         _fmt(100 * probe.accuracy[b][-1], ".1f")) for b in probe.steps])
+        body += _note(f"Ridge one-vs-all classifier on standardised logged features, fitted on {probe.fit_images} "
+                      f"and scored on {probe.score_images} held-out images (stratified 70/30 split, fixed seed); "
+                      f"chance {100 * probe.chance:.1f}%.")
+    except LogError as err:  # e.g. the held-out labels are damaged: the other sections still stand
+        body = _note(str(err))
     parts.append(_section("Linear probe per block over training", body))
 
     try:
@@ -153,6 +161,11 @@ def build_report(run: RunLog, out_dir: Path, points: int = 20) -> list[Path]:
     body += _note("From each rank's lowest block: the wall time of the rank's forward action and the bytes it sent "
                   "during it, at the logged steps. Totals over the whole run are in the summary above.")
     parts.append(_section("Throughput and message traffic per rank", body))
+
+    if run.damage:  # found while the sections above read the arrays: said next to the overview
+        lines = "".join(f"<li>{html.escape(line)}</li>" for line in run.warnings())
+        parts.insert(3, _section("Damaged log", f"<ul>{lines}</ul>" + _note(
+            "These parts of the store could not be decoded; every figure and table is drawn without them.")))
 
     config_toml = run.run_dir / "config.toml"
     config = config_toml.read_text() if config_toml.exists() else json.dumps(run.attrs["config"], indent=2)

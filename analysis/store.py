@@ -147,6 +147,9 @@ class AlignLog:
     def __len__(self) -> int:
         return len(self.step)
 
+    def _label(self, lo: int, hi: int) -> str | None:
+        return _step_label(*self._index, lo, hi)
+
     def pairs(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Steps (rows,) and float64 (rows, param) local and BP gradients of pairs start..stop-1 whose
         gradients both decode; the others are left out (and in the run's damage)."""
@@ -154,10 +157,7 @@ class AlignLog:
         if not len(rows):
             return steps, np.zeros((0, 0)), np.zeros((0, 0))
         lo, hi = int(rows[0]), int(rows[-1]) + 1
-
-        def label(a: int, b: int) -> str | None:
-            return _step_label(*self._index, a, b)
-        (local, ok_local), (bp, ok_bp) = (g.read(lo, hi, label) for g in (self.local_gradient, self.bp_gradient))
+        (local, ok_local), (bp, ok_bp) = (g.read(lo, hi, self._label) for g in (self.local_gradient, self.bp_gradient))
         if local is None or bp is None:
             return steps[:0], np.zeros((0, 0)), np.zeros((0, 0))
         at = rows - lo
@@ -240,7 +240,8 @@ class RunLog:
 
     def _whole(self, name: str) -> np.ndarray:
         reader = self.heldout[name]
-        values, ok = reader.read(0, reader.length or 1, lambda lo, hi: span("image", [lo, hi]))
+        n = 1 if reader.length is None else reader.length  # one row when unknown: enough to report the metadata
+        values, ok = reader.read(0, n, lambda lo, hi: span("image", [lo, hi]))
         if values is None or not ok.all():
             raise Unreadable(f"{STORE_NAME}/{reader.path} cannot be read ({reader.why(int(np.argmin(ok)))}), and "
                              "this analysis needs every held-out image's entry")

@@ -30,6 +30,7 @@ from sim.log_format import (
     BLOCK_ARRAYS,
     BLOCK_ATTRS,
     BP_GRADIENT,
+    GRADIENTS,
     HELDOUT_INDEX,
     HELDOUT_LABELS,
     LOCAL_GRADIENT,
@@ -129,7 +130,8 @@ def write_fake_store(run_dir: Path, rows: int = 5, log_every: int = 10, align_ev
             if w["align"] is not None:
                 align = store.create_group(align_group(b))
                 for spec in ALIGN_ARRAYS:
-                    arrays[b, "align", spec.name] = create(align, spec, w["align"][spec.name], not row_by_row)
+                    chunk = 1 if spec in GRADIENTS else 2  # as sim/logbook.py: one gradient pair per chunk
+                    arrays[b, "align", spec.name] = create(align, spec, w["align"][spec.name], not row_by_row, chunk)
         for r in range(rows if row_by_row else 0):  # append one logged step at a time, as training does
             for b in blocks:
                 w = written["blocks"][b]
@@ -187,7 +189,8 @@ def test_round_trip_of_every_field_from_two_concurrent_ranks(tmp_path):
         for r in range(len(blk.steps)):
             np.testing.assert_array_equal(blk.activations(r), w["blocks"][b]["series"]["activations"][r])
         np.testing.assert_array_equal(blk.align.step, w["blocks"][b]["align"]["step"])
-        local, bp = blk.align.rows(0, len(blk.align))
+        steps, local, bp = blk.align.pairs(0, len(blk.align))
+        np.testing.assert_array_equal(steps, blk.align.step)
         np.testing.assert_array_equal(local, w["blocks"][b]["align"]["local_gradient"])
         np.testing.assert_array_equal(bp, w["blocks"][b]["align"]["bp_gradient"])
     assert {r: blk.index for r, blk in run.rank_blocks().items()} == {0: 0, 1: 3}

@@ -1,6 +1,6 @@
 """BP-SSL pipeline-parallel over K processes: the fair distributed backprop baseline.
 
-    torchrun --standalone --nproc-per-node K -m launch.bp_pipeline CONFIG --schedule gpipe|1f1b \\
+    torchrun --nproc-per-node K $LOCAL -m launch.bp_pipeline CONFIG --schedule gpipe|1f1b \\
         --microbatches M [--steps N] [--set key=value ...] --out DIR
 
 The encoder's six blocks are split over the K processes as in `launch.train` (sim.placement) and

@@ -4,6 +4,7 @@ run's memory and speed are its own."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -26,12 +27,24 @@ def benchmark_parser(prog: str, doc: str, name: str) -> argparse.ArgumentParser:
     return parser
 
 
+# torchrun on this machine with nothing listening beyond loopback: `--standalone` would have its
+# agent host TCP stores on every interface (no option binds them to loopback). Here the rendezvous
+# is a private file and rank 0 hosts the store on 127.0.0.1 (sim.world.connect).
+LOCAL_TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def local_torchrun(processes: int) -> list[str]:
+    """torchrun's command for `processes` workers on this machine (with LOCAL_TORCHRUN_ENV set)."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    return [torchrun, "--nproc-per-node", str(processes), "--rdzv-backend", "c10d", "--rdzv-conf", "store_type=file",
+            "--local-addr", "127.0.0.1"]
+
+
 def command(module: str, processes: int) -> list[str]:
-    """`python -m module`, or torchrun's K processes on this machine (its store on loopback)."""
+    """`python -m module`, or torchrun's K processes on this machine."""
     if processes == 1:
         return [sys.executable, "-m", module]
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    return [torchrun, "--standalone", "--nproc-per-node", str(processes), "-m", module]
+    return local_torchrun(processes) + ["-m", module]
 
 
 def launch_run(config: Path, overrides: Sequence[str], out: Path, *, processes: int = 1, module: str = "launch.train",
@@ -43,7 +56,7 @@ def launch_run(config: Path, overrides: Sequence[str], out: Path, *, processes: 
     if not progress:
         argv.append("--no-progress")
     print(f"\n== {' '.join(argv[1:])}", flush=True)
-    done = subprocess.run(argv, capture_output=capture, text=True)
+    done = subprocess.run(argv, capture_output=capture, text=True, env={**os.environ, **LOCAL_TORCHRUN_ENV})
     if done.returncode != 0:
         tail = f":\n{done.stderr[-3000:]}" if capture else " (see above)"
         raise SystemExit(f"run {out} failed{tail}")

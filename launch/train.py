@@ -1,7 +1,7 @@
 """Train one method and probe it, in one process or one process per block group.
 
     python -m launch.train CONFIG [--set key=value ...] [--out DIR] [--resume RUN_DIR]
-    torchrun --standalone --nproc-per-node K -m launch.train CONFIG [--set ...] --out DIR
+    torchrun --nproc-per-node K $LOCAL -m launch.train CONFIG [--set ...] --out DIR   # $LOCAL: README
 
 Writes into the run folder: config.toml (resolved), checkpoints/, log.zarr, final.pt and summary.json
 (sim.job says what each holds).

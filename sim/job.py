@@ -58,7 +58,7 @@ from sim.transport import (
     setup_barrier,
 )
 from sim.views import SimCLRViews
-from sim.world import World, connect, connect_alone, disconnect
+from sim.world import World, connect, connect_alone, disconnect, stop_with_launcher
 
 SETUP_TIMEOUT_S = 900.0  # rank 0 may load a large dataset, or gather full-width weights, for minutes
 USER_ERRORS = (ConfigError, PlacementError, PoolingError, DatasetMissing, DatasetCorrupt)  # exit 2: fix the input
@@ -79,6 +79,7 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
 
     `resume` continues from the last complete checkpoint in `out_dir`; so does a job that torchrun
     restarted (world.attempt > 0)."""
+    stop_with_launcher(world)  # under torchrun: stop, naming the cause, if the agent dies
     check_run_folder(out_dir, resume, world.attempt)
     if plan.config.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {plan.config.train.device!r} but this machine has no CUDA device; "

@@ -30,8 +30,12 @@ class PeerFailure(RuntimeError):
 
 
 def record_failure(store: dist.Store, reason: str) -> str:
-    """Leave `reason` in the store unless another rank already left one; returns the first reason."""
-    return store.compare_set(FAILURE_KEY, "", reason).decode()
+    """Leave `reason` in the store unless another rank already left one; returns the first reason
+    (`reason` itself when the store is gone: rank 0 hosts it when torchrun's agent does not)."""
+    try:
+        return store.compare_set(FAILURE_KEY, "", reason).decode()
+    except Exception:  # noqa: BLE001 - any failure of a dead store means: nobody else can say more
+        return reason
 
 
 def first_failure(store: dist.Store, patience_s: float = 2.0) -> str | None:

@@ -68,7 +68,9 @@ def connect(world: World, device: torch.device, setup_timeout_s: float) -> dist.
     """Join the process group; returns the key-value store shared by all ranks.
 
     The store outlives a crashed rank when torchrun's agent keeps it (tests keep it in a file), so
-    the first rank to fail can leave its reason there for the others to report.
+    the first rank to fail can leave its reason there for the others to report. Under the loopback
+    command (the agent hosts no store: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) rank 0 hosts it, and
+    it ends with rank 0.
     """
     timeout = datetime.timedelta(seconds=setup_timeout_s)
     if world.init_method.startswith("file://"):

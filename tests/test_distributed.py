@@ -141,7 +141,7 @@ def test_a_nan_on_one_rank_stops_every_rank_naming_it(tmp_path):
 def test_a_killed_rank_makes_the_others_exit_with_an_error(tmp_path):
     out = tmp_path / "run"
     processes = start_ranks(3, args("train.steps=100000", "train.checkpoint_every=2", out=out), tmp_path / "logs")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # waiting for the start, not timing it: a loaded machine may take minutes
     while not (out / "checkpoints" / "step00000004").is_dir() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert (out / "checkpoints" / "step00000004").is_dir(), "training never started"

@@ -197,8 +197,12 @@ DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
 def validate(config: Config) -> None:
     """Checks of values (types were checked while filling)."""
     for key, value in _numbers(config):
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} = {value} is not a finite number; give a number")
+        if isinstance(value, int) and abs(value) >= 2**63:  # steps and seeds travel as 64-bit integers
+            raise ConfigError(f"{key} = {value} is too large; give a number below 2**63")
+    if 0 < config.probe.train_limit < 2:
+        raise ConfigError("probe.train_limit = 1: the probe needs at least 2 training images (or 0: all)")
     if not DEVICES.fullmatch(config.train.device):
         raise ConfigError(f"train.device = {config.train.device!r} is not one of auto, cpu, cuda, cuda:N")
     if config.model.width > 0:
@@ -249,13 +253,13 @@ def check_width(width: float) -> None:
                               f">= {MIN_CHANNELS / min(CHANNELS)}")
 
 
-def _numbers(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
-    """Every float setting of `node` (a config or one of its sections), with its key."""
+def _numbers(node: Any, prefix: str = "") -> Iterator[tuple[str, float | int]]:
+    """Every number setting of `node` (a config or one of its sections), with its key."""
     for item in dataclasses.fields(node):
         value, key = getattr(node, item.name), prefix + item.name
         if dataclasses.is_dataclass(value):
             yield from _numbers(value, key + ".")
-        elif isinstance(value, float):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             yield key, value
 
 

@@ -151,12 +151,19 @@ def _search(root: Path | None, subdirs: list[str],
     return next((f for f in tried if has(f)), None), tried
 
 
-def _download_root(name: str, root: Path | None) -> Path:
+def _download(name: str, root: Path | None, fetch: Callable[[str], object]) -> None:
+    """Let torchvision fetch dataset `name` into data.root; a failed download says what to do."""
     if root is None:
         raise DatasetMissing(f"dataset {name!r}: data.download = true needs data.root, the folder "
                              "to download into; set data.root")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fetch(str(root))
+    except Exception as error:  # noqa: BLE001 - urllib, http and torchvision each raise their own kind
+        detail = (str(error).splitlines() or [""])[0][:200]
+        raise DatasetMissing(f"dataset {name!r}: downloading into {root} failed ({type(error).__name__}: {detail}); "
+                             "check the connection, or put the files there yourself and set "
+                             "data.download = false") from None
 
 
 def _decode_jpegs(blobs: list[torch.Tensor]) -> torch.Tensor:
@@ -219,7 +226,7 @@ def _read_fashion_mnist(root: Path | None, split: str, download: bool) -> ImageS
     if folder is None and download:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(_download_root("fashion_mnist", root)), train=split != "test", download=True)
+        _download("fashion_mnist", root, lambda where: FashionMNIST(where, train=split != "test", download=True))
         folder, tried = _search(root, subdirs, has)
     if folder is None:
         raise _missing("fashion_mnist", tried, f"{stems[0]}(.gz) and {stems[1]}(.gz)",
@@ -241,7 +248,7 @@ def _read_cifar10(root: Path | None, split: str, download: bool) -> ImageSet:
     if folder is None and download:
         from torchvision.datasets import CIFAR10
 
-        CIFAR10(str(_download_root("cifar10", root)), train=part == "train", download=True)
+        _download("cifar10", root, lambda where: CIFAR10(where, train=part == "train", download=True))
         folder, tried = _search(root, subdirs, has)
     if folder is None:
         raise _missing("cifar10", tried, f"cifar-10-batches-py/ (data_batch_1..5, test_batch) or "
@@ -288,7 +295,7 @@ def _read_stl10(root: Path | None, split: str, download: bool) -> ImageSet:
     if folder is None and download:
         from torchvision.datasets import STL10
 
-        STL10(str(_download_root("stl10", root)), split=prefix, download=True)
+        _download("stl10", root, lambda where: STL10(where, split=prefix, download=True))
         folder, tried = _search(root, ["stl10_binary"], has)
     if folder is None:
         raise _missing("stl10", tried, f"stl10_binary/{prefix}_X.bin", "set data.root to the folder "

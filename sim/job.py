@@ -12,6 +12,7 @@ final.pt ({block: state_dict}) and summary.json (`sim.summary`), written last.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -80,7 +81,7 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
     `resume` continues from the last complete checkpoint in `out_dir`; so does a job that torchrun
     restarted (world.attempt > 0)."""
     stop_with_launcher(world)  # under torchrun: stop, naming the cause, if the agent dies
-    check_run_folder(out_dir, resume, world.attempt)
+    check_run_folder(out_dir, resume, world.attempt, world.rank)
     if plan.config.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {plan.config.train.device!r} but this machine has no CUDA device; "
                           "use train.device = \"cpu\" or \"auto\"")
@@ -111,10 +112,20 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
     return summary
 
 
-def check_run_folder(out_dir: Path, resume: bool, attempt: int) -> None:
+def check_run_folder(out_dir: Path, resume: bool, attempt: int, rank: int = 0) -> None:
     """A run folder that would lose or mix data is refused before any work."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; give a folder for the run")
+    if rank > 0:  # rank 0 alone writes the folder's first files
+        return
+    missing = [p for p in [out_dir, *out_dir.absolute().parents] if not p.exists()]
+    try:  # make the folder and its missing parents, then remove them: nothing is left if the run fails early
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out {out_dir} cannot be made ({error.strerror or error}); choose another --out") from None
+    for folder in missing:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
     if finished(out_dir):
         raise ConfigError(f"{out_dir} already holds a finished run; choose another --out or remove it")
     if not resume and not attempt and has_checkpoints(out_dir):

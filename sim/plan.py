@@ -3,6 +3,7 @@ pooling kernels, placement of blocks on ranks, the schedule, the shapes of messa
 BP pipeline, its micro-batching. A plan that cannot run fails here, before any process group."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from sim.datasets import DatasetInfo, dataset_info
 from sim.placement import Placement, balanced_placement, check_groups
 from sim.schedule import MessageShapes, Schedule
 
+MAX_STEPS = 10**12  # steps travel between ranks as int64; a run this long never ends anyway
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # torch.distributed.pipelining's schedules the BP engine drives
 
 
@@ -48,9 +50,11 @@ class Plan:
         return self.placement.world_size
 
     def total_steps(self, steps_per_epoch: int) -> int:
-        if self.config.train.steps > 0:
-            return self.config.train.steps
-        return round(self.config.train.epochs * steps_per_epoch)  # epochs = 0: an untrained encoder
+        steps = self.config.train.steps or round(self.config.train.epochs * steps_per_epoch)  # 0 and 0: untrained
+        if steps > MAX_STEPS:
+            raise ConfigError(f"train.steps = {self.config.train.steps}, train.epochs = {self.config.train.epochs} "
+                              f"ask for {steps:.3g} steps, more than any run can take ({MAX_STEPS:.0e}); ask for fewer")
+        return steps
 
     def build_blocks(self, indices: Sequence[int], device: torch.device) -> list[Block]:
         """Blocks `indices` as this run trains them: each initialised from (seed, block) alone."""
@@ -108,6 +112,7 @@ def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | N
                           "(launch it with python -m launch.train, or pipelined with launch.bp_pipeline)")
     kernels = pool_kernels(method, info.image_size, config.rule.pool or None)
     dims = feature_dims(config.model.width, info.image_size, kernels)
+    check_fits_in_memory(config, method, info, dims)
     placement = _placement(config, method, info, dims, world_size)
     waits = tuple(method.uses_top_context and not method.end_to_end and r < world_size - 1 for r in range(world_size))
     aligns = config.log.every > 0 and not method.end_to_end  # BP-SSL's update is the BP gradient itself
@@ -141,6 +146,22 @@ def check_pipeline(config: Config, method: Method, pipeline: PipelineSettings, w
                           f"with {world_size} processes; use --microbatches {world_size} or more, or gpipe")
     if config.train.steps == 0 and config.train.epochs == 0:
         raise ConfigError("train.steps and train.epochs are both 0: nothing to train; give --steps N")
+
+
+def check_fits_in_memory(config: Config, method: Method, info: DatasetInfo, dims: list[int]) -> None:
+    """Refuse a model whose weights and AdamW state alone exceed this machine's memory (a width typo:
+    1e3 for 1e-3), before anything is allocated. Activations come on top: this is a floor."""
+    convs = sum(r.conv_params for r in describe_encoder(config.model.width, info.channels, info.image_size))
+    heads = sum(dims[i] * (dims[-1] if source == "top" else dims[i]) for i in range(NUM_BLOCKS)
+                for source in method.contexts) if method.predictor == "bilinear" else 0
+    needed = 4 * 4 * (convs + heads)  # float32 weights, gradients and AdamW's two moments
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says: do not guess
+        return
+    if needed > memory:
+        raise ConfigError(f"model.width = {config.model.width} needs about {needed / 2**30:,.0f} GiB for its weights "
+                          f"and optimiser state alone; this machine has {memory / 2**30:,.0f} GiB: use a smaller width")
 
 
 def _placement(config: Config, method: Method, info: DatasetInfo, dims: list[int], world_size: int) -> Placement:

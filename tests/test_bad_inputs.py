@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,9 +75,13 @@ def test_a_truncated_cifar_shard_is_named(tmp_path, capsys):
     ("model.width=0.001", ["model.width = 0.001 leaves block 0 with 0 channels", "model.width >= 0.03125"]),
     ("train.device=tpu", ["train.device = 'tpu' is not one of auto, cpu, cuda, cuda:N"]),
     ("train.batch_size=6000", ["train.batch_size = 6000 is larger than the 5000 training images"]),
+    ("train.seed=99999999999999999999", ["train.seed = 99999999999999999999 is too large"]),
+    ("probe.train_limit=1", ["probe.train_limit = 1: the probe needs at least 2 training images"]),
+    ("model.width=1e3", ["model.width = 1000.0 needs about", "GiB for its weights", "use a smaller width"]),
+    ("train.steps=0 train.epochs=1e30", ["train.epochs = 1e+30 ask for", "steps, more than any run can take"]),
 ])
 def test_settings_that_cannot_run_name_the_key(tmp_path, capsys, override, words):
-    fails_with(capsys, args(override, out=tmp_path / "run"), 2, *words)
+    fails_with(capsys, args(*override.split(), out=tmp_path / "run"), 2, *words)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: cuda is a valid device here")
@@ -88,7 +93,23 @@ def test_paths_that_cannot_be_used(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     fails_with(capsys, args(out=tmp_path / "a_file"), 2, "--out", "a_file", "is a file")
     fails_with(capsys, [str(ROOT / "launch/configs"), "--out", str(tmp_path / "run")], 2, "is a folder")
-    fails_with(capsys, ["--resume", str(tmp_path / "nowhere")], 2, "nowhere")
+    fails_with(capsys, ["--resume", str(tmp_path / "nowhere")], 2, "nowhere", "no run there")
+    (tmp_path / "read_only").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere: there the folder below a file is the test
+        fails_with(capsys, args(out=tmp_path / "read_only" / "run"), 2, "cannot be made")
+    fails_with(capsys, args(out=tmp_path / "a_file" / "run"), 2, "cannot be made")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_download_says_what_to_do(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*_, **__) -> None:
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)  # as on a machine without internet
+    fails_with(capsys, args(*fashion(tmp_path / "empty", "data.download=true"), out=tmp_path / "run"), 2,
+               f"downloading into {tmp_path / 'empty'} failed", "check the connection")
 
 
 def test_the_command_line_shows_no_traceback_unless_debug(tmp_path):

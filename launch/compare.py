@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder of the comparison (default runs/compare_TIME)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    if not names:
+        parser.error("--runs names no run; e.g. --runs random,clapp_pp,clapp_pp@2,bp_infonce")
+    for name in names:
+        processes = name.partition("@")[2]
+        if processes and not (processes.isdigit() and int(processes) >= 1):
+            parser.error(f"--runs: {name!r}: after @ comes the number of processes, e.g. clapp_pp@2")
     try:  # check every run's config and placement before training anything
         configs = {name: load_config(args.config, args.overrides + run_overrides(name)) for name in names}
         for name, config in configs.items():

@@ -18,6 +18,13 @@ from sim.summary import RunSummary
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fashion_mnist.toml"  # the main job's and the benchmarks'
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def benchmark_parser(prog: str, doc: str, name: str) -> argparse.ArgumentParser:
     """A benchmark program's command line: CONFIG (default: the main job's), `--set` overrides and
     `--out` (default runs/NAME_TIME); the program adds its own options."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launch.runner import positive
 from sim.config import add_config_arguments, load_config
 from sim.job import ProgramErrors
 from sim.plan import Plan, make_plan
@@ -21,8 +22,8 @@ from sim.schedule import render_grid, render_messages
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.show_schedule", description=__doc__.splitlines()[0])
     add_config_arguments(parser)
-    parser.add_argument("--world-size", type=int, required=True, help="number of processes K")
-    parser.add_argument("--steps", type=int, default=6, help="batches to show")
+    parser.add_argument("--world-size", type=positive, required=True, help="number of processes K")
+    parser.add_argument("--steps", type=positive, default=6, help="batches to show")
     args = parser.parse_args(argv)
     with ProgramErrors(rank=0) as errors:
         plan = make_plan(load_config(args.config, args.overrides), args.world_size)

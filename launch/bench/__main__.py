@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from launch.bench.predictions import full_width_predictions, measure_times, predict
 from launch.bench.render import chart, markdown
 from launch.machine import describe_machine
-from launch.runner import bench_run, benchmark_parser
+from launch.runner import bench_run, benchmark_parser, positive
 from sim.config import load_config
 from sim.job import ProgramErrors
+from sim.plan import make_plan
 from sim.summary import RunSummary
 
 
@@ -68,14 +69,15 @@ def busy_and_idle(summary: RunSummary) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser("launch.bench", __doc__, "bench")
-    parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--world-size", type=positive, default=2)
+    parser.add_argument("--microbatches", type=positive, default=4)
+    parser.add_argument("--steps", type=positive, default=200)
     parser.add_argument("--quick", action="store_true", help="4 runs of a few steps, no full-width predictions")
     args = parser.parse_args(argv)
     k, m = args.world_size, args.microbatches
     steps = 24 if args.quick else args.steps
     config = load_config(args.config, [f"train.steps={steps}", *args.overrides])
+    make_plan(dataclasses.replace(config, method="clapp_pp"), k)  # a K that cannot run fails here, not in a run
     runs = []
     for spec in run_specs(k, m, args.quick):
         overrides = [f"train.steps={steps}", f"method={spec.method}", *args.overrides, *spec.overrides]

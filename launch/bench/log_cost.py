@@ -14,16 +14,16 @@ import sys
 import time
 
 from launch.machine import describe_machine
-from launch.runner import bench_run, benchmark_parser
+from launch.runner import bench_run, benchmark_parser, positive
 from sim.config import load_config
 from sim.job import ProgramErrors
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser("launch.bench.log_cost", __doc__, "bench_log")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=positive, default=1000)
+    parser.add_argument("--repeats", type=positive, default=3)
+    parser.add_argument("--threads", type=positive, default=1)
     args = parser.parse_args(argv)
     overrides = [f"train.steps={args.steps}", *args.overrides]
     log = load_config(args.config, overrides).log

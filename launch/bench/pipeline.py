@@ -16,18 +16,21 @@ import sys
 import time
 
 from launch.machine import describe_machine
-from launch.runner import bench_run, benchmark_parser
+from launch.runner import bench_run, benchmark_parser, positive
+from sim.config import load_config
 from sim.job import ProgramErrors
+from sim.plan import make_plan
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser("launch.bench.pipeline", __doc__, "bench_pipeline")
-    parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--world-size", type=positive, default=2)
+    parser.add_argument("--steps", type=positive, default=300)
+    parser.add_argument("--repeats", type=positive, default=3)
     args = parser.parse_args(argv)
     k = args.world_size
     overrides = [f"train.steps={args.steps}", "sim.schedule=pipelined", *args.overrides]
+    make_plan(load_config(args.config, overrides), k)  # a K or a config that cannot run fails here, not in a run
     layouts = {"single_1_thread": (1, 1), f"single_{k}_threads": (1, k), "parallel": (k, 1)}  # processes, threads
     kinds = list(layouts)
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}

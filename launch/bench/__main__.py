@@ -17,6 +17,7 @@ Writes bench.json, bench.md and bench.png into DIR.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time

@@ -113,10 +113,16 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
 
 
 def check_run_folder(out_dir: Path, resume: bool, attempt: int, rank: int = 0) -> None:
-    """A run folder that would lose or mix data is refused before any work."""
+    """A run folder that would lose or mix data, or cannot be made, is refused before any work
+    (on every rank alike, so that no rank waits for one that stopped here)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; give a folder for the run")
-    if rank > 0:  # rank 0 alone writes the folder's first files
+    if finished(out_dir):
+        raise ConfigError(f"{out_dir} already holds a finished run; choose another --out or remove it")
+    if not resume and not attempt and has_checkpoints(out_dir):
+        raise ConfigError(f"{out_dir} holds checkpoints of an unfinished run: continue it with "
+                          f"--resume {out_dir}, or choose another --out")
+    if rank > 0:  # rank 0 makes the folder: one rank's test of it is enough
         return
     missing = [p for p in [out_dir, *out_dir.absolute().parents] if not p.exists()]
     try:  # make the folder and its missing parents, then remove them: nothing is left if the run fails early
@@ -126,11 +132,6 @@ def check_run_folder(out_dir: Path, resume: bool, attempt: int, rank: int = 0) -
     for folder in missing:
         with contextlib.suppress(OSError):
             folder.rmdir()
-    if finished(out_dir):
-        raise ConfigError(f"{out_dir} already holds a finished run; choose another --out or remove it")
-    if not resume and not attempt and has_checkpoints(out_dir):
-        raise ConfigError(f"{out_dir} holds checkpoints of an unfinished run: continue it with "
-                          f"--resume {out_dir}, or choose another --out")
 
 
 def resume_point(out_dir: Path, resume: bool, restarted: bool) -> int:
@@ -189,8 +190,8 @@ def _run_rank(plan: Plan, out_dir: Path, world: World, device: torch.device, lin
     blocks = plan.build_blocks(own, device)
     if start:
         load_checkpoint(out_dir, start, blocks)
-    train = _local_training if plan.pipeline is None else _pipeline_training
-    run = train(plan, out_dir, world, device, link, blocks, data, start, heldout, heldout_count)
+    rank = RankSetup(plan, out_dir, world, device, link, blocks, data, start, heldout, heldout_count)
+    run = _local_training(rank) if plan.pipeline is None else _pipeline_training(rank)
     if link is not None:  # every rank built: start the clocks together
         link.collective("the start barrier", setup_barrier, SETUP_TIMEOUT_S)
     result = run(stop, progress, memory)
@@ -201,29 +202,47 @@ def _run_rank(plan: Plan, out_dir: Path, world: World, device: torch.device, lin
     return _finish(plan, out_dir, every_block, results, data.probe_sets, device, progress, stop)
 
 
+@dataclass(frozen=True)
+class RankSetup:
+    """What a rank has when its engine is built: its blocks (restored if resuming) and, on rank 0,
+    the data; `heldout` (rank 0's held-out images) and their number (every rank's) feed the log."""
+    plan: Plan
+    out_dir: Path
+    world: World
+    device: torch.device
+    link: Link | None
+    blocks: list[Block]
+    data: RankZeroData
+    start: int
+    heldout: ImageSet | None
+    heldout_count: int
+
+
 Training = Callable[[int, bool, PeakMemory], RankResult]  # (stop, progress, memory) -> this rank's result
 
 
-def _local_training(plan: Plan, out_dir: Path, world: World, device: torch.device, link: Link | None,
-                    blocks: list[Block], data: RankZeroData, start: int, heldout: ImageSet | None,
-                    heldout_count: int) -> Training:
-    recording = rank_recording(plan, out_dir, world.rank, blocks, start, link, heldout, heldout_count, device)
+def _local_training(rank: RankSetup) -> Training:
+    plan, blocks = rank.plan, rank.blocks
+    recording = rank_recording(plan, rank.out_dir, rank.world.rank, blocks, rank.start, rank.link, rank.heldout,
+                               rank.heldout_count, rank.device)
     stage = make_stage(blocks, plan.config.train.seed, stash_weights=plan.config.sim.feedback == "delayed",
                        observe=recording.wants)
-    engine = LocalEngine(world.rank, plan.schedule, stage, device, shapes=plan.shapes, feed=data.feed, link=link,
-                         recording=recording)
-    return lambda stop, progress, memory: engine.run(start, stop, lambda step: save_checkpoint(out_dir, step, blocks),
-                                                     progress, memory)
+    engine = LocalEngine(rank.world.rank, plan.schedule, stage, rank.device, shapes=plan.shapes, feed=rank.data.feed,
+                         link=rank.link, recording=recording)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(rank.out_dir, step, blocks)
+
+    return lambda stop, progress, memory: engine.run(rank.start, stop, checkpoint, progress, memory)
 
 
-def _pipeline_training(plan: Plan, out_dir: Path, world: World, device: torch.device, link: Link | None,
-                       blocks: list[Block], data: RankZeroData, start: int, heldout: ImageSet | None,
-                       heldout_count: int) -> Training:
+def _pipeline_training(rank: RankSetup) -> Training:
+    plan, world = rank.plan, rank.world
     if world.rank == 0 and plan.config.log.every:
         print("note: the BP pipeline keeps no log.zarr (log.every is ignored)", flush=True)
     group = pipeline_group(plan.config.sim.timeout_s) if world.distributed else None  # every rank, same point
-    engine = BPPipelineEngine(plan, blocks, world.rank, device, group)
-    return lambda stop, progress, memory: engine.train(stop, data.feed, progress, memory)
+    engine = BPPipelineEngine(plan, rank.blocks, world.rank, rank.device, group)
+    return lambda stop, progress, memory: engine.train(stop, rank.data.feed, progress, memory)
 
 
 def _gather(plan: Plan, world: World, device: torch.device, link: Link | None, blocks: list[Block],

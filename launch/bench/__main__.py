@@ -18,14 +18,13 @@ Writes bench.json, bench.md and bench.png into DIR.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass
 
 from launch.bench.predictions import full_width_predictions, measure_times, predict
 from launch.bench.render import chart, markdown
-from launch.machine import describe_machine
+from launch.machine import describe_machine, write_figures
 from launch.runner import bench_run, benchmark_parser, positive
 from sim.config import load_config
 from sim.job import ProgramErrors
@@ -117,12 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.quick:
         result["cost_model"]["full_width_predictions"] = full_width_predictions(config, link, m)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (args.out / "bench.md").write_text(table + "\n")
+    write_figures(args.out, "bench", result, table)
     chart(result, args.out / "bench.png")
-    print(table)
     return 0
 
 

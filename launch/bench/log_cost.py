@@ -8,12 +8,11 @@ Writes bench_log.json and bench_log.md.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
 
-from launch.machine import describe_machine
+from launch.machine import describe_machine, write_figures
 from launch.runner import bench_run, benchmark_parser, positive
 from sim.config import load_config
 from sim.job import ProgramErrors
@@ -43,15 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_s": speeds, "median_images_per_s": median,
         "overhead": 1 - median["with log"] / median["without log"],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_log.json").write_text(json.dumps(result, indent=2) + "\n")
     table = (f"log every {log.every} steps, alignment pairs every {log.align_every}, {log.heldout} held-out images "
              f"({log.dtype}); {args.steps} steps, {args.threads} thread(s), {result['machine']['cpu']}\n\n"
              "| run | images/s (median) |\n|---|---:|\n"
              + "".join(f"| {name} | {value:.1f} |\n" for name, value in median.items())
              + f"\noverhead of the log: {100 * result['overhead']:.1f} %")
-    (args.out / "bench_log.md").write_text(table + "\n")
-    print(table)
+    write_figures(args.out, "bench_log", result, table)
     return 0
 
 

@@ -10,12 +10,11 @@ slowest rank can compute) and each rank's peak memory. Writes bench_pipeline.jso
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
 
-from launch.machine import describe_machine
+from launch.machine import describe_machine, write_figures
 from launch.runner import bench_run, benchmark_parser, positive
 from sim.config import load_config
 from sim.job import ProgramErrors
@@ -57,11 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         "ranks": [{"rank": r["rank"], "blocks": r["blocks"], "busy_s": r["busy_seconds"],
                    "wait_s": r["wait_seconds"], "bytes_sent": r["bytes_sent"]} for r in parallel[-1].ranks],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (args.out / "bench_pipeline.md").write_text(table + "\n")
-    print(table)
+    write_figures(args.out, "bench_pipeline", result, table)
     return 0
 
 

@@ -51,11 +51,11 @@ def _save_atomic(obj: object, path: Path) -> None:
         os.replace(temporary, path)  # a crash leaves the previous file intact, never half of one
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         temporary.unlink(missing_ok=True)
-        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        needed, free = _tensor_bytes(obj), shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
         cause = error.strerror if isinstance(error, OSError) and error.strerror else "the write failed"
-        if free < _tensor_bytes(obj):
+        if free < needed:
             cause = "No space left on device"
-        raise CheckpointWriteError(f"could not write {path}: {cause}; it needs about {_tensor_bytes(obj):,} bytes "
+        raise CheckpointWriteError(f"could not write {path}: {cause}; it needs about {needed:,} bytes "
                                    f"and {free:,} are free there") from None
 
 

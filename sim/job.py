@@ -82,9 +82,6 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
     restarted (world.attempt > 0)."""
     stop_with_launcher(world)  # under torchrun: stop, naming the cause, if the agent dies
     check_run_folder(out_dir, resume, world.attempt, world.rank)
-    if plan.config.train.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {plan.config.train.device!r} but this machine has no CUDA device; "
-                          "use train.device = \"cpu\" or \"auto\"")
     if plan.config.train.threads:
         torch.set_num_threads(plan.config.train.threads)
     device = world.device(plan.config.train.device)

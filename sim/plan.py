@@ -152,8 +152,8 @@ def check_fits_in_memory(config: Config, method: Method, info: DatasetInfo, dims
     """Refuse a model whose weights and AdamW state alone exceed this machine's memory (a width typo:
     1e3 for 1e-3), before anything is allocated. Activations come on top: this is a floor."""
     convs = sum(r.conv_params for r in describe_encoder(config.model.width, info.channels, info.image_size))
-    heads = sum(dims[i] * (dims[-1] if source == "top" else dims[i]) for i in range(NUM_BLOCKS)
-                for source in method.contexts) if method.predictor == "bilinear" else 0
+    heads = sum(dims[i] * context for i, contexts in enumerate(_context_dims(method, dims)) for context in contexts
+                ) if method.predictor == "bilinear" else 0
     needed = 4 * 4 * (convs + heads)  # float32 weights, gradients and AdamW's two moments
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -164,10 +164,15 @@ def check_fits_in_memory(config: Config, method: Method, info: DatasetInfo, dims
                           f"and optimiser state alone; this machine has {memory / 2**30:,.0f} GiB: use a smaller width")
 
 
+def _context_dims(method: Method, dims: list[int]) -> list[list[int]]:
+    """Per block, the size of each context its B matrices map from: its own activity (lateral) or
+    the top block's."""
+    return [[dims[i] if source == "lateral" else dims[-1] for source in method.contexts] for i in range(NUM_BLOCKS)]
+
+
 def _placement(config: Config, method: Method, info: DatasetInfo, dims: list[int], world_size: int) -> Placement:
     if isinstance(config.sim.placement, list):
         return check_groups(config.sim.placement, world_size)
-    contexts = [[dims[i] if s == "lateral" else dims[-1] for s in method.contexts] if not method.end_to_end else []
-                for i in range(NUM_BLOCKS)]
+    contexts = _context_dims(method, dims) if not method.end_to_end else [[] for _ in range(NUM_BLOCKS)]
     costs = estimated_block_costs(config.model.width, info.channels, info.image_size, dims, contexts)
     return balanced_placement(costs, world_size)

@@ -16,7 +16,7 @@ from sim.config import to_dict
 from sim.datasets import ImageSet
 from sim.diagnostics import AlignmentPass, HeldoutPass
 from sim.local_engine import Recording
-from sim.log_format import STORE_NAME, root_attrs
+from sim.log_format import STORE_NAME
 from sim.logbook import BlockInfo, LogSettings, RankLog, create_store
 from sim.plan import Plan
 from sim.transport import Link
@@ -68,11 +68,10 @@ def start_log(plan: Plan, out_dir: Path, test_set: ImageSet, start: int) -> Imag
     index, images = heldout_images(test_set, wanted, plan.config.train.seed)
     path = out_dir / STORE_NAME
     if start == 0 or not (path / "zarr.json").exists():
-        attrs = root_attrs(config=to_dict(plan.config), code_version=code_version(), world_size=plan.world_size,
-                           placement=[list(g) for g in plan.placement.groups], dataset=plan.info.name,
-                           method=plan.method.name, num_blocks=NUM_BLOCKS, log_every=plan.config.log.every,
-                           align_every=plan.schedule.align_every, heldout_split="test",
-                           num_classes=plan.info.num_classes)
+        attrs = dict(config=to_dict(plan.config), code_version=code_version(), world_size=plan.world_size,
+                     placement=[list(g) for g in plan.placement.groups], dataset=plan.info.name,
+                     method=plan.method.name, num_blocks=NUM_BLOCKS, log_every=plan.config.log.every,
+                     align_every=plan.schedule.align_every, heldout_split="test", num_classes=plan.info.num_classes)
         create_store(path, attrs, block_infos(plan), images.labels.numpy(), index)
     return images
 

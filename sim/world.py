@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sim.config import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -57,7 +59,8 @@ class World:
         device = torch.device(requested)
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise RuntimeError(f"train.device = {requested!r} but no CUDA device is available; use 'cpu' or 'auto'")
+                raise ConfigError(f"train.device = {requested!r} but this machine has no CUDA device; "
+                                  "use train.device = \"cpu\" or \"auto\"")
             if device.index is None:
                 device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(device)

@@ -1,7 +1,11 @@
 """Strict TOML configs: every shipped config loads, mistakes are errors that name the key."""
 import pytest
 
+from layers.encoder import map_sizes
+from layers.methods import get_method
+from layers.model import pool_kernels
 from sim.config import ConfigError, load_config, parse_override, to_toml
+from sim.datasets import dataset_info
 from tests.helpers import ROOT
 
 CONFIGS = sorted((ROOT / "launch/configs").glob("*.toml"))
@@ -14,11 +18,16 @@ def test_shipped_configs_load(path):
 
 
 def test_paper_configs_use_the_paper_settings():
-    for name, kernels in [("cifar10", [4, 4, 4, 2, 2, 1]), ("stl10", [12, 12, 12, 6, 6, 3]),
-                          ("tiny_imagenet", [8, 8, 8, 4, 4, 2])]:
+    for name, grid_kernels in [("cifar10", [4, 4, 4, 2, 2, 1]), ("stl10", [12, 12, 12, 6, 6, 3]),
+                               ("tiny_imagenet", [8, 8, 8, 4, 4, 2])]:
         config = load_config(CONFIGS[0].parent / f"{name}.toml")
         assert (config.model.width, config.train.batch_size, config.train.epochs) == (1.0, 32, 300)
-        assert config.rule.pool == kernels and config.optim.lr == 2e-4
+        assert config.optim.lr == 2e-4
+        # no rule.pool: each method gets its own paper pooling from the same config
+        size = dataset_info(config.data.name).image_size
+        assert pool_kernels(get_method(config.method), size, config.rule.pool) == grid_kernels
+        clapp = load_config(CONFIGS[0].parent / f"{name}.toml", ["method=clapp"])
+        assert pool_kernels(get_method("clapp"), size, clapp.rule.pool) == list(map_sizes(size))  # global mean
 
 
 def test_overrides_are_toml_values(tmp_path):

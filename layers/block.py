@@ -59,8 +59,12 @@ class Block(nn.Module):
             self.heads["projection"] = nn.Linear(feature_dim, rule.proj_dim, bias=False)
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def make_optimizer(self, lr: float, weight_decay: float) -> None:
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+    def make_optimizer(self, lr: float, weight_decay: float, fused: bool) -> None:
+        """This block's AdamW. `fused`: one kernel per step over all its parameters (torch's
+        fused=True); else torch's multi-tensor AdamW, the authors' (their updates agree up to
+        rounding). At full width the multi-tensor one makes several passes with temporaries over
+        the B matrices and takes a third of a CPU step."""
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None)
 
     @property
     def needs_top_context(self) -> bool:

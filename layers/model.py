@@ -70,11 +70,13 @@ def build_blocks(
     seed: int,
     lr: float,
     weight_decay: float,
+    fused_optimizer: bool,
     indices: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
 ) -> list[Block]:
     """Blocks `indices` (default: all six), each initialised from (seed, block) alone, so a block
-    gets the same weights whichever process builds it."""
+    gets the same weights whichever process builds it; each with its AdamW (`fused_optimizer`:
+    Block.make_optimizer)."""
     kernels = pool_kernels(method, input_size, rule.pool or None)
     dims = feature_dims(width, input_size, kernels)
     top = NUM_BLOCKS - 1
@@ -94,6 +96,6 @@ def build_blocks(
                 has_loss=index == top or not method.end_to_end,
             )
         block.to(device)
-        block.make_optimizer(lr, weight_decay)
+        block.make_optimizer(lr, weight_decay, fused_optimizer)
         blocks.append(block)
     return blocks

@@ -50,6 +50,7 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 2e-4  # AdamW, one per block
     weight_decay: float = 0.0
+    fused: bool = True  # one fused AdamW kernel per block; false: torch's multi-tensor AdamW (equal up to rounding)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    keep_freed_memory: bool = True  # glibc: large freed blocks stay in the process (sim.host_memory)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
 
 

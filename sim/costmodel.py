@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from layers.block import Block
 from layers.encoder import MAXPOOL, NUM_BLOCKS, describe_encoder
@@ -66,6 +67,38 @@ def estimated_block_costs(
         heads = sum(3 * dim * context for context in contexts)
         costs.append(2 * report.macs_per_image + HEAD_WEIGHT * heads + ELEMENTWISE_WEIGHT * c * side * side)
     return costs
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """The arithmetic and memory traffic of one training step of a method, its floor's ingredients."""
+    conv_flops: float  # convolutions: forward, weight gradient and, end to end, input gradient
+    head_flops: float  # B matrices or projections: forward and weight gradient (contexts are detached)
+    optimizer_bytes: float  # AdamW: reads weight, gradient and two moments, writes three (float32)
+
+    @property
+    def flops(self) -> float:
+        return self.conv_flops + self.head_flops
+
+    def floor_seconds(self, flops_per_s: float, bytes_per_s: float) -> float:
+        """The step's time if every FLOP ran at `flops_per_s` and the optimiser at `bytes_per_s`."""
+        return self.flops / flops_per_s + self.optimizer_bytes / bytes_per_s
+
+
+def step_work(width: float, in_channels: int, input_size: int, rows: int, feature_dims: Sequence[int],
+              context_dims: Sequence[Sequence[int]], end_to_end: bool, head_params: int) -> StepWork:
+    """FLOPs of one step on `rows` views (2B); the element-wise work (ReLU, pooling, the loss) is
+    left out: it is memory traffic, small beside these at full width. `head_params`: parameters of
+    the heads (B or projection), which AdamW updates with the convolutions'."""
+    reports = describe_encoder(width, in_channels, input_size)
+    conv = 0.0
+    for report in reports:  # forward and weight gradient; the input gradient only end to end, not into the image
+        passes = 3 if end_to_end and report.index > 0 else 2
+        conv += passes * 2 * report.macs_per_image * rows
+    heads = sum(2 * 2 * rows * dim * context for dim, contexts in zip(feature_dims, context_dims)
+                for context in contexts)
+    params = sum(r.conv_params for r in reports) + head_params
+    return StepWork(conv, heads, 7 * 4 * params)
 
 
 @dataclass
@@ -139,6 +172,25 @@ def time_backprop_blocks(blocks: Sequence[Block], views: torch.Tensor,
 def _median_after_warmup(values: Sequence[float]) -> float:
     """The median of `values` without the first, a warm-up."""
     return sorted(values[1:])[len(values[1:]) // 2]
+
+
+def measure_peak_rates(repeats: int = 3) -> tuple[float, float]:
+    """This machine's best float32 FLOP/s, with the threads torch has: the faster of a large matmul
+    and a full-width convolution's forward pass (block 3 at 32 px, 64 views); and its memory
+    bandwidth in bytes/s (an in-place multiply-add over 256 MiB)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    matmul = 2 * 2048**3 / min(_timed(lambda: a @ b) for _ in range(repeats))
+    x, w = torch.randn(64, 256, 16, 16), torch.randn(512, 256, 3, 3)
+    conv = 2 * 64 * 512 * 256 * 9 * 16 * 16 / min(_timed(lambda: F.conv2d(x, w, padding=1)) for _ in range(repeats))
+    big, other = torch.ones(2**26), torch.ones(2**26)  # 256 MiB each
+    bandwidth = 3 * big.nbytes / min(_timed(lambda: big.add_(other, alpha=0.5)) for _ in range(repeats))
+    return max(matmul, conv), bandwidth
+
+
+def _timed(run) -> float:
+    began = time.perf_counter()
+    run()
+    return time.perf_counter() - began
 
 
 @dataclass(frozen=True)

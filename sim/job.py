@@ -40,6 +40,7 @@ from sim.config import ConfigError, to_dict
 from sim.datasets import DatasetCorrupt, DatasetMissing, ImageSet, load_split
 from sim.evaluation import linear_probe, sample_images
 from sim.feed import ViewFeed
+from sim.host_memory import keep_freed_memory, kept_setting
 from sim.local_engine import LocalEngine
 from sim.memory import PeakMemory
 from sim.placement import PlacementError
@@ -84,6 +85,8 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
     check_run_folder(out_dir, resume, world.attempt, world.rank)
     if plan.config.train.threads:
         torch.set_num_threads(plan.config.train.threads)
+    if plan.config.train.keep_freed_memory:
+        keep_freed_memory()
     device = world.device(plan.config.train.device)
     memory = PeakMemory(device)  # what the work holds: from here (imports done) to the end of training
     memory.start()
@@ -277,7 +280,8 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
         schedule=plan.schedule.name if pipeline is None else pipeline.schedule,
         feedback=plan.schedule.feedback if plan.method.uses_top_context and pipeline is None else None,
         microbatches=None if pipeline is None else pipeline.microbatches,
-        device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=to_dict(config))
+        device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=to_dict(config),
+        speedups={"fused_adamw": config.optim.fused, "freed_memory_kept": kept_setting()})
     summary.write(out_dir)
     return summary
 

@@ -14,7 +14,7 @@ from layers.encoder import NUM_BLOCKS, block_channels, describe_encoder, map_siz
 from layers.methods import METHODS, Method, get_method
 from layers.model import build_blocks, feature_dims, pool_kernels
 from sim.config import Config, ConfigError, to_toml
-from sim.costmodel import estimated_block_costs
+from sim.costmodel import StepWork, estimated_block_costs, step_work
 from sim.datasets import DatasetInfo, dataset_info
 from sim.placement import Placement, balanced_placement, check_groups
 from sim.schedule import MessageShapes, Schedule
@@ -61,7 +61,16 @@ class Plan:
         c = self.config
         return build_blocks(self.method, c.rule, width=c.model.width, in_channels=self.info.channels,
                             input_size=self.info.image_size, seed=c.train.seed, lr=c.optim.lr,
-                            weight_decay=c.optim.weight_decay, indices=indices, device=device)
+                            weight_decay=c.optim.weight_decay, fused_optimizer=c.optim.fused, indices=indices,
+                            device=device)
+
+    def step_work(self) -> StepWork:
+        """What one training step of all six blocks computes and moves (sim.costmodel.step_work)."""
+        c, method = self.config, self.method
+        dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
+        heads = _head_dims(method, dims, c.rule.proj_dim)
+        return step_work(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, dims,
+                         heads, method.end_to_end, sum(d * h for d, hs in zip(dims, heads) for h in hs))
 
     def microbatch_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """BP pipeline: (input, output) shape of one micro-batch on `rank`, rows first."""
@@ -168,6 +177,15 @@ def _context_dims(method: Method, dims: list[int]) -> list[list[int]]:
     """Per block, the size of each context its B matrices map from: its own activity (lateral) or
     the top block's."""
     return [[dims[i] if source == "lateral" else dims[-1] for source in method.contexts] for i in range(NUM_BLOCKS)]
+
+
+def _head_dims(method: Method, dims: list[int], proj_dim: int) -> list[list[int]]:
+    """Per block, the other side of each of its heads (B: the context's size; a projection: its
+    output size); none for the identity predictor and for the blocks without a loss of their own."""
+    if method.predictor == "identity":
+        return [[] for _ in dims]
+    own = [[proj_dim] for _ in dims] if method.predictor == "infonce" else _context_dims(method, dims)
+    return [heads if index == NUM_BLOCKS - 1 or not method.end_to_end else [] for index, heads in enumerate(own)]
 
 
 def _placement(config: Config, method: Method, info: DatasetInfo, dims: list[int], world_size: int) -> Placement:

@@ -8,9 +8,10 @@ Fields (see `RunSummary`): what ran (method, dataset, engine, world_size, placem
 feedback, microbatches, config), how far (steps), how fast (images_per_s over the whole loop,
 images_per_s_steady over timed windows after warm-up, train_seconds, per-rank times and bytes),
 how much memory (peak_memory_bytes per rank: what the work holds, imports excluded), what it
-learned (loss_per_block, the probe's accuracies) and where (device, threads, torch).
+learned (loss_per_block, the probe's accuracies), where (device, threads, torch) and with which
+speed-ups in effect (speedups).
 
-Changes from the first format: "engine" and "microbatches" are new; the BP pipeline's "loss" is
+Changes from the first format: "engine", "microbatches" and "speedups" are new; the BP pipeline's "loss" is
 now loss_per_block[5] and its "step_end_seconds" gave way to images_per_s_steady; every rank has
 "busy_seconds". `RunSummary.read` still reads summaries written before these changes.
 """
@@ -72,6 +73,8 @@ class RunSummary:
     torch: str
     config: dict  # the resolved config, as config.toml holds it
     microbatches: int | None = None  # BP pipeline only
+    # what made it fast: fused_adamw (optim.fused), freed_memory_kept (sim.host_memory's setting or None)
+    speedups: dict = field(default_factory=dict)
 
     @classmethod
     def from_results(cls, results: list[RankResult], batch_size: int, **fields: Any) -> RunSummary:

@@ -19,7 +19,7 @@ WIDTH = 1 / 16
 
 def blocks_for(method: str, seed: int = 0, **rule):
     return build_blocks(get_method(method), RuleSettings(**rule), width=WIDTH, seed=seed, in_channels=3,
-                        input_size=32, lr=2e-4, weight_decay=0.0)
+                        input_size=32, lr=2e-4, weight_decay=0.0, fused_optimizer=True)
 
 
 def views(batch: int = 8, seed: int = 0) -> torch.Tensor:
@@ -46,7 +46,7 @@ def synthetic_views(batch: int = 32) -> torch.Tensor:
 def test_hinge_is_about_two_per_block_at_initialisation():
     """u = z.Bc is about 0 at initialisation, so the hinge is about 1 + 1 = 2."""
     blocks = build_blocks(get_method("clapp_pp"), RuleSettings(), width=0.125, seed=0, in_channels=3, input_size=32,
-                          lr=2e-4, weight_decay=0.0)
+                          lr=2e-4, weight_decay=0.0, fused_optimizer=True)
     _, features = forward_detached(blocks, synthetic_views())
     losses = [block.loss(f)[0].item() for block, f in zip(blocks, features)]
     assert losses[1:] == pytest.approx([2.0] * 5, abs=0.05)

@@ -207,7 +207,7 @@ def test_unknown_name_and_split_list_the_choices() -> None:
 
 def test_registry_is_consistent() -> None:
     assert set(DATASETS) == {"fashion_mnist", "cifar10", "stl10", "tiny_imagenet", "synthetic",
-                             "synthetic_gray"}
+                             "synthetic_gray", "synthetic_96"}
     for name, info in DATASETS.items():
         assert info.name == name and info.channels in (1, 3)
         assert len(info.mean) == len(info.std) == info.channels
@@ -222,13 +222,14 @@ def test_image_set_checks_types() -> None:
         ImageSet(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("name", ["synthetic", "synthetic_gray"])
+@pytest.mark.parametrize("name", ["synthetic", "synthetic_gray", "synthetic_96"])
 def test_synthetic_is_deterministic_balanced_and_learnable(name: str) -> None:
     info = dataset_info(name)
     train, again = load_split(name, None, "train"), load_split(name, "/ignored", "train")
     test = load_split(name, None, "test")
     assert torch.equal(train.images, again.images) and torch.equal(train.labels, again.labels)
-    assert train.images.shape == (5000, info.channels, 32, 32) and train.images.dtype == torch.uint8
+    side = info.image_size
+    assert train.images.shape == (5000, info.channels, side, side) and train.images.dtype == torch.uint8
     assert len(test) == 1000 and not torch.equal(test.images, train.images[:1000])
     assert torch.equal(train.labels.bincount(), torch.full((10,), 500))
     assert torch.equal(load_split(name, None, "ssl").images, train.images)

@@ -26,7 +26,7 @@ def test_width_and_channels_scale_the_blocks():
 def build_meta(method: str, **kwargs):
     with torch.device("meta"):  # shapes only: full-width B matrices hold 201 M parameters
         return build_blocks(get_method(method), RuleSettings(), width=1.0, seed=0, device="meta", in_channels=3,
-                            input_size=32, lr=2e-4, weight_decay=0.0, **kwargs)
+                            input_size=32, lr=2e-4, weight_decay=0.0, fused_optimizer=True, **kwargs)
 
 
 def test_full_width_B_shapes_match_the_paper():
@@ -69,18 +69,18 @@ def test_pooling_that_does_not_fit_is_rejected_naming_block_map_and_kernel():
 def test_blocks_are_initialised_from_seed_and_index_alone():
     method, rule = get_method("clapp_pp"), RuleSettings()
     everything = build_blocks(method, rule, width=0.0625, seed=3, in_channels=3, input_size=32, lr=2e-4,
-                              weight_decay=0.0)
+                              weight_decay=0.0, fused_optimizer=True)
     alone = build_blocks(method, rule, width=0.0625, seed=3, indices=[4], in_channels=3, input_size=32, lr=2e-4,
-                         weight_decay=0.0)[0]
+                         weight_decay=0.0, fused_optimizer=True)[0]
     assert all(torch.equal(p, q) for p, q in zip(everything[4].parameters(), alone.parameters()))
     other_seed = build_blocks(method, rule, width=0.0625, seed=4, indices=[4], in_channels=3, input_size=32,
-                              lr=2e-4, weight_decay=0.0)[0]
+                              lr=2e-4, weight_decay=0.0, fused_optimizer=True)[0]
     assert not torch.equal(alone.conv.conv.weight, other_seed.conv.conv.weight)
 
 
 def test_every_block_owns_its_optimizer():
     blocks = build_blocks(get_method("clapp_pp_both"), RuleSettings(), width=0.0625, seed=0, in_channels=3,
-                          input_size=32, lr=2e-4, weight_decay=0.0)
+                          input_size=32, lr=2e-4, weight_decay=0.0, fused_optimizer=True)
     for block in blocks:
         owned = {id(p) for group in block.optimizer.param_groups for p in group["params"]}
         assert owned == {id(p) for p in block.parameters()}

@@ -102,7 +102,7 @@ def test_finished_run_is_not_overwritten(tmp_path):
 
 def test_non_finite_loss_names_block_and_step():
     blocks = build_blocks(get_method("clapp_pp"), RuleSettings(), width=0.0625, seed=0, in_channels=3, input_size=32,
-                          lr=2e-4, weight_decay=0.0)
+                          lr=2e-4, weight_decay=0.0, fused_optimizer=True)
     x = torch.randn(8, 3, 32, 32)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLoss, match="block 0 at step 3"):

@@ -13,7 +13,7 @@ from sim.datasets import DATASETS, DatasetInfo, dataset_info
 from sim.views import SimCLRViews, _grid, plain_views, probe_views
 
 NATIVE = {"fashion_mnist": 28, "cifar10": 32, "stl10": 96, "tiny_imagenet": 64, "synthetic": 32,
-          "synthetic_gray": 32}
+          "synthetic_gray": 32, "synthetic_96": 96}
 OFF = dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0)  # every random augmentation off
 
 

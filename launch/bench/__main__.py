@@ -27,6 +27,7 @@ from launch.bench.render import chart, markdown
 from launch.machine import describe_machine, write_figures
 from launch.runner import bench_run, benchmark_parser, positive
 from sim.config import load_config
+from sim.host_memory import keep_freed_memory
 from sim.job import ProgramErrors
 from sim.plan import make_plan
 from sim.summary import RunSummary
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 runs of a few steps, no full-width predictions")
     args = parser.parse_args(argv)
     k, m = args.world_size, args.microbatches
+    keep_freed_memory()  # as the runs' launcher does: the cost model's block times are measured in this process
     steps = 24 if args.quick else args.steps
     config = load_config(args.config, [f"train.steps={steps}", *args.overrides])
     make_plan(dataclasses.replace(config, method="clapp_pp"), k)  # a K that cannot run fails here, not in a run

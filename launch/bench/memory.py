@@ -1,0 +1,119 @@
+"""Peak memory of local SSL against BP-SSL where the paper measured it: 96 px, full width.
+
+    python -m launch.bench.memory [--width W] [--steps N] [--sizes 96,32] [--out DIR]
+
+For each input size (96 px: synthetic images of STL-10's shapes with the paper's 96 px pooling
+12-12-12-6-6-3; 32 px: the CIFAR-10 shapes), batch 32, a few steps each (the peak comes with the
+first updates), `launch.train` runs with probe and log off:
+- bp_infonce in one process (2 threads): the BP-SSL baseline;
+- clapp_pp in one process (K = 1, 2 threads) and one block per process (K = 6, 1 thread each).
+Memory is each process's peak resident memory minus its resident memory after imports (sim.memory).
+Beside it, what the process's blocks must hold: weights, gradients and AdamW's two moments
+(16 bytes per parameter: the B matrices dominate at full width), and the activity one step keeps
+for its backward pass (float32); the rest is the interpreter's working memory, rank 0's dataset
+and views, and the allocator's slack. Writes memory.json and memory.md into DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from launch.machine import describe_machine, write_figures
+from launch.runner import bench_run, positive
+from layers.encoder import MAXPOOL, describe_encoder
+from sim.config import load_config
+from sim.job import ProgramErrors
+from sim.plan import Plan, make_plan
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+DATASET = {96: "synthetic_96", 32: "synthetic"}
+RUNS = {"bp_infonce_k1": ("bp_infonce", 1, 2), "clapp_pp_k1": ("clapp_pp", 1, 2), "clapp_pp_k6": ("clapp_pp", 6, 1)}
+
+
+def held_bytes(plan: Plan, blocks: list[int]) -> dict[str, int]:
+    """What `blocks` of `plan` hold during a step: optimiser state and the activity kept for the
+    backward pass (each block's pre-activation, its ReLU output and, after a max-pool, the pooled
+    map with its indices: float32 and int64, rows = 2B). Backprop, and blocks that wait for
+    top-down feedback, keep every block's activity at once; a lateral local block frees its own
+    after its update, so the largest block's counts."""
+    width, info = plan.config.model.width, plan.info
+    reports = describe_encoder(width, info.channels, info.image_size)
+    rows = 2 * plan.config.train.batch_size
+    params, activity = 0, []
+    head_params = _head_params(plan)
+    for index in blocks:
+        report = reports[index]
+        c, side, _ = report.output_shape
+        before_pool = side * 2 if MAXPOOL[index] else side
+        params += report.conv_params + head_params[index]
+        kept = rows * c * before_pool**2 * 4 * 2  # conv output and ReLU output
+        if MAXPOOL[index]:
+            kept += rows * c * side**2 * (4 + 8)  # pooled map and its indices
+        activity.append(kept)
+    all_at_once = plan.method.end_to_end or plan.method.uses_top_context
+    return {"optimizer_state": 16 * params, "activity": sum(activity) if all_at_once else max(activity)}
+
+
+def _head_params(plan: Plan) -> list[int]:
+    blocks = plan.build_blocks(range(6), "meta")  # shapes only: nothing is allocated
+    return [sum(p.numel() for p in block.heads.parameters()) for block in blocks]
+
+
+def measure(size: int, width: float, steps: int, out: Path) -> dict:
+    runs = {}
+    for name, (method, processes, threads) in RUNS.items():
+        overrides = [f"data.name={DATASET[size]}", f"model.width={width}", "train.batch_size=32",
+                     f"train.steps={steps}", f"method={method}", "sim.placement=auto"]
+        plan = make_plan(load_config(CONFIG, overrides), processes)
+        summary = bench_run(processes, threads, CONFIG, overrides, out / f"{name}_{size}px")
+        held = [held_bytes(plan, group) for group in plan.placement.groups]
+        runs[name] = {"method": method, "processes": processes, "threads": threads,
+                      "placement": [list(g) for g in plan.placement.groups],
+                      "peak_memory_bytes": summary.peak_memory_bytes, "held_bytes": held,
+                      "speedups": summary.speedups}
+        print(f"{size} px {name}: peak MiB per process {[b // 2**20 for b in summary.peak_memory_bytes]}", flush=True)
+    bp = max(runs["bp_infonce_k1"]["peak_memory_bytes"])
+    ratios = {name: max(run["peak_memory_bytes"]) / bp for name, run in runs.items() if name != "bp_infonce_k1"}
+    return {"input_px": size, "runs": runs, "largest_process_vs_bp": ratios}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Width {result['width']}, batch 32, {result['steps']} steps, CPU ({result['machine']['cpu']}); "
+             "MiB per process: measured peak (imports excluded) | AdamW state + weights | activity kept", "",
+             "| input | run | processes x threads | per process: peak, state, activity (MiB) | "
+             "largest / BP |", "|---|---|---|---|---:|"]
+    mib = 2**20
+    for sized in result["sizes"]:
+        for name, run in sized["runs"].items():
+            cells = "; ".join(f"{p / mib:.0f}, {h['optimizer_state'] / mib:.0f}, {h['activity'] / mib:.0f}"
+                              for p, h in zip(run["peak_memory_bytes"], run["held_bytes"]))
+            ratio = sized["largest_process_vs_bp"].get(name)
+            lines.append(f"| {sized['input_px']} px | {name} | {run['processes']} x {run['threads']} | {cells} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.bench.memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=float, default=1.0, help="model.width (default 1.0, the paper's)")
+    parser.add_argument("--steps", type=positive, default=3)
+    parser.add_argument("--sizes", default="96,32", help="input sizes in px, from 96 and 32 (default: both)")
+    parser.add_argument("--out", type=Path, default=Path("runs") / f"memory_{time.strftime('%Y%m%d-%H%M%S')}")
+    args = parser.parse_args(argv)
+    with ProgramErrors(0) as errors:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+        unknown = [s for s in sizes if s not in DATASET]
+        if unknown:
+            raise ValueError(f"--sizes {args.sizes}: {unknown} not among {sorted(DATASET)}")
+        result = {"machine": describe_machine(), "date": time.strftime("%Y-%m-%d"), "width": args.width,
+                  "steps": args.steps, "command": " ".join(["python -m launch.bench.memory",
+                                                            *(argv if argv is not None else sys.argv[1:])]),
+                  "sizes": [measure(size, args.width, args.steps, args.out) for size in sizes]}
+        write_figures(args.out, "memory", result, markdown(result))
+    return errors.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

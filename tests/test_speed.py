@@ -1,0 +1,144 @@
+"""The speed-ups keep the numerics (fused AdamW, the patch-product convolution gradient); the
+floor's FLOP count matches hand-worked numbers; the step timer of launch.bench.speed runs (no time is asserted)."""
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launch.bench.memory import held_bytes
+from layers.block import RuleSettings
+from layers.encoder import PATCH_GRADIENT_MAX_PIXELS, conv3x3
+from layers.methods import get_method
+from layers.model import build_blocks
+from sim.config import load_config
+from sim.plan import make_plan
+from sim.stage import make_stage
+from tests.helpers import ROOT
+
+MACS_32PX = [3 * 128 * 9 * 32 * 32, 128 * 256 * 9 * 32 * 32, 256 * 256 * 9 * 16 * 16, 256 * 512 * 9 * 16 * 16,
+             512 * 1024 * 9 * 8 * 8, 1024 * 1024 * 9 * 4 * 4]  # full width, per image, forward
+
+
+def _trained(fused: bool, steps: int = 3) -> tuple[list, list]:
+    blocks = build_blocks(get_method("clapp_pp"), RuleSettings(), width=0.0625, in_channels=3, input_size=32, seed=0,
+                          lr=1e-3, weight_decay=1e-5, fused_optimizer=fused)
+    stage, views, losses = make_stage(blocks, 0), torch.randn(16, 3, 32, 32, generator=torch.manual_seed(1)), []
+    for step in range(steps):
+        stage.forward(views, step)
+        losses += [u.stats.loss.item() for u in stage.updates]
+        stage.updates.clear()
+    return [p.detach().clone() for b in blocks for p in b.parameters()], losses
+
+
+def test_fused_adamw_is_the_multi_tensor_adamw_up_to_rounding():
+    fused, fused_losses = _trained(True)
+    plain, plain_losses = _trained(False)
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-5)
+    # Adam divides by the gradient's running size: where a gradient is near zero, a rounding
+    # difference can turn that step's update (at most lr = 1e-3 in size) around, never more
+    differences = torch.cat([(a - b).abs().flatten() for a, b in zip(fused, plain)])
+    assert differences.max() < 2 * 3 * 1e-3
+    assert (differences > 1e-6).float().mean() < 0.05  # elsewhere they agree to float32 rounding
+
+
+def test_the_config_chooses_the_optimiser():
+    for fused in (True, False):
+        plan = make_plan(load_config(ROOT / "launch/configs/tiny.toml", [f"optim.fused={str(fused).lower()}"]), 1)
+        block = plan.build_blocks([0], torch.device("cpu"))[0]
+        assert bool(block.optimizer.defaults["fused"]) is fused
+
+
+KEEP = """
+import sys, torch
+from pathlib import Path
+from sim.host_memory import keep_freed_memory, kept_setting
+def resident():
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+setting = None
+if sys.argv[1] == "keep":
+    setting = keep_freed_memory()
+    assert keep_freed_memory() == kept_setting() == setting  # once is enough; it says what it set
+big = torch.ones(2**24)  # 64 MiB, above glibc's largest mmap threshold (32 MiB)
+held = resident()
+del big
+print(setting, "|", held - resident())  # KiB handed back to the kernel by the free
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_freed_memory_stays_in_the_process():
+    settings, returned = {}, {}
+    for mode in ("keep", "default"):
+        done = subprocess.run([sys.executable, "-c", KEEP, mode], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        settings[mode], kib = done.stdout.strip().rsplit("|", 1)
+        returned[mode] = int(kib)
+    assert "M_MMAP_MAX=0" in settings["keep"] and settings["default"].strip() == "None"
+    assert returned["keep"] < 1024  # kept: a later step reuses those pages without faulting them in
+    assert returned["default"] > 60 * 1024  # glibc's default unmapped all 64 MiB at once
+
+
+def test_floor_flops_are_the_hand_worked_ones():
+    def work(method: str):
+        config = load_config(None, [f"method={method}", "data.name=synthetic", "model.width=1.0",
+                                    "train.batch_size=32"])
+        return make_plan(config, 1).step_work()
+
+    rows = 64
+    local = work("clapp_pp")  # forward and weight gradient of every conv; B: forward and gradient
+    assert local.conv_flops == 2 * 2 * rows * sum(MACS_32PX)
+    assert local.head_flops == 2 * 2 * rows * (2 * 8192**2 + 4 * 4096**2)
+    assert local.optimizer_bytes == 28 * (sum(c.numel() for c in _conv_params()) + 2 * 8192**2 + 4 * 4096**2)
+    assert local.conv_flops / 1e9 == pytest.approx(310.1, abs=0.1)  # the issue's figure
+    dfb = work("clapp_pp_dfb")  # every B maps the top block's 4,096 features
+    assert dfb.head_flops == 2 * 2 * rows * (8192 + 4096 + 4096 + 8192 + 4096 + 4096) * 4096
+    bp = work("bp_infonce")  # plus the input gradient of blocks 1 to 5; the projection 1024 -> 1024
+    assert bp.conv_flops == 2 * rows * (2 * MACS_32PX[0] + 3 * sum(MACS_32PX[1:]))
+    assert bp.head_flops == 2 * 2 * rows * 1024 * 1024
+
+
+def _conv_params() -> list[torch.Tensor]:
+    blocks = build_blocks(get_method("clapp"), RuleSettings(), width=1.0, in_channels=3, input_size=32, seed=0,
+                          lr=2e-4, weight_decay=0.0, fused_optimizer=True, device="meta")
+    return [p for b in blocks for p in b.conv.parameters()]
+
+
+def test_held_memory_of_local_and_backprop_processes():
+    config = load_config(None, ["method=clapp_pp", "data.name=synthetic", "model.width=1.0", "train.batch_size=32"])
+    six = make_plan(config, 6)
+    block0 = held_bytes(six, [0])
+    assert block0["optimizer_state"] == 16 * (3 * 128 * 9 + 128 + 8192**2)
+    assert block0["activity"] == 64 * 128 * 32 * 32 * 4 * 2  # conv and ReLU outputs, no max-pool
+    everything = held_bytes(make_plan(config, 1), list(range(6)))
+    assert everything["activity"] == max(held_bytes(six, [b])["activity"] for b in range(6))  # one block at a time
+    bp = load_config(None, ["method=bp_infonce", "data.name=synthetic", "model.width=1.0", "train.batch_size=32"])
+    kept = held_bytes(make_plan(bp, 1), list(range(6)))["activity"]
+    assert kept == sum(held_bytes(six, [b])["activity"] for b in range(6))  # backprop keeps them all
+
+
+def test_step_timer_reports_steps_memory_and_speedups():
+    argv = [sys.executable, str(ROOT / "launch/bench/step_timer.py"), "--method", "clapp_pp", "--width", "0.0625",
+            "--batch", "8", "--warmup", "1", "--steps", "2"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result["step_seconds"]) == 2 and all(s > 0 for s in result["step_seconds"])
+    assert result["peak_memory_bytes"] > 0 and result["speedups"]["fused_adamw"] is True
+
+
+@pytest.mark.parametrize("side", [4, 8])
+def test_patch_product_gradients_equal_the_convolutions(side: int):
+    x = torch.randn(6, 5, side, side, requires_grad=True)
+    weight, bias = torch.randn(7, 5, 3, 3, requires_grad=True), torch.randn(7, requires_grad=True)
+    assert side * side <= PATCH_GRADIENT_MAX_PIXELS  # conv3x3 takes the patch product here
+    grad_out = torch.randn(6, 7, side, side)
+    ours = torch.autograd.grad(conv3x3(x, weight, bias), (x, weight, bias), grad_out)
+    reference = torch.autograd.grad(F.conv2d(x, weight, bias, padding=1), (x, weight, bias), grad_out)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(conv3x3(x, weight, bias), F.conv2d(x, weight, bias, padding=1))

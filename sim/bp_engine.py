@@ -143,6 +143,7 @@ class BPPipelineEngine:
         input_shape, output_shape = plan.microbatch_shapes(rank)
         self.blocks, self.rank, self.count, self.device, self.seed = list(blocks), rank, count, device, seed
         self.first, self.last = rank == 0, rank == world_size - 1
+        self.plan = plan
         self.clock = ComputeClock(device)
         # Shapes given up front (meta tensors): the stage skips its shape-inference pass at the first step.
         # requires_grad matters: the stage allocates a gradient buffer only for tensors that require
@@ -173,7 +174,7 @@ class BPPipelineEngine:
         if memory is None:
             memory = PeakMemory(self.device)
             memory.start()
-        step_losses = []
+        step_losses, learning_rate = [], self.plan.learning_rate(steps)
         began, windows = time.perf_counter(), WindowClock()
         bar = progress_bar(steps, 0, progress and self.first)
         for step in range(steps):
@@ -191,6 +192,7 @@ class BPPipelineEngine:
                 check_finite(step_losses[-1], self.blocks[-1].index, step)
             with self.clock.timed():
                 for block in self.blocks:
+                    learning_rate.apply(block.optimizer, step)
                     block.optimizer.step()
                     block.optimizer.zero_grad(set_to_none=True)
             if self.clock.cuda:

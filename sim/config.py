@@ -21,6 +21,7 @@ from typing import Any
 
 from layers.block import RuleSettings
 from layers.encoder import CHANNELS
+from layers.learning_rate import SCHEDULES
 from layers.losses import CONTRAST_MODES, NEGATIVE_MODES
 from layers.methods import get_method
 from layers.model import pool_kernels
@@ -51,6 +52,9 @@ class OptimConfig:
     lr: float = 2e-4  # AdamW, one per block
     weight_decay: float = 0.0
     fused: bool = True  # one fused AdamW kernel per block; false: torch's multi-tensor AdamW (equal up to rounding)
+    schedule: str = "constant"  # constant (the paper's) | cosine: decay from lr to lr_min over the run
+    warmup_steps: int = 0  # linear warm-up to lr over the first steps (either schedule)
+    lr_min: float = 0.0  # where the cosine ends, at the last step
 
 
 @dataclass
@@ -74,6 +78,9 @@ class ProbeConfig:
     standardize: bool = True  # standardise each feature (BatchNorm without affine) before the linear layer
     train_limit: int = 0  # use only the first N labeled training images; 0 = all
     test_limit: int = 0  # use only the first N test images; 0 = all
+    # > 0: score on this many labeled training images held out of the probe's training set (the same
+    # ones in every run), never on the test set: for choosing settings (BENCHMARKS.md, the protocol)
+    validation: int = 0
 
 
 @dataclass
@@ -215,7 +222,8 @@ def validate(config: Config) -> None:
         pool_kernels(method, info.image_size, config.rule.pool or None)  # a pooling that does not fit fails here
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    choices = {"rule.contrast": (config.rule.contrast, CONTRAST_MODES),
+    choices = {"optim.schedule": (config.optim.schedule, SCHEDULES),
+               "rule.contrast": (config.rule.contrast, CONTRAST_MODES),
                "rule.negatives": (config.rule.negatives, NEGATIVE_MODES)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -240,8 +248,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"log.dtype = {config.log.dtype!r} is not one of {', '.join(ACTIVATIONS.dtypes)}")
     if config.log.chunk < 1 or (config.log.every and config.log.heldout < 1):
         raise ConfigError("log.chunk and log.heldout must be >= 1 when log.every > 0")
-    for key in ("log.every", "log.align_every", "train.steps", "train.epochs", "train.threads",
-                "train.checkpoint_every", "probe.epochs", "probe.train_limit", "probe.test_limit"):
+    if not 0 <= config.optim.lr_min <= config.optim.lr:
+        raise ConfigError(f"optim.lr_min = {config.optim.lr_min} must be between 0 and optim.lr = {config.optim.lr}")
+    for key in ("optim.warmup_steps", "log.every", "log.align_every", "train.steps", "train.epochs", "train.threads",
+                "train.checkpoint_every", "probe.epochs", "probe.train_limit", "probe.test_limit", "probe.validation"):
         if getattr_path(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr_path(config, key)}")
 

@@ -30,6 +30,17 @@ def sample_images(images: ImageSet, limit: int, seed: int) -> ImageSet:
     return ImageSet(*images.batch(chosen))
 
 
+def hold_out(images: ImageSet, count: int) -> tuple[ImageSet, ImageSet]:
+    """(the rest, `count` held-out images) of a labeled split: the same images in every run, whatever
+    its seed, so that settings chosen on them are compared on one validation set."""
+    if not 0 < count < len(images):
+        raise ValueError(f"probe.validation = {count} must be between 1 and {len(images) - 1}, the labeled "
+                         f"training images less one; or 0 to score on the test set")
+    order = torch.randperm(len(images), generator=keyed_generator(0, STREAM_PROBE, -2))
+    held, rest = order[:count].sort().values, order[count:].sort().values
+    return ImageSet(*images.batch(rest)), ImageSet(*images.batch(held))
+
+
 def linear_probe(
     blocks: Sequence[nn.Module],
     info: DatasetInfo,

@@ -38,7 +38,7 @@ from sim.checkpoint import (
 )
 from sim.config import ConfigError, to_dict
 from sim.datasets import DatasetCorrupt, DatasetMissing, ImageSet, load_split
-from sim.evaluation import linear_probe, sample_images
+from sim.evaluation import hold_out, linear_probe, sample_images
 from sim.feed import ViewFeed
 from sim.host_memory import keep_freed_memory, kept_setting
 from sim.local_engine import LocalEngine
@@ -160,9 +160,11 @@ def read_rank_zero_data(plan: Plan, device: torch.device) -> RankZeroData:
     if config.probe.epochs or plan.schedule.log_every:
         data.test_set = load_split(name, root, "test", config.data.download)
     if config.probe.epochs:
-        train_set = load_split(name, root, "train", config.data.download)
+        train_set, scored = load_split(name, root, "train", config.data.download), data.test_set
+        if config.probe.validation:  # choosing settings: the test set is not looked at
+            train_set, scored = hold_out(train_set, config.probe.validation)
         data.probe_sets = (sample_images(train_set, config.probe.train_limit, config.train.seed),
-                           sample_images(data.test_set, config.probe.test_limit, config.train.seed))
+                           sample_images(scored, config.probe.test_limit, config.train.seed))
     return data
 
 
@@ -190,7 +192,7 @@ def _run_rank(plan: Plan, out_dir: Path, world: World, device: torch.device, lin
     blocks = plan.build_blocks(own, device)
     if start:
         load_checkpoint(out_dir, start, blocks)
-    rank = RankSetup(plan, out_dir, world, device, link, blocks, data, start, heldout, heldout_count)
+    rank = RankSetup(plan, out_dir, world, device, link, blocks, data, start, stop, heldout, heldout_count)
     run = _local_training(rank) if plan.pipeline is None else _pipeline_training(rank)
     if link is not None:  # every rank built: start the clocks together
         link.collective("the start barrier", setup_barrier, SETUP_TIMEOUT_S)
@@ -214,6 +216,7 @@ class RankSetup:
     blocks: list[Block]
     data: RankZeroData
     start: int
+    stop: int  # the run's last step: where a decaying learning rate ends
     heldout: ImageSet | None
     heldout_count: int
 
@@ -226,7 +229,7 @@ def _local_training(rank: RankSetup) -> Training:
     recording = rank_recording(plan, rank.out_dir, rank.world.rank, blocks, rank.start, rank.link, rank.heldout,
                                rank.heldout_count, rank.device)
     stage = make_stage(blocks, plan.config.train.seed, stash_weights=plan.config.sim.feedback == "delayed",
-                       observe=recording.wants)
+                       observe=recording.wants, learning_rate=plan.learning_rate(rank.stop))
     engine = LocalEngine(rank.world.rank, plan.schedule, stage, rank.device, shapes=plan.shapes, feed=rank.data.feed,
                          link=rank.link, recording=recording)
 
@@ -272,6 +275,7 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
     if probe_sets is not None:
         probe = linear_probe(blocks, plan.info, *probe_sets, config.probe, seed=config.train.seed, device=device,
                              progress=progress)
+        probe["scored_on"] = "validation" if config.probe.validation else "test"  # what test_acc was measured on
     pipeline = plan.pipeline
     summary = RunSummary.from_results(
         results, config.train.batch_size, method=plan.method.name, dataset=plan.info.name,

@@ -11,6 +11,7 @@ import torch
 
 from layers.block import Block
 from layers.encoder import NUM_BLOCKS, block_channels, describe_encoder, map_sizes
+from layers.learning_rate import LearningRate
 from layers.methods import METHODS, Method, get_method
 from layers.model import build_blocks, feature_dims, pool_kernels
 from sim.config import Config, ConfigError, to_toml
@@ -63,6 +64,11 @@ class Plan:
                             input_size=self.info.image_size, seed=c.train.seed, lr=c.optim.lr,
                             weight_decay=c.optim.weight_decay, fused_optimizer=c.optim.fused, indices=indices,
                             device=device)
+
+    def learning_rate(self, total_steps: int) -> LearningRate:
+        """Every block's rate at each step of a run of `total_steps` steps."""
+        o = self.config.optim
+        return LearningRate(o.lr, o.schedule, o.warmup_steps, total_steps, o.lr_min)
 
     def step_work(self) -> StepWork:
         """What one training step of all six blocks computes and moves (sim.costmodel.step_work)."""

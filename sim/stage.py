@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from layers.block import Block, LossStats
+from layers.learning_rate import LearningRate
 from layers.seeding import STREAM_NEGATIVES, keyed_generator
 
 # step -> (measure the update's norm, keep the local gradient)
@@ -53,8 +54,10 @@ class LocalStage:
     used, so that updates of other batches applied meanwhile (delayed feedback) do not invalidate
     the graph; the update is then the gradient at the weights that produced the activity."""
 
-    def __init__(self, blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never):
+    def __init__(self, blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never,
+                 learning_rate: LearningRate | None = None):
         self.blocks, self.seed, self.stash_weights, self.observe = list(blocks), seed, stash_weights, observe
+        self.learning_rate = learning_rate  # None: each optimiser keeps the rate it was built with
         self.pending: dict[int, list[tuple[Block, torch.Tensor]]] = {}  # step -> blocks awaiting feedback
         self.updates: list[UpdateRecord] = []  # updates since the runtime last read them
         self.top_context: torch.Tensor | None = None  # the top block's pooled activity, if held here
@@ -91,6 +94,8 @@ class LocalStage:
         record = UpdateRecord(block.index, step, stats)
         if keep_gradient:
             record.gradient = block.conv_weight.grad.detach().flatten().clone()
+        if self.learning_rate is not None:
+            self.learning_rate.apply(block.optimizer, step)  # the rate of this batch's step, applied late or not
         block.optimizer.step()
         if measure:
             record.update_norm = (block.conv_weight.detach() - before).norm().item()
@@ -102,8 +107,9 @@ class LocalStage:
 class EndToEndStage:
     """BP-SSL: the top block's loss, back-propagated through all six blocks."""
 
-    def __init__(self, blocks: Sequence[Block], seed: int, observe: Observer = _never):
-        self.blocks, self.seed, self.observe = list(blocks), seed, observe
+    def __init__(self, blocks: Sequence[Block], seed: int, observe: Observer = _never,
+                 learning_rate: LearningRate | None = None):
+        self.blocks, self.seed, self.observe, self.learning_rate = list(blocks), seed, observe, learning_rate
         self.updates: list[UpdateRecord] = []
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -118,6 +124,8 @@ class EndToEndStage:
             block.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for block in self.blocks:
+            if self.learning_rate is not None:
+                self.learning_rate.apply(block.optimizer, step)
             block.optimizer.step()
         for index, block in enumerate(self.blocks):
             norm = (block.conv_weight.detach() - before[index]).norm().item() if measure else None
@@ -133,10 +141,10 @@ def check_finite(loss: torch.Tensor, block: int, step: int) -> None:
         )
 
 
-def make_stage(blocks: Sequence[Block], seed: int, stash_weights: bool = False,
-               observe: Observer = _never) -> LocalStage | EndToEndStage:
+def make_stage(blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never,
+               learning_rate: LearningRate | None = None) -> LocalStage | EndToEndStage:
     if blocks[0].method.end_to_end:
         if len(blocks) != blocks[-1].index + 1 or not blocks[-1].is_top:
             raise ValueError("end-to-end (BP-SSL) methods need all six blocks in one process")
-        return EndToEndStage(blocks, seed, observe)
-    return LocalStage(blocks, seed, stash_weights, observe)
+        return EndToEndStage(blocks, seed, observe, learning_rate)
+    return LocalStage(blocks, seed, stash_weights, observe, learning_rate)

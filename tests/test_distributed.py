@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from layers.encoder import NUM_BLOCKS
+from layers.learning_rate import LearningRate
 from sim.config import Config
 from sim.datasets import dataset_info, load_split
 from sim.feed import ViewFeed
@@ -53,7 +54,8 @@ def batches_of(config: Config) -> list[torch.Tensor]:
     return [feed.views_at(step) for step in range(config.train.steps)]  # (2B, C, S, S) each
 
 
-def trained_with_delays(config: Config, batches: Sequence[torch.Tensor], delays: Sequence[int]) -> Weights:
+def trained_with_delays(config: Config, batches: Sequence[torch.Tensor], delays: Sequence[int],
+                        learning_rate: LearningRate | None = None) -> Weights:
     """The run of `config` in this process, with a chosen feedback delay per block: block b applies
     the update of batch s (with the top block's context of batch s) just before it forwards batch
     s + delays[b] + 1, and every update still pending after the last batch, as a run's final
@@ -61,7 +63,8 @@ def trained_with_delays(config: Config, batches: Sequence[torch.Tensor], delays:
     blocks = make_plan(config, 1).build_blocks(range(NUM_BLOCKS), torch.device("cpu"))
     # One stage per block, so that no stage holds the top block and applies feedback at once;
     # stashed weights, as in delayed runs, so an update uses the weights of its own forward.
-    stages = [LocalStage([block], config.train.seed, stash_weights=True) for block in blocks]
+    stages = [LocalStage([block], config.train.seed, stash_weights=True, learning_rate=learning_rate)
+              for block in blocks]
     feedback: dict[int, torch.Tensor] = {}  # step -> the top block's pooled activity, (2B, D_top)
     for step, x in enumerate(batches):
         for stage, delay in zip(stages, delays):
@@ -128,6 +131,22 @@ def test_delayed_feedback_trains_with_the_delays_of_its_schedule(tmp_path):
         measured = [[d for d in range(4) if reproduces(block, d)] for block in range(NUM_BLOCKS - 1)]
     assert measured == [[d] for d in expected[:-1]]
     assert summary(tmp_path / "delayed")["feedback_delay_steps"] == expected  # and the summary says so
+
+
+def test_a_late_update_takes_the_learning_rate_of_its_batch(tmp_path):
+    """With warm-up and cosine decay, the update of batch s uses the rate of step s however late
+    delayed feedback applies it: the 2-rank run equals the in-process reference with those rates."""
+    delayed = ["method=clapp_pp_dfb", "sim.feedback=delayed", "sim.placement=[[0,1,2],[3,4,5]]",
+               "optim.schedule=cosine", "optim.warmup_steps=2", "optim.lr=1e-3"]
+    outcomes = run_ranks(2, args(*delayed, out=tmp_path / "delayed"), tmp_path / "logs")
+    assert [o.exitcode for o in outcomes] == [0, 0], outcomes[0].log
+    run = final_weights(tmp_path / "delayed")
+    config = run_config(delayed[0], *delayed[3:])  # the reference needs no placement
+    rate = make_plan(config, 1).learning_rate(config.train.steps)
+    with threads_of(config):
+        batches = batches_of(config)
+        assert_same_weights(trained_with_delays(config, batches, [1, 1, 1, 0, 0, 0], rate), run)
+        assert differing_tensors(trained_with_delays(config, batches, [1, 1, 1, 0, 0, 0]), run)  # the rate counts
 
 
 def test_a_nan_on_one_rank_stops_every_rank_naming_it(tmp_path):

@@ -1,6 +1,6 @@
 """Peak memory of local SSL against BP-SSL where the paper measured it: 96 px, full width.
 
-    python -m launch.bench.memory [--width W] [--steps N] [--sizes 96,32] [--out DIR]
+    python -m launch.bench.memory [--width W] [--steps N] [--sizes 96,32] [--system-allocator] [--out DIR]
 
 For each input size (96 px: synthetic images of STL-10's shapes with the paper's 96 px pooling
 12-12-12-6-6-3; 32 px: the CIFAR-10 shapes), batch 32, a few steps each (the peak comes with the
@@ -34,8 +34,8 @@ RUNS = {"bp_infonce_k1": ("bp_infonce", 1, 2), "clapp_pp_k1": ("clapp_pp", 1, 2)
 
 def held_bytes(plan: Plan, blocks: list[int]) -> dict[str, int]:
     """What `blocks` of `plan` hold during a step: optimiser state and the activity kept for the
-    backward pass (each block's pre-activation, its ReLU output and, after a max-pool, the pooled
-    map with its indices: float32 and int64, rows = 2B). Backprop, and blocks that wait for
+    backward pass (each block's ReLU output, computed in place of the convolution's, and, after a
+    max-pool, the pooled map with its indices: float32 and int64, rows = 2B). Backprop, and blocks that wait for
     top-down feedback, keep every block's activity at once; a lateral local block frees its own
     after its update, so the largest block's counts."""
     width, info = plan.config.model.width, plan.info
@@ -48,7 +48,7 @@ def held_bytes(plan: Plan, blocks: list[int]) -> dict[str, int]:
         c, side, _ = report.output_shape
         before_pool = side * 2 if MAXPOOL[index] else side
         params += report.conv_params + head_params[index]
-        kept = rows * c * before_pool**2 * 4 * 2  # conv output and ReLU output
+        kept = rows * c * before_pool**2 * 4  # the ReLU's output, in place of the convolution's
         if MAXPOOL[index]:
             kept += rows * c * side**2 * (4 + 8)  # pooled map and its indices
         activity.append(kept)
@@ -61,11 +61,13 @@ def _head_params(plan: Plan) -> list[int]:
     return [sum(p.numel() for p in block.heads.parameters()) for block in blocks]
 
 
-def measure(size: int, width: float, steps: int, out: Path) -> dict:
+def measure(size: int, width: float, steps: int, out: Path, keep_freed_memory: bool) -> dict:
     runs = {}
     for name, (method, processes, threads) in RUNS.items():
         overrides = [f"data.name={DATASET[size]}", f"model.width={width}", "train.batch_size=32",
-                     f"train.steps={steps}", f"method={method}", "sim.placement=auto"]
+                     f"train.steps={steps}", f"method={method}", "sim.placement=auto",
+                     "sim.timeout_s=900",  # six ranks of 96 px steps share 2 cores: a rank may wait minutes
+                     f"train.keep_freed_memory={str(keep_freed_memory).lower()}"]
         plan = make_plan(load_config(CONFIG, overrides), processes)
         summary = bench_run(processes, threads, CONFIG, overrides, out / f"{name}_{size}px")
         held = [held_bytes(plan, group) for group in plan.placement.groups]
@@ -80,7 +82,9 @@ def measure(size: int, width: float, steps: int, out: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Width {result['width']}, batch 32, {result['steps']} steps, CPU ({result['machine']['cpu']}); "
+    allocator = "freed memory kept" if result["keep_freed_memory"] else "glibc's default allocator"
+    lines = [f"Width {result['width']}, batch 32, {result['steps']} steps, CPU ({result['machine']['cpu']}), "
+             f"{allocator}; "
              "MiB per process: measured peak (imports excluded) | AdamW state + weights | activity kept", "",
              "| input | run | processes x threads | per process: peak, state, activity (MiB) | "
              "largest / BP |", "|---|---|---|---|---:|"]
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=float, default=1.0, help="model.width (default 1.0, the paper's)")
     parser.add_argument("--steps", type=positive, default=3)
     parser.add_argument("--sizes", default="96,32", help="input sizes in px, from 96 and 32 (default: both)")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="glibc's default allocator (train.keep_freed_memory = false), to see what keeping costs")
     parser.add_argument("--out", type=Path, default=Path("runs") / f"memory_{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
     with ProgramErrors(0) as errors:
@@ -110,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         result = {"machine": describe_machine(), "date": time.strftime("%Y-%m-%d"), "width": args.width,
                   "steps": args.steps, "command": " ".join(["python -m launch.bench.memory",
                                                             *(argv if argv is not None else sys.argv[1:])]),
-                  "sizes": [measure(size, args.width, args.steps, args.out) for size in sizes]}
+                  "keep_freed_memory": not args.system_allocator, "sizes": []}
+        for size in sizes:
+            result["sizes"].append(measure(size, args.width, args.steps, args.out, not args.system_allocator))
         write_figures(args.out, "memory", result, markdown(result))
     return errors.exit_code
 

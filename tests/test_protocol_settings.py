@@ -1,0 +1,58 @@
+"""What a CPU-scale protocol chooses among: learning-rate schedules (hand-worked values, config
+errors; their placement invariance is in test_distributed) and the validation probe, which never
+looks at the test set."""
+import math
+
+import pytest
+import torch
+
+from layers.learning_rate import LearningRate
+from sim.config import ConfigError
+from sim.datasets import load_split
+from sim.evaluation import hold_out
+from tests.helpers import run_config, single_process, summary
+
+
+def test_warm_up_then_cosine_by_hand():
+    rate = LearningRate(1.0, "cosine", warmup_steps=2, total_steps=6, lr_min=0.1)
+    # warm-up: 1/2, 2/2; then the cosine over steps 2..5 (3 intervals) from 1.0 to 0.1
+    expected = [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 3)), 0.1 + 0.45 * (1 + math.cos(2 * math.pi / 3)),
+                0.1]
+    assert [rate.at(step) for step in range(6)] == pytest.approx(expected)
+    assert rate.at(50) == pytest.approx(0.1)  # past the end it stays at lr_min
+    constant = LearningRate(2e-4)
+    assert not constant.varies and {constant.at(s) for s in range(100)} == {2e-4}
+    assert LearningRate(2e-4, warmup_steps=4).at(0) == pytest.approx(5e-5)
+
+
+def test_apply_sets_every_group():
+    optimizer = torch.optim.AdamW([torch.zeros(2, requires_grad=True)], lr=1.0)
+    LearningRate(1.0, "cosine", total_steps=3).apply(optimizer, 1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("override, key", [("optim.schedule=linear", "optim.schedule"),
+                                           ("optim.lr_min=1.0", "optim.lr_min"),
+                                           ("optim.warmup_steps=-1", "optim.warmup_steps")])
+def test_bad_schedules_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        run_config(override)
+
+
+def test_validation_probe_scores_on_held_out_training_images(tmp_path):
+    single_process(tmp_path / "run", "probe.epochs=1", "probe.validation=500", "probe.train_limit=300",
+                   "probe.augment=false")
+    probe = summary(tmp_path / "run")["probe"]
+    assert probe["scored_on"] == "validation" and 0 <= probe["test_acc"] <= 100
+
+
+def test_held_out_images_are_the_same_in_every_run_and_not_trained_on():
+    images = load_split("synthetic", None, "train")
+    rest, held = hold_out(images, 500)
+    again_rest, again_held = hold_out(images, 500)
+    assert len(held) == 500 and len(rest) == len(images) - 500
+    assert torch.equal(held.images, again_held.images) and torch.equal(rest.labels, again_rest.labels)
+    pixels = {bytes(x.numpy()) for x in held.images}
+    assert not any(bytes(x.numpy()) in pixels for x in rest.images[:2000])  # disjoint (images are distinct)
+    with pytest.raises(ValueError, match="probe.validation"):
+        hold_out(images, len(images))

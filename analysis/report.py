@@ -74,7 +74,8 @@ def _summary(summary: RunSummary | None) -> str:
             ("training seconds", _fmt(summary.train_seconds, ".1f")),
             ("schedule / feedback", f"{summary.schedule} / {summary.feedback or '-'}"),
             ("feedback delay per block (steps)", summary.feedback_delay_steps),
-            ("probe test accuracy (run's own probe, %)", _fmt(probe.get("test_acc"), ".2f")),
+            (f"probe {probe.get('scored_on', 'test')} accuracy (run's own probe, %)",
+             _fmt(probe.get("test_acc"), ".2f")),
             ("probe per block (%)", " ".join(_fmt(v, ".1f") for v in probe.get("per_block_test_acc", []))),
             ("loss per block (last 50 steps)", " ".join(_fmt(v) for v in summary.loss_per_block)),
             ("peak memory per process (MiB)", " ".join(f"{m / 2**20:.0f}" for m in summary.peak_memory_bytes))]

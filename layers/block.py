@@ -61,9 +61,9 @@ class Block(nn.Module):
 
     def make_optimizer(self, lr: float, weight_decay: float, fused: bool) -> None:
         """This block's AdamW. `fused`: one kernel per step over all its parameters (torch's
-        fused=True); else torch's multi-tensor AdamW, the authors' (their updates agree up to
-        rounding). At full width the multi-tensor one makes several passes with temporaries over
-        the B matrices and takes a third of a CPU step."""
+        fused=True); else torch's default AdamW, the authors' (multi-tensor on CUDA, a loop over
+        the tensors on CPU; the updates agree up to rounding). At full width on a CPU the default
+        makes several passes with temporaries over the B matrices: a third of the step."""
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None)
 
     @property

@@ -32,4 +32,4 @@ def keyed_generator(*keys: int) -> torch.Generator:
 
 
 # Stream tags, so that e.g. data order and block initialisation never share a seed.
-STREAM_INIT, STREAM_ORDER, STREAM_VIEWS, STREAM_NEGATIVES, STREAM_PROBE = 1, 2, 3, 4, 5
+STREAM_INIT, STREAM_ORDER, STREAM_VIEWS, STREAM_NEGATIVES, STREAM_PROBE, STREAM_VALIDATION = 1, 2, 3, 4, 5, 6

@@ -51,7 +51,7 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 2e-4  # AdamW, one per block
     weight_decay: float = 0.0
-    fused: bool = True  # one fused AdamW kernel per block; false: torch's multi-tensor AdamW (equal up to rounding)
+    fused: bool = True  # one fused AdamW kernel per block; false: torch's default AdamW (equal up to rounding)
     schedule: str = "constant"  # constant (the paper's) | cosine: decay from lr to lr_min over the run
     warmup_steps: int = 0  # linear warm-up to lr over the first steps (either schedule)
     lr_min: float = 0.0  # where the cosine ends, at the last step

@@ -86,19 +86,44 @@ class StepWork:
 
 
 def step_work(width: float, in_channels: int, input_size: int, rows: int, feature_dims: Sequence[int],
-              context_dims: Sequence[Sequence[int]], end_to_end: bool, head_params: int) -> StepWork:
+              head_dims: Sequence[Sequence[int]], end_to_end: bool, head_passes: int) -> StepWork:
     """FLOPs of one step on `rows` views (2B); the element-wise work (ReLU, pooling, the loss) is
-    left out: it is memory traffic, small beside these at full width. `head_params`: parameters of
-    the heads (B or projection), which AdamW updates with the convolutions'."""
+    left out: it is memory traffic, small beside these at full width. `head_dims`: per block, the
+    other side of each head (Plan.head_dims); `head_passes`: 2 for B (forward and weight gradient:
+    the context is detached), 3 for a projection (its input takes a gradient too)."""
     reports = describe_encoder(width, in_channels, input_size)
     conv = 0.0
     for report in reports:  # forward and weight gradient; the input gradient only end to end, not into the image
         passes = 3 if end_to_end and report.index > 0 else 2
         conv += passes * 2 * report.macs_per_image * rows
-    heads = sum(2 * 2 * rows * dim * context for dim, contexts in zip(feature_dims, context_dims)
-                for context in contexts)
-    params = sum(r.conv_params for r in reports) + head_params
+    pairs = [(dim, other) for dim, others in zip(feature_dims, head_dims) for other in others]
+    heads = sum(head_passes * 2 * rows * dim * other for dim, other in pairs)
+    params = sum(r.conv_params for r in reports) + sum(dim * other for dim, other in pairs)
     return StepWork(conv, heads, 7 * 4 * params)
+
+
+def held_memory(width: float, in_channels: int, input_size: int, rows: int, blocks: Sequence[int],
+                head_params: Sequence[int], all_at_once: bool) -> dict[str, int]:
+    """Bytes that `blocks` hold during a step on `rows` views: `optimizer_state`, their weights,
+    gradients and AdamW's two moments (16 bytes per parameter), and `activity`, what a block keeps
+    for its backward pass: its input (for the weight gradient), its ReLU output (computed in place
+    of the convolution's) and, after a max-pool, the pooled map and its indices (float32, int64).
+    `all_at_once`: every block's activity is kept together (backprop; blocks that wait for top-down
+    feedback); else a block frees its own after its update, and the largest counts. Temporaries of
+    the backward pass (gradients of those maps, patches) come on top."""
+    reports = describe_encoder(width, in_channels, input_size)
+    params, kept = 0, []
+    for index in blocks:
+        report = reports[index]
+        c, side, _ = report.output_shape
+        c_in, side_in = (in_channels, input_size) if index == 0 else reports[index - 1].output_shape[:2]
+        before_pool = side * 2 if MAXPOOL[index] else side
+        params += report.conv_params + head_params[index]
+        activity = rows * (c_in * side_in**2 + c * before_pool**2) * 4
+        if MAXPOOL[index]:
+            activity += rows * c * side**2 * (4 + 8)
+        kept.append(activity)
+    return {"optimizer_state": 16 * params, "activity": sum(kept) if all_at_once else max(kept)}
 
 
 @dataclass

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from layers.linear_probe import LinearProbe, probe_features
 from layers.model import grid_kernels
-from layers.seeding import STREAM_PROBE, keyed_generator
+from layers.seeding import STREAM_PROBE, STREAM_VALIDATION, keyed_generator
 from sim.config import ProbeConfig
 from sim.datasets import DatasetInfo, ImageSet
 from sim.views import plain_views, probe_views
@@ -36,7 +36,7 @@ def hold_out(images: ImageSet, count: int) -> tuple[ImageSet, ImageSet]:
     if not 0 < count < len(images):
         raise ValueError(f"probe.validation = {count} must be between 1 and {len(images) - 1}, the labeled "
                          f"training images less one; or 0 to score on the test set")
-    order = torch.randperm(len(images), generator=keyed_generator(0, STREAM_PROBE, -2))
+    order = torch.randperm(len(images), generator=keyed_generator(STREAM_VALIDATION))
     held, rest = order[:count].sort().values, order[count:].sort().values
     return ImageSet(*images.batch(rest)), ImageSet(*images.batch(held))
 

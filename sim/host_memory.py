@@ -36,9 +36,12 @@ def keep_freed_memory() -> str | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)):
-        return None  # glibc refused (it never has): nothing changed that a run should report
-    _applied = f"glibc malloc: mmap off (M_MMAP_MAX=0), trimming off (M_TRIM_THRESHOLD={NEVER_TRIM})"
+    done = [text for text, ok in (("mmap off (M_MMAP_MAX=0)", libc.mallopt(M_MMAP_MAX, 0)),
+                                  (f"trimming off (M_TRIM_THRESHOLD={NEVER_TRIM})",
+                                   libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))) if ok]
+    if not done:
+        return None  # glibc refused both (it never has): nothing changed that a run should report
+    _applied = "glibc malloc: " + ", ".join(done)
     return _applied
 
 

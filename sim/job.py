@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from layers.block import Block
-from layers.encoder import NUM_BLOCKS
+from layers.encoder import NUM_BLOCKS, PATCH_GRADIENT_MAX_PIXELS
 from layers.model import PoolingError
 from sim.bp_engine import BPPipelineEngine, pipeline_group
 from sim.checkpoint import (
@@ -161,7 +161,7 @@ def read_rank_zero_data(plan: Plan, device: torch.device) -> RankZeroData:
         data.test_set = load_split(name, root, "test", config.data.download)
     if config.probe.epochs:
         train_set, scored = load_split(name, root, "train", config.data.download), data.test_set
-        if config.probe.validation:  # choosing settings: the test set is not looked at
+        if config.probe.validation:  # choosing settings: the probe is scored on held-out training images
             train_set, scored = hold_out(train_set, config.probe.validation)
         data.probe_sets = (sample_images(train_set, config.probe.train_limit, config.train.seed),
                            sample_images(scored, config.probe.test_limit, config.train.seed))
@@ -285,7 +285,8 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
         feedback=plan.schedule.feedback if plan.method.uses_top_context and pipeline is None else None,
         microbatches=None if pipeline is None else pipeline.microbatches,
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=to_dict(config),
-        speedups={"fused_adamw": config.optim.fused, "freed_memory_kept": kept_setting()})
+        speedups={"fused_adamw": config.optim.fused, "freed_memory_kept": kept_setting(),
+                  "patch_product_weight_gradient_max_pixels": PATCH_GRADIENT_MAX_PIXELS, "relu_in_place": True})
     summary.write(out_dir)
     return summary
 

@@ -15,7 +15,7 @@ from layers.learning_rate import LearningRate
 from layers.methods import METHODS, Method, get_method
 from layers.model import build_blocks, feature_dims, pool_kernels
 from sim.config import Config, ConfigError, to_toml
-from sim.costmodel import StepWork, estimated_block_costs, step_work
+from sim.costmodel import StepWork, estimated_block_costs, held_memory, step_work
 from sim.datasets import DatasetInfo, dataset_info
 from sim.placement import Placement, balanced_placement, check_groups
 from sim.schedule import MessageShapes, Schedule
@@ -70,13 +70,30 @@ class Plan:
         o = self.config.optim
         return LearningRate(o.lr, o.schedule, o.warmup_steps, total_steps, o.lr_min)
 
+    def head_dims(self) -> list[list[int]]:
+        """Per block, the other side of each of its heads (B: the context's size; a projection: its
+        output size); none for the identity predictor and for the blocks without a loss of their own."""
+        dims = feature_dims(self.config.model.width, self.info.image_size, self.kernels)
+        if self.method.predictor == "identity":
+            return [[] for _ in dims]
+        proj_dim = self.config.rule.proj_dim
+        own = [[proj_dim] for _ in dims] if self.method.predictor == "infonce" else _context_dims(self.method, dims)
+        return [heads if i == NUM_BLOCKS - 1 or not self.method.end_to_end else [] for i, heads in enumerate(own)]
+
     def step_work(self) -> StepWork:
         """What one training step of all six blocks computes and moves (sim.costmodel.step_work)."""
+        c = self.config
+        dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
+        return step_work(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, dims,
+                         self.head_dims(), self.method.end_to_end, 3 if self.method.predictor == "infonce" else 2)
+
+    def held_memory(self, blocks: Sequence[int]) -> dict[str, int]:
+        """What `blocks` hold during a step of this run (sim.costmodel.held_memory)."""
         c, method = self.config, self.method
         dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
-        heads = _head_dims(method, dims, c.rule.proj_dim)
-        return step_work(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, dims,
-                         heads, method.end_to_end, sum(d * h for d, hs in zip(dims, heads) for h in hs))
+        head_params = [sum(d * h for h in hs) for d, hs in zip(dims, self.head_dims())]
+        return held_memory(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, blocks,
+                           head_params, method.end_to_end or method.uses_top_context)
 
     def microbatch_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """BP pipeline: (input, output) shape of one micro-batch on `rank`, rows first."""
@@ -183,15 +200,6 @@ def _context_dims(method: Method, dims: list[int]) -> list[list[int]]:
     """Per block, the size of each context its B matrices map from: its own activity (lateral) or
     the top block's."""
     return [[dims[i] if source == "lateral" else dims[-1] for source in method.contexts] for i in range(NUM_BLOCKS)]
-
-
-def _head_dims(method: Method, dims: list[int], proj_dim: int) -> list[list[int]]:
-    """Per block, the other side of each of its heads (B: the context's size; a projection: its
-    output size); none for the identity predictor and for the blocks without a loss of their own."""
-    if method.predictor == "identity":
-        return [[] for _ in dims]
-    own = [[proj_dim] for _ in dims] if method.predictor == "infonce" else _context_dims(method, dims)
-    return [heads if index == NUM_BLOCKS - 1 or not method.end_to_end else [] for index, heads in enumerate(own)]
 
 
 def _placement(config: Config, method: Method, info: DatasetInfo, dims: list[int], world_size: int) -> Placement:

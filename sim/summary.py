@@ -73,7 +73,8 @@ class RunSummary:
     torch: str
     config: dict  # the resolved config, as config.toml holds it
     microbatches: int | None = None  # BP pipeline only
-    # what made it fast: fused_adamw (optim.fused), freed_memory_kept (sim.host_memory's setting or None)
+    # what made it fast: fused_adamw (optim.fused), freed_memory_kept (sim.host_memory's setting or None),
+    # patch_product_weight_gradient_max_pixels and relu_in_place (layers.encoder, always on)
     speedups: dict = field(default_factory=dict)
 
     @classmethod
@@ -133,7 +134,8 @@ class RunSummary:
                  f"loss per block (mean of the last steps): {losses}"]
         if self.probe:
             per_block = " ".join(f"{a:.1f}" for a in self.probe["per_block_test_acc"])
-            lines.append(f"linear probe test accuracy: {self.probe['test_acc']:.2f}% (per block: {per_block})")
+            scored_on = self.probe.get("scored_on", "test")  # test_acc holds the validation accuracy then
+            lines.append(f"linear probe {scored_on} accuracy: {self.probe['test_acc']:.2f}% (per block: {per_block})")
         return "\n".join(lines)
 
 

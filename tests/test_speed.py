@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.bench.memory import held_bytes
 from layers.block import RuleSettings
 from layers.encoder import PATCH_GRADIENT_MAX_PIXELS, conv3x3
+from layers.learning_rate import LearningRate
 from layers.methods import get_method
 from layers.model import build_blocks
 from sim.config import load_config
 from sim.plan import make_plan
-from sim.stage import make_stage
+from sim.stage import LocalStage, make_stage
 from tests.helpers import ROOT
 
 MACS_32PX = [3 * 128 * 9 * 32 * 32, 128 * 256 * 9 * 32 * 32, 256 * 256 * 9 * 16 * 16, 256 * 512 * 9 * 16 * 16,
@@ -34,7 +34,7 @@ def _trained(fused: bool, steps: int = 3) -> tuple[list, list]:
     return [p.detach().clone() for b in blocks for p in b.parameters()], losses
 
 
-def test_fused_adamw_is_the_multi_tensor_adamw_up_to_rounding():
+def test_fused_adamw_is_the_default_adamw_up_to_rounding():
     fused, fused_losses = _trained(True)
     plain, plain_losses = _trained(False)
     assert fused_losses == pytest.approx(plain_losses, rel=1e-5)
@@ -98,7 +98,7 @@ def test_floor_flops_are_the_hand_worked_ones():
     assert dfb.head_flops == 2 * 2 * rows * (8192 + 4096 + 4096 + 8192 + 4096 + 4096) * 4096
     bp = work("bp_infonce")  # plus the input gradient of blocks 1 to 5; the projection 1024 -> 1024
     assert bp.conv_flops == 2 * rows * (2 * MACS_32PX[0] + 3 * sum(MACS_32PX[1:]))
-    assert bp.head_flops == 2 * 2 * rows * 1024 * 1024
+    assert bp.head_flops == 3 * 2 * rows * 1024 * 1024  # the projection's input takes a gradient too
 
 
 def _conv_params() -> list[torch.Tensor]:
@@ -110,14 +110,16 @@ def _conv_params() -> list[torch.Tensor]:
 def test_held_memory_of_local_and_backprop_processes():
     config = load_config(None, ["method=clapp_pp", "data.name=synthetic", "model.width=1.0", "train.batch_size=32"])
     six = make_plan(config, 6)
-    block0 = held_bytes(six, [0])
+    block0 = six.held_memory([0])
     assert block0["optimizer_state"] == 16 * (3 * 128 * 9 + 128 + 8192**2)
-    assert block0["activity"] == 64 * 128 * 32 * 32 * 4  # the ReLU's output (in place), no max-pool
-    everything = held_bytes(make_plan(config, 1), list(range(6)))
-    assert everything["activity"] == max(held_bytes(six, [b])["activity"] for b in range(6))  # one block at a time
+    assert block0["activity"] == 64 * (3 * 32 * 32 + 128 * 32 * 32) * 4  # its input and its ReLU output (in place)
+    block1 = six.held_memory([1])["activity"]  # input, ReLU output before the max-pool, pooled map and indices
+    assert block1 == 64 * (128 * 32 * 32 * 4 + 256 * 32 * 32 * 4 + 256 * 16 * 16 * (4 + 8))
+    everything = make_plan(config, 1).held_memory(list(range(6)))
+    assert everything["activity"] == max(six.held_memory([b])["activity"] for b in range(6))  # one block at a time
     bp = load_config(None, ["method=bp_infonce", "data.name=synthetic", "model.width=1.0", "train.batch_size=32"])
-    kept = held_bytes(make_plan(bp, 1), list(range(6)))["activity"]
-    assert kept == sum(held_bytes(six, [b])["activity"] for b in range(6))  # backprop keeps them all
+    kept = make_plan(bp, 1).held_memory(list(range(6)))["activity"]
+    assert kept == sum(six.held_memory([b])["activity"] for b in range(6))  # backprop keeps them all
 
 
 def test_step_timer_reports_steps_memory_and_speedups():
@@ -140,5 +142,18 @@ def test_patch_product_gradients_equal_the_convolutions(side: int):
     reference = torch.autograd.grad(F.conv2d(x, weight, bias, padding=1), (x, weight, bias), grad_out)
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        assert torch.equal(conv3x3(x, weight, bias), F.conv2d(x, weight, bias, padding=1))
+    assert torch.equal(conv3x3(x, weight, bias), F.conv2d(x, weight, bias, padding=1))  # through _Conv3x3
+
+
+def test_a_late_update_uses_the_rate_of_its_own_batch():
+    blocks = build_blocks(get_method("clapp_pp_dfb"), RuleSettings(), width=0.0625, in_channels=3, input_size=32,
+                          seed=0, lr=1e-3, weight_decay=0.0, fused_optimizer=True, indices=[0])
+    rate = LearningRate(1e-3, "cosine", warmup_steps=2, total_steps=4)  # 5e-4 at step 0, 1e-3 at step 1
+    stage = LocalStage(blocks, seed=0, learning_rate=rate)  # block 0 waits for the top block's context
+    views, context = torch.randn(8, 3, 32, 32), torch.randn(8, blocks[0].heads["top"].in_features)
+    stage.forward(views, 0)
+    stage.forward(views, 1)
+    stage.apply_feedback(0, context)  # batch 0's update, applied after batch 1's forward
+    assert blocks[0].optimizer.param_groups[0]["lr"] == rate.at(0) != rate.at(1)
+    stage.apply_feedback(1, context)
+    assert blocks[0].optimizer.param_groups[0]["lr"] == rate.at(1)

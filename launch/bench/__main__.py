@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 runs of a few steps, no full-width predictions")
     args = parser.parse_args(argv)
     k, m = args.world_size, args.microbatches
-    keep_freed_memory()  # as the runs' launcher does: the cost model's block times are measured in this process
     steps = 24 if args.quick else args.steps
     config = load_config(args.config, [f"train.steps={steps}", *args.overrides])
+    if config.train.keep_freed_memory:  # as the runs do: the cost model's block times are measured in this process
+        keep_freed_memory()
     make_plan(dataclasses.replace(config, method="clapp_pp"), k)  # a K that cannot run fails here, not in a run
     runs = []
     for spec in run_specs(k, m, args.quick):

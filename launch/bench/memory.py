@@ -8,9 +8,9 @@ first updates), `launch.train` runs with probe and log off:
 - bp_infonce in one process (2 threads): the BP-SSL baseline;
 - clapp_pp in one process (K = 1, 2 threads) and one block per process (K = 6, 1 thread each).
 Memory is each process's peak resident memory minus its resident memory after imports (sim.memory).
-Beside it, what the process's blocks must hold: weights, gradients and AdamW's two moments
-(16 bytes per parameter: the B matrices dominate at full width), and the activity one step keeps
-for its backward pass (float32); the rest is the interpreter's working memory, rank 0's dataset
+Beside it, what the process's blocks must hold (Plan.held_memory): weights, gradients and AdamW's
+two moments (16 bytes per parameter: the B matrices dominate at full width), and the activity one
+step keeps for its backward pass; the rest is the backward pass's temporaries, rank 0's dataset
 and views, and the allocator's slack. Writes memory.json and memory.md into DIR.
 """
 from __future__ import annotations
@@ -22,43 +22,13 @@ from pathlib import Path
 
 from launch.machine import describe_machine, write_figures
 from launch.runner import bench_run, positive
-from layers.encoder import MAXPOOL, describe_encoder
 from sim.config import load_config
 from sim.job import ProgramErrors
-from sim.plan import Plan, make_plan
+from sim.plan import make_plan
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 DATASET = {96: "synthetic_96", 32: "synthetic"}
 RUNS = {"bp_infonce_k1": ("bp_infonce", 1, 2), "clapp_pp_k1": ("clapp_pp", 1, 2), "clapp_pp_k6": ("clapp_pp", 6, 1)}
-
-
-def held_bytes(plan: Plan, blocks: list[int]) -> dict[str, int]:
-    """What `blocks` of `plan` hold during a step: optimiser state and the activity kept for the
-    backward pass (each block's ReLU output, computed in place of the convolution's, and, after a
-    max-pool, the pooled map with its indices: float32 and int64, rows = 2B). Backprop, and blocks that wait for
-    top-down feedback, keep every block's activity at once; a lateral local block frees its own
-    after its update, so the largest block's counts."""
-    width, info = plan.config.model.width, plan.info
-    reports = describe_encoder(width, info.channels, info.image_size)
-    rows = 2 * plan.config.train.batch_size
-    params, activity = 0, []
-    head_params = _head_params(plan)
-    for index in blocks:
-        report = reports[index]
-        c, side, _ = report.output_shape
-        before_pool = side * 2 if MAXPOOL[index] else side
-        params += report.conv_params + head_params[index]
-        kept = rows * c * before_pool**2 * 4  # the ReLU's output, in place of the convolution's
-        if MAXPOOL[index]:
-            kept += rows * c * side**2 * (4 + 8)  # pooled map and its indices
-        activity.append(kept)
-    all_at_once = plan.method.end_to_end or plan.method.uses_top_context
-    return {"optimizer_state": 16 * params, "activity": sum(activity) if all_at_once else max(activity)}
-
-
-def _head_params(plan: Plan) -> list[int]:
-    blocks = plan.build_blocks(range(6), "meta")  # shapes only: nothing is allocated
-    return [sum(p.numel() for p in block.heads.parameters()) for block in blocks]
 
 
 def measure(size: int, width: float, steps: int, out: Path, keep_freed_memory: bool) -> dict:
@@ -70,7 +40,7 @@ def measure(size: int, width: float, steps: int, out: Path, keep_freed_memory: b
                      f"train.keep_freed_memory={str(keep_freed_memory).lower()}"]
         plan = make_plan(load_config(CONFIG, overrides), processes)
         summary = bench_run(processes, threads, CONFIG, overrides, out / f"{name}_{size}px")
-        held = [held_bytes(plan, group) for group in plan.placement.groups]
+        held = [plan.held_memory(group) for group in plan.placement.groups]
         runs[name] = {"method": method, "processes": processes, "threads": threads,
                       "placement": [list(g) for g in plan.placement.groups],
                       "peak_memory_bytes": summary.peak_memory_bytes, "held_bytes": held,
@@ -109,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs") / f"memory_{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
     with ProgramErrors(0) as errors:
-        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-        unknown = [s for s in sizes if s not in DATASET]
+        sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+        unknown = [s for s in sizes if not s.isdigit() or int(s) not in DATASET]
         if unknown:
-            raise ValueError(f"--sizes {args.sizes}: {unknown} not among {sorted(DATASET)}")
+            raise ValueError(f"--sizes {args.sizes}: {', '.join(unknown)} not among {sorted(DATASET)} (px)")
+        sizes = [int(s) for s in sizes]
         result = {"machine": describe_machine(), "date": time.strftime("%Y-%m-%d"), "width": args.width,
                   "steps": args.steps, "command": " ".join(["python -m launch.bench.memory",
                                                             *(argv if argv is not None else sys.argv[1:])]),

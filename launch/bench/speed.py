@@ -11,8 +11,8 @@ At the paper's width (1.0), 32 px, batch 32 (64 views), on the CPU:
    layer-parallel runs under torchrun (K = 2, 1 thread each, `launch.train` on synthetic data):
    clapp_pp pipelined and clapp_pp_dfb with delayed feedback; images/s and pipeline efficiency.
 3. Beside every run: its FLOPs per step (Plan.step_work), the floor (those FLOPs at this machine's
-   best measured FLOP/s plus AdamW's traffic at its measured bandwidth; for K processes, 1/K of
-   that), the fraction of the floor achieved, and the cost model's prediction from per-block
+   best measured FLOP/s plus AdamW's traffic at its measured bandwidth, divided by the threads
+   used in all), the fraction of the floor achieved, and the cost model's prediction from per-block
    times measured here (sim.costmodel).
 Writes speed.json and speed.md into DIR.
 """
@@ -50,7 +50,7 @@ def export_commit(commit: str, folder: Path) -> Path:
     """The tree of `commit` of this repository, unpacked into `folder`."""
     archive = subprocess.run(["git", "-C", str(CHECKOUT), "archive", "--format=tar", commit], capture_output=True)
     if archive.returncode != 0:
-        raise SystemExit(f"--baseline {commit}: git cannot export it ({archive.stderr.decode().strip()}); give a "
+        raise ValueError(f"--baseline {commit}: git cannot export it ({archive.stderr.decode().strip()}); give a "
                          "commit of this repository's history (a shallow clone may lack it: git fetch --unshallow)")
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     return folder
@@ -60,7 +60,8 @@ def time_steps(method: str, threads: int, tree: Path, baseline: bool, steps: int
     """launch/bench/step_timer.py's measurement of `method` in `tree`, in a process of its own."""
     argv = [sys.executable, str(TIMER), "--method", method, "--threads", str(threads), "--tree", str(tree),
             "--steps", str(steps), "--width", str(width), *(["--baseline"] if baseline else [])]
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                          timeout=3600)  # a full-width step takes seconds: an hour means it hangs
     if done.returncode != 0:
         raise SystemExit(f"timing {method} in {tree} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])

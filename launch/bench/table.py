@@ -64,6 +64,8 @@ def run_cell(dataset: str, root: str, row: str, seed: int, out: Path) -> dict:
     sets = [f"data.name={dataset}", f"data.root={root}", f"train.seed={seed}", *ROWS[row]]
     summary = launch_run(CONFIG, sets, out, processes=2 if row.endswith("@2 delayed") else 1, progress=False)
     probe = summary.probe
+    if probe.get("scored_on", "test") != "test":
+        raise ValueError(f"{out}: its probe was scored on {probe['scored_on']} images; the table reports test accuracy")
     return {"test_acc": probe["test_acc"], "last_block_acc": probe["per_block_test_acc"][-1],
             "per_block_test_acc": probe["per_block_test_acc"], "images_per_s": summary.images_per_s,
             "peak_memory_bytes": summary.peak_memory_bytes, "steps": summary.steps,

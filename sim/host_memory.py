@@ -6,8 +6,9 @@ mmap and unmaps it on free. At full width a local step allocates and frees hundr
 buffers (the 8192 x 8192 B matrices' gradients, AdamW's temporaries, full-width activations), so
 each step pays about a million page faults, each zeroing a page: on 2 CPU cores that was 40 % of
 a step's time. With mmap off and trimming off, freed blocks stay in malloc's heap and the next
-step reuses them without a fault. The peak resident memory is that of the work (the heap holds
-what the largest step held); the process just does not hand it back between steps.
+step reuses them without a fault. The cost is peak memory: a freed block of one size is not
+always reusable for a request of another, so the heap can grow beyond the work's own peak (+2 %
+at full width and 32 px, +9 % to +50 % at 96 px: BENCHMARKS.md). Where memory is tight, turn it off.
 
 A process-wide setting: `keep_freed_memory()` is called once, at the start of a rank's job
 (`sim.job`), when `train.keep_freed_memory` is true (the default).

@@ -36,7 +36,7 @@ from sim.checkpoint import (
     set_aside,
     unreadable_file,
 )
-from sim.config import ConfigError, to_dict
+from sim.config import Config, ConfigError, to_dict
 from sim.datasets import DatasetCorrupt, DatasetMissing, ImageSet, load_split
 from sim.evaluation import hold_out, linear_probe, sample_images
 from sim.feed import ViewFeed
@@ -85,8 +85,7 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
     check_run_folder(out_dir, resume, world.attempt, world.rank)
     if plan.config.train.threads:
         torch.set_num_threads(plan.config.train.threads)
-    if plan.config.train.keep_freed_memory:
-        keep_freed_memory()
+    speedups(plan.config)
     device = world.device(plan.config.train.device)
     memory = PeakMemory(device)  # what the work holds: from here (imports done) to the end of training
     memory.start()
@@ -110,6 +109,15 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
         raise  # without tearing the process group down: that could wait on a broken peer
     disconnect()
     return summary
+
+
+def speedups(config: Config) -> dict:
+    """Turn on, once per process, the speed-ups `config` asks of the process itself (freed memory
+    kept); returns every speed-up in effect, as summary.json records it."""
+    if config.train.keep_freed_memory:
+        keep_freed_memory()
+    return {"fused_adamw": config.optim.fused, "freed_memory_kept": kept_setting(),
+            "patch_product_weight_gradient_max_pixels": PATCH_GRADIENT_MAX_PIXELS, "relu_in_place": True}
 
 
 def check_run_folder(out_dir: Path, resume: bool, attempt: int, rank: int = 0) -> None:
@@ -285,8 +293,7 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
         feedback=plan.schedule.feedback if plan.method.uses_top_context and pipeline is None else None,
         microbatches=None if pipeline is None else pipeline.microbatches,
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=to_dict(config),
-        speedups={"fused_adamw": config.optim.fused, "freed_memory_kept": kept_setting(),
-                  "patch_product_weight_gradient_max_pixels": PATCH_GRADIENT_MAX_PIXELS, "relu_in_place": True})
+        speedups=speedups(config))
     summary.write(out_dir)
     return summary
 

@@ -27,8 +27,7 @@ from launch.bench.render import chart, markdown
 from launch.machine import describe_machine, write_figures
 from launch.runner import bench_run, benchmark_parser, positive
 from sim.config import load_config
-from sim.host_memory import keep_freed_memory
-from sim.job import ProgramErrors
+from sim.job import ProgramErrors, speedups
 from sim.plan import make_plan
 from sim.summary import RunSummary
 
@@ -78,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     k, m = args.world_size, args.microbatches
     steps = 24 if args.quick else args.steps
     config = load_config(args.config, [f"train.steps={steps}", *args.overrides])
-    if config.train.keep_freed_memory:  # as the runs do: the cost model's block times are measured in this process
-        keep_freed_memory()
+    speedups(config)  # as the runs have them: the cost model's block times are measured in this process
     make_plan(dataclasses.replace(config, method="clapp_pp"), k)  # a K that cannot run fails here, not in a run
     runs = []
     for spec in run_specs(k, m, args.quick):

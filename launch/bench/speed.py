@@ -41,7 +41,8 @@ from sim.plan import make_plan
 CHECKOUT = Path(__file__).resolve().parents[2]
 TIMER = Path(__file__).with_name("step_timer.py")
 METHODS = ("clapp_pp", "clapp_pp_dfb", "bp_infonce", "clapp")
-SETTINGS = ["data.name=synthetic", "train.batch_size=32"]  # and model.width: --width, the paper's by default
+BATCH = 32  # images per step, the paper's
+SETTINGS = ["data.name=synthetic", f"train.batch_size={BATCH}"]  # and model.width: --width, the paper's by default
 PARALLEL_RUNS = {"clapp_pp_k2_pipelined": ["method=clapp_pp", "sim.schedule=pipelined"],
                  "clapp_pp_dfb_k2_delayed": ["method=clapp_pp_dfb", "sim.feedback=delayed"]}
 
@@ -132,7 +133,8 @@ def add_floor_and_model(runs: dict, width: float) -> dict:
 def markdown(result: dict) -> str:
     runs, rates = result["runs"], result["machine_rates"]
     machine = result["machine"]
-    lines = [f"Width {result['width']}, 32 px, batch 32 (64 views), CPU: {machine['cpu']}, torch {machine['torch']}; "
+    lines = [f"Width {result['width']}, 32 px, batch {BATCH} ({2 * BATCH} views), CPU: {machine['cpu']}, "
+             f"torch {machine['torch']}; "
              f"baseline {result['baseline']}. Measured {rates['flop_per_s'] / 1e9:.1f} GFLOP/s (1 thread), "
              f"{rates['bytes_per_s'] / 1e9:.1f} GB/s.", "",
              "| run | code | processes x threads | s/step | images/s | speed-up | GFLOP/step | floor (s) | "
@@ -142,7 +144,7 @@ def markdown(result: dict) -> str:
         speedup = f"{base['seconds_per_step'] / run['seconds_per_step']:.2f}x" if base and base is not run else ""
         predicted = run.get("predicted_seconds_per_step")
         lines.append(f"| {run['method']} | {run['version']} | {run['processes']} x {run['threads']} | "
-                     f"{run['seconds_per_step']:.2f} | {32 / run['seconds_per_step']:.2f} | {speedup} | "
+                     f"{run['seconds_per_step']:.2f} | {BATCH / run['seconds_per_step']:.2f} | {speedup} | "
                      f"{run['gflop_per_step']:.0f} | {run['floor_seconds']:.2f} | {run['floor_fraction']:.2f} | "
                      f"{'' if predicted is None else f'{predicted:.2f}'} | {run['peak_memory_bytes'] / 2**20:.0f} |")
     lines += ["", "| ratio | measured |", "|---|---:|"]

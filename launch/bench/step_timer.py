@@ -43,14 +43,12 @@ def build_stage(method: str, width: float, batch: int, baseline: bool):
                               input_size=32, seed=0, lr=2e-4, weight_decay=0.0)
         return make_stage(blocks, 0), {}
     from sim.config import load_config
-    from sim.host_memory import keep_freed_memory, kept_setting
+    from sim.job import speedups
     from sim.plan import make_plan
     config = load_config(None, [f"method={method}", "data.name=synthetic", f"model.width={width}",
                                 f"train.batch_size={batch}"])
-    if config.train.keep_freed_memory:
-        keep_freed_memory()
-    blocks = make_plan(config, 1).build_blocks(range(6), torch.device("cpu"))
-    return make_stage(blocks, 0), {"fused_adamw": config.optim.fused, "freed_memory_kept": kept_setting()}
+    in_effect = speedups(config)  # before the blocks allocate, as in a run
+    return make_stage(make_plan(config, 1).build_blocks(range(6), torch.device("cpu")), 0), in_effect
 
 
 def main() -> None:

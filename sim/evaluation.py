@@ -11,8 +11,8 @@ from tqdm import tqdm
 from layers.linear_probe import LinearProbe, probe_features
 from layers.model import grid_kernels
 from layers.seeding import STREAM_PROBE, STREAM_VALIDATION, keyed_generator
-from sim.config import ProbeConfig
-from sim.datasets import DatasetInfo, ImageSet
+from sim.config import Config, ProbeConfig
+from sim.datasets import DatasetInfo, ImageSet, load_split
 from sim.views import plain_views, probe_views
 
 
@@ -39,6 +39,19 @@ def hold_out(images: ImageSet, count: int) -> tuple[ImageSet, ImageSet]:
     order = torch.randperm(len(images), generator=keyed_generator(STREAM_VALIDATION))
     held, rest = order[:count].sort().values, order[count:].sort().values
     return ImageSet(*images.batch(rest)), ImageSet(*images.batch(held))
+
+
+def probe_sets(config: Config, test_set: ImageSet | None = None) -> tuple[ImageSet, ImageSet]:
+    """(the probe's training images, the images it is scored on) as `config.probe` asks: the test split, or
+    with `probe.validation` held-out training images. `test_set`: the test split, if already read."""
+    name, root, download, probe = config.data.name, config.data.root or None, config.data.download, config.probe
+    train_set = load_split(name, root, "train", download)
+    if probe.validation:  # choosing settings: the probe is scored on held-out training images
+        train_set, scored = hold_out(train_set, probe.validation)
+    else:
+        scored = test_set if test_set is not None else load_split(name, root, "test", download)
+    return (sample_images(train_set, probe.train_limit, config.train.seed),
+            sample_images(scored, probe.test_limit, config.train.seed))
 
 
 def linear_probe(

@@ -38,7 +38,7 @@ from sim.checkpoint import (
 )
 from sim.config import Config, ConfigError, to_dict
 from sim.datasets import DatasetCorrupt, DatasetMissing, ImageSet, load_split
-from sim.evaluation import hold_out, linear_probe, sample_images
+from sim.evaluation import linear_probe, probe_sets
 from sim.feed import ViewFeed
 from sim.host_memory import keep_freed_memory, kept_setting
 from sim.local_engine import LocalEngine
@@ -168,11 +168,7 @@ def read_rank_zero_data(plan: Plan, device: torch.device) -> RankZeroData:
     if config.probe.epochs or plan.schedule.log_every:
         data.test_set = load_split(name, root, "test", config.data.download)
     if config.probe.epochs:
-        train_set, scored = load_split(name, root, "train", config.data.download), data.test_set
-        if config.probe.validation:  # choosing settings: the probe is scored on held-out training images
-            train_set, scored = hold_out(train_set, config.probe.validation)
-        data.probe_sets = (sample_images(train_set, config.probe.train_limit, config.train.seed),
-                           sample_images(scored, config.probe.test_limit, config.train.seed))
+        data.probe_sets = probe_sets(config, data.test_set)
     return data
 
 

@@ -1,0 +1,68 @@
+"""Probe a finished run's encoder again, with other probe settings, without training it again.
+
+    python -m launch.probe RUN_DIR [--set probe.epochs=30 --set probe.train_limit=0 ...] [--out FILE]
+
+Reads RUN_DIR/config.toml and RUN_DIR/final.pt, overrides only `probe.*` keys, and prints (and with
+`--out`, writes as JSON) the same probe result that summary.json holds. The run folder is not changed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from layers.encoder import NUM_BLOCKS
+from sim.checkpoint import load_final
+from sim.config import ConfigError, load_config
+from sim.evaluation import linear_probe, probe_sets
+from sim.job import ProgramErrors
+from sim.plan import make_plan
+
+
+def probe_run(run_dir: Path, overrides: list[str], *, progress: bool = True) -> dict:
+    """The probe of RUN_DIR's final encoder under its config with `overrides` (probe.* keys only)."""
+    not_probe = [text for text in overrides if not text.strip().startswith("probe.")]
+    if not_probe:
+        raise ConfigError(f"--set {not_probe[0]}: only probe.* keys can change when probing a finished run")
+    if not (run_dir / "config.toml").is_file() or not (run_dir / "final.pt").is_file():
+        raise ConfigError(f"{run_dir} holds no finished run (config.toml and final.pt); give a run's --out folder")
+    config = load_config(run_dir / "config.toml", overrides)
+    if config.probe.epochs < 1:
+        raise ConfigError("probe.epochs = 0 asks for no probe; give probe.epochs >= 1")
+    plan = make_plan(config, 1)
+    device = torch.device("cpu")
+    blocks = plan.build_blocks(range(NUM_BLOCKS), device)
+    for block, state in zip(blocks, load_final(run_dir / "final.pt").values()):
+        block.load_state_dict(state)
+    train_set, scored = probe_sets(config)
+    result = linear_probe(blocks, plan.info, train_set, scored, config.probe, seed=config.train.seed, device=device,
+                          progress=progress)
+    result["scored_on"] = "validation" if config.probe.validation else "test"
+    result["probe"] = vars(config.probe)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.probe", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a finished run's folder (its --out)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="probe.KEY=VALUE",
+                        help="override a probe setting, value read as TOML (repeatable)")
+    parser.add_argument("--out", type=Path, help="write the result here as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    result = probe_run(args.run_dir, args.overrides, progress=not args.no_progress)
+    blocks = " ".join(f"{a:.2f}" for a in result["per_block_test_acc"])
+    print(f"{args.run_dir}: probe on {result['scored_on']} images, all blocks {result['test_acc']:.2f} %, "
+          f"per block {blocks}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
+        code = main()
+    sys.exit(errors.exit_code or code)

@@ -1,11 +1,14 @@
 """Print a run's schedule as a rank x tick grid, without running anything.
 
     python -m launch.show_schedule CONFIG --world-size K [--steps N] [--set key=value ...]
+    python -m launch.show_schedule CONFIG --world-size 8 --set sim.replicas=4   # 4 replicas x 2 stages
 
 Each column is one unit of work: `F3` is the forward pass (and local learning) of batch 3, `U3`
 the update of batch 3 once its top-down feedback has arrived, `G3` the diagnostic gradient of
 batch 3 at the log's alignment steps, `.` a rank waiting. Below the grid, the messages each kind of
-action sends and receives, in order: the list every rank's messages are checked against.
+action sends and receives, in order: the list every rank's messages are checked against. With
+sim.replicas = R, the world is R replicas of the grid's K ranks (global rank = replica x K + rank),
+and every update also averages the block's gradients over the replicas.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from sim.schedule import render_grid, render_messages
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.show_schedule", description=__doc__.splitlines()[0])
     add_config_arguments(parser)
-    parser.add_argument("--world-size", type=positive, required=True, help="number of processes K")
+    parser.add_argument("--world-size", type=positive, required=True,
+                        help="number of processes: K, or R x K with sim.replicas = R")
     parser.add_argument("--steps", type=positive, default=6, help="batches to show")
     args = parser.parse_args(argv)
     with ProgramErrors(rank=0) as errors:
@@ -33,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def show(plan: Plan, steps: int) -> None:
     feedback = f", {plan.schedule.feedback} feedback" if plan.method.uses_top_context else ""
-    print(f"{plan.method.name}: {plan.schedule.name} schedule{feedback} on {plan.world_size} process(es), "
+    print(f"{plan.method.name}: {plan.schedule.name} schedule{feedback} on {plan.stages} process(es), "
           f"blocks per rank {plan.placement}")
+    if plan.replicas > 1:
+        batch = plan.config.train.batch_size
+        print(f"{plan.mesh}: {plan.world_size} processes; each replica runs this grid on its {batch} of the step's "
+              f"{plan.replicas * batch} images, each update averaging the block's gradients over the "
+              f"{plan.replicas} replicas (global rank = replica x {plan.stages} + rank)")
     print(render_grid(plan.schedule, steps, plan.placement.groups))
     print(render_messages(plan.schedule, steps))
 

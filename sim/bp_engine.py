@@ -139,7 +139,7 @@ class BPPipelineEngine:
     def __init__(self, plan: Plan, blocks: Sequence[Block], rank: int, device: torch.device,
                  group: dist.ProcessGroup | None):
         schedule, count = plan.pipeline.schedule, plan.pipeline.microbatches
-        world_size, seed = plan.world_size, plan.config.train.seed
+        world_size, seed = plan.stages, plan.config.train.seed
         input_shape, output_shape = plan.microbatch_shapes(rank)
         self.blocks, self.rank, self.count, self.device, self.seed = list(blocks), rank, count, device, seed
         self.first, self.last = rank == 0, rank == world_size - 1

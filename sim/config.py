@@ -89,6 +89,9 @@ class SimConfig:
     feedback: str = "exact"  # exact | delayed: when top-down feedback updates are applied
     placement: str | list[list[int]] = "auto"  # "auto" or contiguous block groups, one per process
     timeout_s: float = 60.0  # longest wait for a message before the run stops with an error
+    # data-parallel replicas R of the whole pipeline: R x K processes, a step takes R x train.batch_size
+    # images (each replica train.batch_size of them), gradients averaged over the replicas (sim.replicas)
+    replicas: int = 1
 
 
 @dataclass
@@ -240,8 +243,8 @@ def validate(config: Config) -> None:
                              "[[0, 1, 2], [3, 4, 5]]")
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    for key in ("model.width", "optim.lr", "sim.timeout_s", "probe.batch_size", "probe.lr", "rule.proj_dim",
-                "rule.temperature"):
+    for key in ("model.width", "optim.lr", "sim.timeout_s", "sim.replicas", "probe.batch_size", "probe.lr",
+                "rule.proj_dim", "rule.temperature"):
         if getattr_path(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr_path(config, key)}")
     if config.log.dtype not in ACTIVATIONS.dtypes:

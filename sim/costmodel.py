@@ -18,9 +18,13 @@ blocks (plus the data on rank 0, plus sending its output); then:
   forward and backward times of one micro-batch (measured at that size: small micro-batches use
   the hardware less well than 1/m of a batch would), the pipeline fills and drains:
   B / ((m + K - 1) * max_r(forward_r + backward_r + messages_r)).
+- R data-parallel replicas (sim.replicas) of any of these: R times the images of one replica, each
+  rank's step longer by the ring all-reduce of its blocks' gradients, 2 (R - 1) messages of 1/R of
+  them, counted without overlap (the runtime overlaps it with the stage's next blocks: a bound).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import tempfile
 import time
@@ -134,6 +138,7 @@ class BlockTimes:
     data: float  # building one batch's views
     activation_bytes: list[int]  # one batch's output of each block
     feedback_bytes: int  # the top block's pooled activity for one batch
+    gradient_bytes: list[int] = dataclasses.field(default_factory=lambda: [0] * NUM_BLOCKS)  # per block, float32
 
 
 def _median_seconds(run, repeats: int) -> float:
@@ -244,7 +249,8 @@ def measure_block_times(plan: Plan, threads: int, data_seconds: float, repeats: 
         local = zeros if end_to_end else time_local_blocks(blocks, views, repeats)
         forward, backward = time_backprop_blocks(blocks, views, repeats) if end_to_end else (zeros, zeros)
         feedback = rows * plan.shapes.feedback[1] * 4
-        return BlockTimes(local, forward, backward, data_seconds, _output_bytes(blocks, views), feedback)
+        gradients = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks]
+        return BlockTimes(local, forward, backward, data_seconds, _output_bytes(blocks, views), feedback, gradients)
     finally:
         torch.set_num_threads(previous)
 
@@ -311,31 +317,46 @@ def _rank_sums(values: Sequence[float], groups: Sequence[Sequence[int]]) -> list
     return [sum(values[b] for b in group) for group in groups]
 
 
+def all_reduce_seconds(link: LinkSpeed, size: int, replicas: int) -> float:
+    """A ring all-reduce of `size` bytes over `replicas` ranks: 2 (R - 1) messages of size / R."""
+    return 2 * (replicas - 1) * link.seconds(size // replicas) if replicas > 1 else 0.0
+
+
+def _averaging(times: BlockTimes, groups: Sequence[Sequence[int]], link: LinkSpeed, replicas: int) -> list[float]:
+    """Per rank, the all-reduce of its blocks' gradients (one bucket per block), counted as if it did
+    not overlap the rank's compute: an upper bound."""
+    return [sum(all_reduce_seconds(link, times.gradient_bytes[b], replicas) for b in group) for group in groups]
+
+
 def local_pipelined(times: BlockTimes, groups: Sequence[Sequence[int]], link: LinkSpeed, batch: int,
-                    feedback: bool = False) -> float:
-    """Images/s of local SSL pipelined over len(groups) ranks (delayed feedback: `feedback`)."""
-    steps = _rank_sums(times.local, groups)
+                    feedback: bool = False, replicas: int = 1) -> float:
+    """Images/s of local SSL pipelined over len(groups) ranks (delayed feedback: `feedback`), in each
+    of `replicas` data-parallel replicas, each of them on `batch` images a step."""
+    steps = [s + a for s, a in zip(_rank_sums(times.local, groups), _averaging(times, groups, link, replicas))]
     steps[0] += times.data
     for rank, group in enumerate(groups[:-1]):
         steps[rank] += link.seconds(times.activation_bytes[group[-1]])
     if feedback and len(groups) > 1:
         steps[-1] += (len(groups) - 1) * link.seconds(times.feedback_bytes)
-    return batch / max(steps)
+    return replicas * batch / max(steps)
 
 
-def local_exact_feedback(times: BlockTimes, groups: Sequence[Sequence[int]], link: LinkSpeed, batch: int) -> float:
+def local_exact_feedback(times: BlockTimes, groups: Sequence[Sequence[int]], link: LinkSpeed, batch: int,
+                         replicas: int = 1) -> float:
     """Images/s of local SSL with exact top-down feedback: no overlap between ranks."""
-    total = times.data + sum(times.local)
+    total = times.data + sum(times.local) + sum(_averaging(times, groups, link, replicas))
     total += sum(link.seconds(times.activation_bytes[g[-1]]) for g in groups[:-1])
     total += link.seconds(times.feedback_bytes) if len(groups) > 1 else 0.0
-    return batch / total
+    return replicas * batch / total
 
 
 def backprop_pipelined(times: BlockTimes, groups: Sequence[Sequence[int]], link: LinkSpeed, batch: int,
-                       microbatches: int = 1) -> float:
+                       microbatches: int = 1, replicas: int = 1) -> float:
     """Images/s of BP-SSL over len(groups) ranks with `microbatches` micro-batches per batch, from
-    `times` measured on one micro-batch (K = 1, m = 1: plain single-process backprop)."""
+    `times` measured on one micro-batch (K = 1, m = 1: plain single-process backprop); with
+    `replicas` (K = 1 only), each replica on `batch` images a step."""
     work = [f + b for f, b in zip(_rank_sums(times.forward, groups), _rank_sums(times.backward, groups))]
     for rank, group in enumerate(groups[:-1]):  # an activation up and a gradient down per micro-batch
         work[rank] += 2 * link.seconds(times.activation_bytes[group[-1]])
-    return batch / ((microbatches + len(groups) - 1) * max(work) + times.data)
+    averaging = max(_averaging(times, groups, link, replicas))
+    return replicas * batch / ((microbatches + len(groups) - 1) * max(work) + times.data + averaging)

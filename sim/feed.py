@@ -12,14 +12,24 @@ from sim.views import SimCLRViews
 
 class ViewFeed:
     """Epoch-shuffled batches of `batch_size` images from `images`, the last partial batch of
-    each epoch dropped; each step's views drawn from a generator keyed by (seed, step)."""
+    each epoch dropped; each step's views drawn from a generator keyed by (seed, step).
 
-    def __init__(self, images: ImageSet, views: SimCLRViews, batch_size: int, seed: int):
-        if len(images) < batch_size:
-            raise ConfigError(f"train.batch_size = {batch_size} is larger than the {len(images)} training images; "
-                              f"use a batch of at most {len(images)}")
+    With `replicas` R > 1, a step's batch is R x `batch_size` images and this feed gives replica
+    `replica`'s share, rows replica*b .. (replica+1)*b - 1, its views keyed by (seed, step, replica)."""
+
+    def __init__(self, images: ImageSet, views: SimCLRViews, batch_size: int, seed: int, replica: int = 0,
+                 replicas: int = 1):
+        total = batch_size * replicas
+        if len(images) < total:
+            if replicas == 1:
+                raise ConfigError(f"train.batch_size = {batch_size} is larger than the {len(images)} training "
+                                  f"images; use a batch of at most {len(images)}")
+            raise ConfigError(f"train.batch_size x sim.replicas = {batch_size} x {replicas} = {total} images a step, "
+                              f"more than the {len(images)} training images; use at most {len(images) // replicas} "
+                              "images per replica")
         self.images, self.views, self.batch_size, self.seed = images, views, batch_size, seed
-        self.steps_per_epoch = len(images) // batch_size
+        self.replica, self.replicas = replica, replicas
+        self.steps_per_epoch = len(images) // total
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) cache
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -30,11 +40,12 @@ class ViewFeed:
 
     def indices(self, step: int) -> torch.Tensor:
         epoch, position = divmod(step, self.steps_per_epoch)
-        start = position * self.batch_size
+        start = (position * self.replicas + self.replica) * self.batch_size
         return self._permutation(epoch)[start : start + self.batch_size]
 
     def views_at(self, step: int) -> torch.Tensor:
         """(2B, C, S, S): rows 0..B-1 the first view of each image, rows B..2B-1 the second."""
         images, _ = self.images.batch(self.indices(step))
-        return self.views(images, keyed_generator(self.seed, STREAM_VIEWS, step))
+        replica = [self.replica] if self.replicas > 1 else []
+        return self.views(images, keyed_generator(self.seed, STREAM_VIEWS, step, *replica))
 

@@ -13,6 +13,7 @@ final.pt ({block: state_dict}) and summary.json (`sim.summary`), written last.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -41,11 +42,12 @@ from sim.datasets import DatasetCorrupt, DatasetMissing, ImageSet, load_split
 from sim.evaluation import linear_probe, probe_sets
 from sim.feed import ViewFeed
 from sim.host_memory import keep_freed_memory, kept_setting
-from sim.local_engine import LocalEngine
+from sim.local_engine import LocalEngine, Recording
 from sim.memory import PeakMemory
 from sim.placement import PlacementError
 from sim.plan import Plan
 from sim.recording import rank_recording, start_log
+from sim.replicas import GradientAverager, replica_group
 from sim.stage import NonFiniteLoss, make_stage
 from sim.summary import RankResult, RunSummary, finished
 from sim.transport import (
@@ -69,7 +71,8 @@ RUN_ERRORS = (NonFiniteLoss, PeerFailure, CheckpointWriteError)  # exit code 1: 
 
 @dataclass
 class RankZeroData:
-    """What rank 0 reads before training (the other ranks read no images)."""
+    """What rank 0 reads before training; each other replica's first rank reads only its feed, and
+    the other ranks read no images."""
     feed: ViewFeed | None = None
     probe_sets: tuple[ImageSet, ImageSet] | None = None  # (train, test) images of the final probe
     test_set: ImageSet | None = None  # where the log's held-out images come from
@@ -89,14 +92,18 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
     device = world.device(plan.config.train.device)
     memory = PeakMemory(device)  # what the work holds: from here (imports done) to the end of training
     memory.start()
-    store = link = None
+    store = link = averager = None
+    replica, stage = plan.mesh.position(world.rank)
     if world.distributed:
         store = connect(world, device, SETUP_TIMEOUT_S)
-        link = Link(world.rank, device, store, plan.config.sim.timeout_s)
+        timeout = plan.config.sim.timeout_s
+        link = Link(stage, device, store, timeout, base=plan.mesh.rank(replica, 0))
+        if plan.replicas > 1:
+            averager = GradientAverager(replica_group(plan.mesh, stage, timeout), plan.replicas, link)
     elif plan.pipeline is not None:
         connect_alone(device)
     try:
-        summary = _run_rank(plan, out_dir, world, device, link, resume, progress, memory)
+        summary = _run_rank(plan, out_dir, world, device, link, averager, resume, progress, memory)
     except BaseException as error:
         if store is None:
             disconnect()
@@ -161,10 +168,17 @@ def resume_point(out_dir: Path, resume: bool, restarted: bool) -> int:
     return 0
 
 
+def training_feed(plan: Plan, device: torch.device, replica: int) -> ViewFeed:
+    """The batches that replica `replica`'s first stage trains on."""
+    config = plan.config
+    ssl_set = load_split(plan.info.name, config.data.root or None, "ssl", config.data.download)
+    return ViewFeed(ssl_set, SimCLRViews(plan.info, device), config.train.batch_size, config.train.seed, replica,
+                    plan.replicas)
+
+
 def read_rank_zero_data(plan: Plan, device: torch.device) -> RankZeroData:
     config, name, root = plan.config, plan.info.name, plan.config.data.root or None
-    ssl_set = load_split(name, root, "ssl", config.data.download)
-    data = RankZeroData(ViewFeed(ssl_set, SimCLRViews(plan.info, device), config.train.batch_size, config.train.seed))
+    data = RankZeroData(training_feed(plan, device, replica=0))
     if config.probe.epochs or plan.schedule.log_every:
         data.test_set = load_split(name, root, "test", config.data.download)
     if config.probe.epochs:
@@ -172,11 +186,14 @@ def read_rank_zero_data(plan: Plan, device: torch.device) -> RankZeroData:
     return data
 
 
-def _run_rank(plan: Plan, out_dir: Path, world: World, device: torch.device, link: Link | None, resume: bool,
-              progress: bool, memory: PeakMemory) -> RunSummary | None:
+def _run_rank(plan: Plan, out_dir: Path, world: World, device: torch.device, link: Link | None,
+              averager: GradientAverager | None, resume: bool, progress: bool, memory: PeakMemory) -> RunSummary | None:
     data, heldout = RankZeroData(), None
     start = stop = heldout_count = 0
-    if world.rank == 0:  # only the first rank reads images and checkpoints
+    replica, stage = plan.mesh.position(world.rank)
+    if stage == 0 and replica > 0:  # another replica's first stage: its share of every batch
+        data = RankZeroData(training_feed(plan, device, replica))
+    if world.rank == 0:  # only the first rank reads the probe's images and the checkpoints
         data = read_rank_zero_data(plan, device)
         stop = plan.total_steps(data.feed.steps_per_epoch)
         print(plan.describe(stop, device, len(data.feed.images)))
@@ -192,11 +209,11 @@ def _run_rank(plan: Plan, out_dir: Path, world: World, device: torch.device, lin
         link.collective("the setup barrier", setup_barrier, SETUP_TIMEOUT_S)
         start, stop, heldout_count = link.collective("broadcast", broadcast_from_first, [start, stop, heldout_count],
                                                      device)
-    own = plan.placement.groups[world.rank]
-    blocks = plan.build_blocks(own, device)
-    if start:
+    blocks = plan.build_blocks(plan.placement.groups[stage], device)
+    if start:  # every replica from the same files: the same weights everywhere
         load_checkpoint(out_dir, start, blocks)
-    rank = RankSetup(plan, out_dir, world, device, link, blocks, data, start, stop, heldout, heldout_count)
+    rank = RankSetup(plan, out_dir, world, replica, stage, device, link, averager, blocks, data, start, stop, heldout,
+                     heldout_count)
     run = _local_training(rank) if plan.pipeline is None else _pipeline_training(rank)
     if link is not None:  # every rank built: start the clocks together
         link.collective("the start barrier", setup_barrier, SETUP_TIMEOUT_S)
@@ -210,13 +227,17 @@ def _run_rank(plan: Plan, out_dir: Path, world: World, device: torch.device, lin
 
 @dataclass(frozen=True)
 class RankSetup:
-    """What a rank has when its engine is built: its blocks (restored if resuming) and, on rank 0,
-    the data; `heldout` (rank 0's held-out images) and their number (every rank's) feed the log."""
+    """What a rank has when its engine is built: its blocks (restored if resuming) and, on each
+    replica's first stage, the data; `heldout` (rank 0's held-out images) and their number (every
+    rank's) feed the log, which replica 0 keeps."""
     plan: Plan
     out_dir: Path
     world: World
+    replica: int
+    stage: int  # this rank's place in its replica's pipeline: the rank its schedule knows
     device: torch.device
     link: Link | None
+    averager: GradientAverager | None
     blocks: list[Block]
     data: RankZeroData
     start: int
@@ -229,18 +250,24 @@ Training = Callable[[int, bool, PeakMemory], RankResult]  # (stop, progress, mem
 
 
 def _local_training(rank: RankSetup) -> Training:
-    plan, blocks = rank.plan, rank.blocks
-    recording = rank_recording(plan, rank.out_dir, rank.world.rank, blocks, rank.start, rank.link, rank.heldout,
-                               rank.heldout_count, rank.device)
+    plan, blocks, schedule = rank.plan, rank.blocks, rank.plan.schedule
+    if rank.replica == 0:  # the first replica keeps the log; the others hold the same weights
+        recording = rank_recording(plan, rank.out_dir, rank.stage, blocks, rank.start, rank.link, rank.heldout,
+                                   rank.heldout_count, rank.device)
+    else:
+        recording, schedule = Recording(), dataclasses.replace(schedule, log_every=0, align_every=0)
     stage = make_stage(blocks, plan.config.train.seed, stash_weights=plan.config.sim.feedback == "delayed",
-                       observe=recording.wants, learning_rate=plan.learning_rate(rank.stop))
-    engine = LocalEngine(rank.world.rank, plan.schedule, stage, rank.device, shapes=plan.shapes, feed=rank.data.feed,
+                       observe=recording.wants, learning_rate=plan.learning_rate(rank.stop), averager=rank.averager,
+                       replica=rank.replica)
+    engine = LocalEngine(rank.stage, schedule, stage, rank.device, shapes=plan.shapes, feed=rank.data.feed,
                          link=rank.link, recording=recording)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(rank.out_dir, step, blocks)
+        if rank.replica == 0:  # the weights are the same in every replica: written once
+            save_checkpoint(rank.out_dir, step, blocks)
 
-    return lambda stop, progress, memory: engine.run(rank.start, stop, checkpoint, progress, memory)
+    shows = rank.replica == 0  # one progress bar, replica 0's
+    return lambda stop, progress, memory: engine.run(rank.start, stop, checkpoint, progress and shows, memory)
 
 
 def _pipeline_training(rank: RankSetup) -> Training:
@@ -257,15 +284,19 @@ def _gather(plan: Plan, world: World, device: torch.device, link: Link | None, b
     """Every block (weights as trained) and every rank's result, on rank 0; None on the others."""
     if link is None:
         return blocks, [result]
+    replica, stage = plan.mesh.position(world.rank)
     with link.patience(SETUP_TIMEOUT_S):  # gathering full-width weights may take minutes between machines
         results = link.collective("gathering results", gather_to_first, result)
         if world.rank > 0:
-            send_weights(link, blocks, 0)
+            if replica == 0:  # the first replica's weights: the others' are the same
+                send_weights(link, blocks, 0)
             return None
         own = plan.placement.groups[0]
         rest = plan.build_blocks([i for i in range(NUM_BLOCKS) if i not in own], device)
-        for rank in range(1, world.size):
-            receive_weights(link, [b for b in rest if b.index in plan.placement.groups[rank]], rank)
+        for sender in range(1, plan.stages):
+            receive_weights(link, [b for b in rest if b.index in plan.placement.groups[sender]], sender)
+    for number, found in enumerate(results):
+        found.rank = number  # engines name their stage; the summary names every process
     return blocks + rest, results
 
 
@@ -282,8 +313,8 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
         probe["scored_on"] = "validation" if config.probe.validation else "test"  # what test_acc was measured on
     pipeline = plan.pipeline
     summary = RunSummary.from_results(
-        results, config.train.batch_size, method=plan.method.name, dataset=plan.info.name,
-        engine="local" if pipeline is None else "bp_pipeline", steps=stop, probe=probe,
+        results, plan.replicas * config.train.batch_size, replicas=plan.replicas, method=plan.method.name,
+        dataset=plan.info.name, engine="local" if pipeline is None else "bp_pipeline", steps=stop, probe=probe,
         placement=[list(g) for g in plan.placement.groups],
         schedule=plan.schedule.name if pipeline is None else pipeline.schedule,
         feedback=plan.schedule.feedback if plan.method.uses_top_context and pipeline is None else None,

@@ -18,6 +18,7 @@ from sim.config import Config, ConfigError, to_toml
 from sim.costmodel import StepWork, estimated_block_costs, held_memory, step_work
 from sim.datasets import DatasetInfo, dataset_info
 from sim.placement import Placement, balanced_placement, check_groups
+from sim.replicas import Mesh, stages_of
 from sim.schedule import MessageShapes, Schedule
 
 MAX_STEPS = 10**12  # steps travel between ranks as int64; a run this long never ends anyway
@@ -41,14 +42,25 @@ class Plan:
     schedule: Schedule
     shapes: MessageShapes
     pipeline: PipelineSettings | None = None  # set: an end-to-end method trained by the BP pipeline engine
+    replicas: int = 1  # data-parallel copies of the pipeline (sim.replicas)
 
     @property
     def config_toml(self) -> str:
         return to_toml(self.config)
 
     @property
-    def world_size(self) -> int:
+    def stages(self) -> int:
+        """K: the processes of one replica's pipeline (one per block group)."""
         return self.placement.world_size
+
+    @property
+    def world_size(self) -> int:
+        """Every process of the run: R replicas x K stages."""
+        return self.replicas * self.stages
+
+    @property
+    def mesh(self) -> Mesh:
+        return Mesh(self.replicas, self.stages)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         steps = self.config.train.steps or round(self.config.train.epochs * steps_per_epoch)  # 0 and 0: untrained
@@ -100,7 +112,7 @@ class Plan:
         rows = 2 * self.config.train.batch_size // self.pipeline.microbatches
         side = self.info.image_size
         given = (self.info.channels, side, side) if rank == 0 else self.shapes.activations[rank - 1][1:]
-        made = self.shapes.feedback[1:] if rank == self.world_size - 1 else self.shapes.activations[rank][1:]
+        made = self.shapes.feedback[1:] if rank == self.stages - 1 else self.shapes.activations[rank][1:]
         return (rows, *given), (rows, *made)
 
     def describe(self, steps: int, device: torch.device, images: int) -> str:
@@ -110,9 +122,13 @@ class Plan:
         if self.pipeline is not None:
             return (text + f"\nBP pipeline: {self.pipeline.schedule}, {self.pipeline.microbatches} micro-batches, "
                     f"{self.world_size} process(es), blocks per rank {self.placement}")
-        if self.world_size > 1:
-            delays = [self.schedule.delay(r) for r in range(self.world_size)]
-            text += f"\n{self.world_size} processes, blocks per rank {self.placement}, schedule {self.schedule.name}"
+        if self.replicas > 1:
+            text += (f"\n{self.mesh} = {self.world_size} processes: each replica takes {c.train.batch_size} of the "
+                     f"step's {self.replicas * c.train.batch_size} images, gradients averaged over the replicas")
+        if self.stages > 1:
+            delays = [self.schedule.delay(r) for r in range(self.stages)]
+            text += (f"\n{self.stages} processes per replica, blocks per rank {self.placement}, "
+                     f"schedule {self.schedule.name}")
             if self.method.uses_top_context:
                 text += f", {self.schedule.feedback} feedback (delay in steps per rank: {delays})"
         return text
@@ -132,21 +148,28 @@ class Plan:
 
 
 def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | None = None) -> Plan:
-    """The run's plan for `world_size` processes; a placement that does not fit fails here.
+    """The run's plan for `world_size` processes (sim.replicas R x K stages); a placement that does not
+    fit fails here.
 
     `pipeline`: an end-to-end method split over the ranks with back-propagation between them (the
     BP pipeline engine); without it end-to-end methods run in one process only."""
     method, info = get_method(config.method), dataset_info(config.data.name)
+    replicas = config.sim.replicas
+    if pipeline is not None and replicas > 1:
+        raise ConfigError(f"sim.replicas = {replicas}: the BP pipeline (launch.bp_pipeline) runs one replica; set "
+                          "sim.replicas = 1, or train the method with launch.train on R processes (one per replica)")
+    stages = stages_of(world_size, replicas)  # K: the processes of one replica
     if pipeline is not None:
-        check_pipeline(config, method, pipeline, world_size)
-    elif method.end_to_end and world_size > 1:
-        raise ConfigError(f"{method.name} is end-to-end backprop: it runs in one process, not {world_size} "
+        check_pipeline(config, method, pipeline, stages)
+    elif method.end_to_end and stages > 1:
+        per = f" per replica ({replicas} replicas)" if replicas > 1 else ""
+        raise ConfigError(f"{method.name} is end-to-end backprop: it runs in one process{per}, not {stages} "
                           "(launch it with python -m launch.train, or pipelined with launch.bp_pipeline)")
     kernels = pool_kernels(method, info.image_size, config.rule.pool or None)
     dims = feature_dims(config.model.width, info.image_size, kernels)
     check_fits_in_memory(config, method, info, dims)
-    placement = _placement(config, method, info, dims, world_size)
-    waits = tuple(method.uses_top_context and not method.end_to_end and r < world_size - 1 for r in range(world_size))
+    placement = _placement(config, method, info, dims, stages)
+    waits = tuple(method.uses_top_context and not method.end_to_end and r < stages - 1 for r in range(stages))
     aligns = config.log.every > 0 and not method.end_to_end  # BP-SSL's update is the BP gradient itself
     schedule = Schedule(config.sim.schedule, config.sim.feedback, waits, config.train.checkpoint_every,
                         config.log.every if pipeline is None else 0, config.log.align_every if aligns else 0)
@@ -154,7 +177,7 @@ def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | N
     channels, sizes = block_channels(config.model.width), map_sizes(info.image_size)
     activations = tuple((rows, channels[g[-1]], sizes[g[-1]], sizes[g[-1]]) for g in placement.groups)
     return Plan(config, method, info, kernels, placement, schedule,
-                MessageShapes(activations, (rows, dims[NUM_BLOCKS - 1])), pipeline)
+                MessageShapes(activations, (rows, dims[NUM_BLOCKS - 1])), pipeline, replicas)
 
 
 def check_pipeline(config: Config, method: Method, pipeline: PipelineSettings, world_size: int) -> None:

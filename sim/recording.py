@@ -87,7 +87,7 @@ def rank_recording(plan: Plan, out_dir: Path, rank: int, blocks: list[Block], st
     log = RankLog(out_dir / STORE_NAME, infos, log_settings(plan, heldout_count), start)
     images = plain_views(heldout.images, plan.info, device) if rank == 0 else None
     kernels = [grid_kernels(plan.info.image_size)[i] for i in own]
-    top_rank = plan.world_size - 1
+    top_rank = plan.stages - 1
     below = (heldout_count, *plan.shapes.activations[rank - 1][1:]) if rank > 0 else None  # (N, C, H, W)
     heldout_pass = HeldoutPass(blocks, kernels, rank, top_rank, link, below, images)
     aligns = plan.schedule.align_every > 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -38,11 +39,20 @@ class UpdateRecord:
     feedback_norm: float | None = None  # norm of the top-down context used, if any
 
 
-def negatives_generator(block: Block, seed: int, step: int) -> torch.Generator | None:
-    """Random negatives of `block` at `step`, keyed by (seed, block, step): independent of placement."""
+def negatives_generator(block: Block, seed: int, step: int, replica: int = 0) -> torch.Generator | None:
+    """Random negatives of `block` at `step`, keyed by (seed, block, step) and the replica beyond the
+    first: independent of placement."""
     if block.rule.negatives != "random":
         return None
-    return keyed_generator(seed, STREAM_NEGATIVES, block.index, step)
+    return keyed_generator(seed, STREAM_NEGATIVES, block.index, step, *([replica] if replica else []))
+
+
+class Averager(Protocol):
+    """Averages a block's gradients over the replicas (sim.replicas.GradientAverager)."""
+
+    def start(self, block: Block) -> None: ...
+
+    def finish(self, block: Block) -> None: ...
 
 
 def _never(step: int) -> tuple[bool, bool]:
@@ -55,10 +65,12 @@ class LocalStage:
     the graph; the update is then the gradient at the weights that produced the activity."""
 
     def __init__(self, blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never,
-                 learning_rate: LearningRate | None = None):
+                 learning_rate: LearningRate | None = None, averager: Averager | None = None, replica: int = 0):
         self.blocks, self.seed, self.stash_weights, self.observe = list(blocks), seed, stash_weights, observe
         self.learning_rate = learning_rate  # None: each optimiser keeps the rate it was built with
+        self.averager, self.replica = averager, replica  # None: one replica, nothing to average
         self.pending: dict[int, list[tuple[Block, torch.Tensor]]] = {}  # step -> blocks awaiting feedback
+        self.averaging: list[_Update] = []  # updates whose gradients are being averaged over the replicas
         self.updates: list[UpdateRecord] = []  # updates since the runtime last read them
         self.top_context: torch.Tensor | None = None  # the top block's pooled activity, if held here
 
@@ -77,53 +89,83 @@ class LocalStage:
             x = out
         if self.top_context is not None and step in self.pending:  # the top block is here: no wait
             self.apply_feedback(step, self.top_context)
+        self._finish_averaging()
         return x.detach()
 
     def apply_feedback(self, step: int, top_context: torch.Tensor) -> None:
         """The top block's context for batch `step` has arrived: the waiting blocks learn."""
         for block, features in self.pending.pop(step, []):
             self._learn(block, features, top_context, step)
+        self._finish_averaging()
 
     def _learn(self, block: Block, features: torch.Tensor, top_context: torch.Tensor | None, step: int) -> None:
-        loss, stats = block.loss(features, top_context, negatives_generator(block, self.seed, step))
+        loss, stats = block.loss(features, top_context, negatives_generator(block, self.seed, step, self.replica))
         check_finite(stats.loss, block.index, step)
         measure, keep_gradient = self.observe(step)
-        before = block.conv_weight.detach().clone() if measure else None
+        update = _Update(block, UpdateRecord(block.index, step, stats),
+                         block.conv_weight.detach().clone() if measure else None)
+        if measure and top_context is not None and block.needs_top_context:
+            update.record.feedback_norm = top_context.norm().item()
         block.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        record = UpdateRecord(block.index, step, stats)
-        if keep_gradient:
-            record.gradient = block.conv_weight.grad.detach().flatten().clone()
+        if keep_gradient:  # this replica's own gradient, before averaging
+            update.record.gradient = block.conv_weight.grad.detach().flatten().clone()
+        if self.averager is None:
+            self._step(update)
+        else:  # the step waits for the average; the stage's next blocks compute meanwhile
+            self.averager.start(block)
+            self.averaging.append(update)
+
+    def _finish_averaging(self) -> None:
+        for update in self.averaging:
+            self.averager.finish(update.block)
+            self._step(update)
+        self.averaging.clear()
+
+    def _step(self, update: _Update) -> None:
+        block, step = update.block, update.record.step
         if self.learning_rate is not None:
             self.learning_rate.apply(block.optimizer, step)  # the rate of this batch's step, applied late or not
         block.optimizer.step()
-        if measure:
-            record.update_norm = (block.conv_weight.detach() - before).norm().item()
-            if top_context is not None and block.needs_top_context:
-                record.feedback_norm = top_context.norm().item()
-        self.updates.append(record)
+        if update.before is not None:
+            update.record.update_norm = (block.conv_weight.detach() - update.before).norm().item()
+        self.updates.append(update.record)
+
+
+@dataclass
+class _Update:
+    """A block's update between its backward pass and its optimiser step."""
+    block: Block
+    record: UpdateRecord
+    before: torch.Tensor | None  # the conv weight before the step, when the update's norm is measured
 
 
 class EndToEndStage:
     """BP-SSL: the top block's loss, back-propagated through all six blocks."""
 
     def __init__(self, blocks: Sequence[Block], seed: int, observe: Observer = _never,
-                 learning_rate: LearningRate | None = None):
+                 learning_rate: LearningRate | None = None, averager: Averager | None = None, replica: int = 0):
         self.blocks, self.seed, self.observe, self.learning_rate = list(blocks), seed, observe, learning_rate
+        self.averager, self.replica = averager, replica
         self.updates: list[UpdateRecord] = []
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)  # (2B, C, H, W): not detached
         top = self.blocks[-1]
-        loss, stats = top.loss(top.features(x), None, negatives_generator(top, self.seed, step))
+        loss, stats = top.loss(top.features(x), None, negatives_generator(top, self.seed, step, self.replica))
         check_finite(stats.loss, top.index, step)
         measure, _ = self.observe(step)
         before = [b.conv_weight.detach().clone() for b in self.blocks] if measure else None
         for block in self.blocks:
             block.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.averager is not None:  # every bucket on its way; each block steps once its own average is in
+            for block in self.blocks:
+                self.averager.start(block)
         for block in self.blocks:
+            if self.averager is not None:
+                self.averager.finish(block)
             if self.learning_rate is not None:
                 self.learning_rate.apply(block.optimizer, step)
             block.optimizer.step()
@@ -142,9 +184,10 @@ def check_finite(loss: torch.Tensor, block: int, step: int) -> None:
 
 
 def make_stage(blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never,
-               learning_rate: LearningRate | None = None) -> LocalStage | EndToEndStage:
+               learning_rate: LearningRate | None = None, averager: Averager | None = None,
+               replica: int = 0) -> LocalStage | EndToEndStage:
     if blocks[0].method.end_to_end:
         if len(blocks) != blocks[-1].index + 1 or not blocks[-1].is_top:
             raise ValueError("end-to-end (BP-SSL) methods need all six blocks in one process")
-        return EndToEndStage(blocks, seed, observe, learning_rate)
-    return LocalStage(blocks, seed, stash_weights, observe, learning_rate)
+        return EndToEndStage(blocks, seed, observe, learning_rate, averager, replica)
+    return LocalStage(blocks, seed, stash_weights, observe, learning_rate, averager, replica)

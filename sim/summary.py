@@ -73,6 +73,7 @@ class RunSummary:
     torch: str
     config: dict  # the resolved config, as config.toml holds it
     microbatches: int | None = None  # BP pipeline only
+    replicas: int = 1  # data-parallel replicas: world_size = replicas x processes per replica
     # what made it fast: fused_adamw (optim.fused), freed_memory_kept (sim.host_memory's setting or None),
     # patch_product_weight_gradient_max_pixels and relu_in_place (layers.encoder, always on)
     speedups: dict = field(default_factory=dict)
@@ -129,7 +130,8 @@ class RunSummary:
         """What the run prints when it ends."""
         losses = " ".join("-" if v is None else f"{v:.3f}" for v in self.loss_per_block)
         memory = " ".join(f"{b / 2**20:.0f}" for b in self.peak_memory_bytes)
-        lines = [f"{self.method} on {self.dataset}: {self.steps} steps on {self.world_size} process(es), "
+        mesh = f" ({self.replicas} replicas x {self.world_size // self.replicas})" if self.replicas > 1 else ""
+        lines = [f"{self.method} on {self.dataset}: {self.steps} steps on {self.world_size} process(es){mesh}, "
                  f"{self.images_per_s:.1f} images/s, peak memory per process (MiB): {memory}",
                  f"loss per block (mean of the last steps): {losses}"]
         if self.probe:

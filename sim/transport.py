@@ -60,8 +60,10 @@ class Link:
     """This rank's sends and receives. Counts bytes sent and seconds spent waiting. Within an action
     of a schedule (`expect`), every message is checked against the schedule's list."""
 
-    def __init__(self, rank: int, device: torch.device, store: dist.Store, timeout_s: float, max_in_flight: int = 2):
+    def __init__(self, rank: int, device: torch.device, store: dist.Store, timeout_s: float, max_in_flight: int = 2,
+                 base: int = 0):
         self.rank, self.device, self.store = rank, device, store
+        self.base = base  # global rank of this replica's first stage: peers are named by stage, sent to base + stage
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.down_group = dist.new_group()  # every rank builds its Link at the same point: a collective
         self.max_in_flight = max_in_flight  # sends not yet received: how far this rank may run ahead
@@ -91,7 +93,7 @@ class Link:
     def send(self, tensor: torch.Tensor, dst: int, kind: str = "weights") -> None:
         self._check(Message(kind, dst, True))
         tensor = tensor.detach().contiguous()
-        work = dist.isend(tensor, dst, group=self.down_group if dst < self.rank else None)
+        work = dist.isend(tensor, self.base + dst, group=self.down_group if dst < self.rank else None)
         self.in_flight.append((work, tensor, dst))
         self.bytes_sent += tensor.numel() * tensor.element_size()
         while len(self.in_flight) > self.max_in_flight:
@@ -100,7 +102,8 @@ class Link:
     def recv(self, shape: tuple[int, ...], src: int, kind: str = "weights") -> torch.Tensor:
         self._check(Message(kind, src, False))
         buffer = torch.empty(shape, device=self.device)
-        self._wait(dist.irecv(buffer, src, group=self.down_group if src > self.rank else None), src, "receiving from")
+        self.wait(dist.irecv(buffer, self.base + src, group=self.down_group if src > self.rank else None), src,
+                  "receiving from")
         return buffer
 
     def flush(self) -> None:
@@ -110,9 +113,10 @@ class Link:
 
     def _wait_oldest_send(self) -> None:
         work, _, dst = self.in_flight.popleft()
-        self._wait(work, dst, "sending to")
+        self.wait(work, dst, "sending to")
 
-    def _wait(self, work: dist.Work, peer: int, doing: str) -> None:
+    def wait(self, work: dist.Work, peer: int | None, doing: str) -> None:
+        """Wait for `work` (with `peer`, a stage of this replica, or None: a group) up to the timeout."""
         began = time.perf_counter()
         try:
             work.wait(self.timeout)
@@ -141,9 +145,10 @@ class Link:
         reason = first_failure(self.store)
         if reason is None:  # the peer could not say why (killed, or stuck): name it ourselves
             detail = str(error).splitlines()[0][:200]
-            who = "a peer" if peer is None else f"rank {peer}"
-            reason = record_failure(self.store, f"{who} stopped answering (rank {self.rank} was {doing} it: {detail})")
-        return PeerFailure(f"rank {self.rank} stops because {reason}")
+            who = "a peer" if peer is None else f"rank {self.base + peer}"
+            reason = record_failure(self.store, f"{who} stopped answering (rank {self.base + self.rank} was {doing} "
+                                    f"it: {detail})")
+        return PeerFailure(f"rank {self.base + self.rank} stops because {reason}")
 
 
 def send_weights(link: Link, blocks, dst: int) -> None:

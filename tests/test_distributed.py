@@ -5,78 +5,28 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 from layers.encoder import NUM_BLOCKS
-from layers.learning_rate import LearningRate
-from sim.config import Config
-from sim.datasets import dataset_info, load_split
-from sim.feed import ViewFeed
 from sim.plan import make_plan
-from sim.stage import LocalStage
-from sim.views import SimCLRViews
 from tests.helpers import (
     ROOT,
     TINY_CONFIG,
-    Weights,
     args,
     assert_same_weights,
+    batches_of,
     differing_tensors,
     final_weights,
     run_config,
     single_process,
     summary,
+    threads_of,
+    trained_with_delays,
 )
 from tests.ranks import run_ranks, start_ranks, wait
-
-
-@contextmanager
-def threads_of(config: Config) -> Iterator[None]:
-    """Compute in this process as every rank does: sums in convolutions and views may depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.train.threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def batches_of(config: Config) -> list[torch.Tensor]:
-    """The views of every step of a run of `config`, as its rank 0 builds them."""
-    info, cpu = dataset_info(config.data.name), torch.device("cpu")
-    feed = ViewFeed(load_split(info.name, config.data.root or None, "ssl"), SimCLRViews(info, cpu),
-                    config.train.batch_size, config.train.seed)
-    return [feed.views_at(step) for step in range(config.train.steps)]  # (2B, C, S, S) each
-
-
-def trained_with_delays(config: Config, batches: Sequence[torch.Tensor], delays: Sequence[int],
-                        learning_rate: LearningRate | None = None) -> Weights:
-    """The run of `config` in this process, with a chosen feedback delay per block: block b applies
-    the update of batch s (with the top block's context of batch s) just before it forwards batch
-    s + delays[b] + 1, and every update still pending after the last batch, as a run's final
-    checkpoint does. Blocks and seeds are those of `launch.train`."""
-    blocks = make_plan(config, 1).build_blocks(range(NUM_BLOCKS), torch.device("cpu"))
-    # One stage per block, so that no stage holds the top block and applies feedback at once;
-    # stashed weights, as in delayed runs, so an update uses the weights of its own forward.
-    stages = [LocalStage([block], config.train.seed, stash_weights=True, learning_rate=learning_rate)
-              for block in blocks]
-    feedback: dict[int, torch.Tensor] = {}  # step -> the top block's pooled activity, (2B, D_top)
-    for step, x in enumerate(batches):
-        for stage, delay in zip(stages, delays):
-            for waiting in sorted(s for s in stage.pending if s < step - delay):
-                stage.apply_feedback(waiting, feedback[waiting])
-            x = stage.forward(x, step)
-        feedback[step] = stages[-1].top_context
-    for stage in stages:
-        for waiting in sorted(stage.pending):
-            stage.apply_feedback(waiting, feedback[waiting])
-    return {block.index: block.state_dict() for block in blocks}
-
 
 CASES = [("clapp_pp", "pipelined"), ("clapp_pp_dfb", "pipelined"), ("clapp_pp_both", "pipelined"),
          ("clapp_pp_dfb", "sequential")]

@@ -5,7 +5,15 @@ from pathlib import Path
 import pytest
 
 from launch.bench.__main__ import main as bench
-from sim.costmodel import BlockTimes, LinkSpeed, backprop_pipelined, local_exact_feedback, local_pipelined
+from launch.bench.replicas import main as replicas_bench
+from sim.costmodel import (
+    BlockTimes,
+    LinkSpeed,
+    all_reduce_seconds,
+    backprop_pipelined,
+    local_exact_feedback,
+    local_pipelined,
+)
 from tests.helpers import TINY_CONFIG
 
 FREE = LinkSpeed(latency=0.0, bandwidth=float("inf"))
@@ -34,6 +42,25 @@ def test_flushed_backprop_pipeline_pays_its_bubble():
     assert two == pytest.approx(32 / ((4 + 1) * 4.5))
     quarter = BlockTimes(**{**EVEN.__dict__, "forward": [0.125] * 6, "backward": [0.25] * 6})
     assert backprop_pipelined(quarter, HALVES, FREE, 32, 4) == pytest.approx(32 / (5 / 4 * 4.5))  # ideal scaling
+
+
+def test_replicas_multiply_the_images_and_pay_the_all_reduce_of_their_blocks():
+    even = BlockTimes(**{**EVEN.__dict__, "gradient_bytes": [4000] * 6})
+    assert local_pipelined(even, ALL, FREE, batch=32, replicas=2) == pytest.approx(2 * 32 / 6)
+    slow_link = LinkSpeed(latency=0.5, bandwidth=float("inf"))  # a ring all-reduce over 4: 6 messages a block
+    assert local_pipelined(even, HALVES, slow_link, batch=32, replicas=4) == pytest.approx(
+        4 * 32 / (3 + 0.5 + 3 * 6 * 0.5))  # rank 0: its blocks, its message up, its 3 blocks' all-reduces
+    assert all_reduce_seconds(LinkSpeed(0.0, 1000.0), 4000, 2) == pytest.approx(2 * 2000 / 1000)
+    assert backprop_pipelined(even, ALL, FREE, batch=32, replicas=2) == pytest.approx(2 * 32 / 9)
+
+
+def test_replicas_benchmark_writes_its_report(tmp_path):
+    assert replicas_bench(["--widths", "0.0625", "--steps", "4", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "replicas.json").read_text())["results"][0]
+    assert set(result["runs"]) == {"R=1 K=1", "R=1 K=2", "R=2 K=1"}
+    assert result["runs"]["R=2 K=1"]["images_per_step"] == 64 and result["runs"]["R=2 K=1"]["images_per_s"] > 0
+    assert set(result["eight_processes"]) == {"8x1", "4x2", "2x3", "2x4", "1x6"}
+    assert "R=2 K=1" in (tmp_path / "replicas.md").read_text()
 
 
 def test_quick_benchmark_writes_its_report(tmp_path):

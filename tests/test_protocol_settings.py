@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import launch.bench.protocol_search as search
+from launch.probe import probe_run
 from layers.learning_rate import LearningRate
 from sim.config import ConfigError
 from sim.datasets import load_split
@@ -56,3 +58,44 @@ def test_held_out_images_are_the_same_in_every_run_and_not_trained_on():
     assert not any(bytes(x.numpy()) in pixels for x in rest.images[:2000])  # disjoint (images are distinct)
     with pytest.raises(ValueError, match="probe.validation"):
         hold_out(images, len(images))
+
+
+def test_probing_a_finished_run_again_repeats_its_probe_and_takes_only_probe_keys(tmp_path):
+    settings = ["probe.epochs=1", "probe.train_limit=200", "probe.test_limit=100", "probe.augment=false"]
+    single_process(tmp_path / "run", *settings)
+    again = probe_run(tmp_path / "run", [], progress=False)
+    assert again["test_acc"] == summary(tmp_path / "run")["probe"]["test_acc"]
+    longer = probe_run(tmp_path / "run", ["probe.epochs=2", "probe.validation=50"], progress=False)
+    assert longer["epochs"] == 2 and longer["scored_on"] == "validation" and longer["test_images"] == 50
+    with pytest.raises(ConfigError, match="only probe"):
+        probe_run(tmp_path / "run", ["optim.lr=1"])
+    with pytest.raises(ConfigError, match="no finished run"):
+        probe_run(tmp_path, [])
+
+
+def test_protocol_search_follows_its_written_rule():
+    """Fake validation accuracies through every stage: the grid, the edge extension, the length and
+    the probe are chosen as the rule in BENCHMARKS.md says, and nothing is run twice."""
+    trials, asked = {}, []
+
+    def measured(key: str, accuracy: float) -> None:
+        trials[key] = {"probes": {search.FIRST_PROBE: {"test_acc": accuracy, "per_block_test_acc": [accuracy]}},
+                       "date": f"{len(trials):04d}", "wall_s": 1.0}
+
+    gains = {"constant 2e-4": 1.0, "cosine 0.001": 2.0, "cosine 0.002": 5.0, "cosine 0.004": 6.0,
+             "cosine 0.008": 4.0}
+    while (state := search.choose(trials))["todo"] or state.get("probes"):
+        if state["todo"]:
+            method, setting, steps = state["todo"][0]
+            asked.append((method, setting, steps))
+            bonus = 0.5 if steps == search.LONG else 0.0  # 9,000 steps gain less than a point: 3,000 is kept
+            measured(search.trial_key(method, setting, steps),
+                     50.0 if method == "untrained" else 50.0 + gains[setting] + bonus)
+        else:
+            key, probe = state["probes"][0]
+            trials[key]["probes"][probe] = {"test_acc": 60.0 + len(probe) % 7, "per_block_test_acc": [1.0]}
+    assert len(asked) == len(set(asked))
+    assert ("clapp_pp", "cosine 0.008", search.SHORT) in asked  # 4e-3 won the grid at its edge: 8e-3 tried
+    assert state["setting"] == "cosine 0.004" and state["steps"] == search.SHORT
+    assert state["probe"] in search.PROBES
+    assert "gain over untrained" in search.render({"trials": trials})

@@ -1,6 +1,6 @@
 """Data-parallel replicas against layer-parallel stages on the same processes, and the cost model's R x K.
 
-    python -m launch.bench.replicas [--widths 0.125,1.0] [--steps 200,12] [--out launch/results/replicas]
+    python -m launch.bench.replicas [--widths 0.125,1.0] [--steps 200,30] [--out launch/results/replicas]
 
 For clapp_pp on synthetic 32 px images (3 channels, like CIFAR-10), batch 32 per replica, 1 thread per
 process, for each width:
@@ -81,7 +81,7 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.bench.replicas", description=__doc__.splitlines()[0])
     parser.add_argument("--widths", default="0.125,1.0", help="comma-separated model widths")
-    parser.add_argument("--steps", default="200,12", help="training steps of each run, one per width")
+    parser.add_argument("--steps", default="200,30", help="training steps of each run, one per width")
     parser.add_argument("--out", type=Path, default=Path("launch") / "results" / "replicas")
     args = parser.parse_args(argv)
     try:

@@ -1,6 +1,7 @@
 """The search for a CPU-scale protocol at which learning shows, chosen on a validation split.
 
     python -m launch.bench.protocol_search --data-root ../shared/data/cifar10   # runs what is left, resumable
+    python -m launch.bench.protocol_search --data-root ../shared/data/cifar10 --jobs 2   # two trials at once
     python -m launch.bench.protocol_search --render                           # only the table
 
 Every trial trains on CIFAR-10 (JPEG q75) with launch/configs/table_cpu.toml (width 1/8, batch 32,
@@ -28,11 +29,12 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from launch.machine import available_cores, code_version, cpu_name
 from launch.probe import probe_run
-from launch.runner import launch_run
+from launch.runner import launch_run, positive
 from sim.job import ProgramErrors
 
 ROOT = Path(__file__).parents[1]  # launch/
@@ -176,16 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default="", help="CIFAR-10's folder (data.root)")
     parser.add_argument("--render", action="store_true", help="only render the results file")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "protocol_search", help="where run folders go")
+    parser.add_argument("--jobs", type=positive, default=1,
+                        help="trials run at once, one thread each (2 on 2 cores; their wall times then overlap)")
     args = parser.parse_args(argv)
     results = load_results()
     while not args.render:
         state = choose(results["trials"])
         if state["todo"]:
-            method, setting, steps = state["todo"][0]
-            print(f"\n== trial {trial_key(method, setting, steps)}", flush=True)
-            folder = args.runs / f"{method}_{setting.replace(' ', '_')}_{steps}"
-            results["trials"][trial_key(method, setting, steps)] = run_trial(method, setting, steps, args.data_root,
-                                                                             folder)
+            with ThreadPoolExecutor(args.jobs) as pool:  # each trial is its own process: threads only wait
+                running = {pool.submit(run_trial, method, setting, steps, args.data_root,
+                                       args.runs / f"{method}_{setting.replace(' ', '_')}_{steps}"):
+                           trial_key(method, setting, steps) for method, setting, steps in state["todo"][:args.jobs]}
+                print(f"\n== trials {', '.join(running.values())}", flush=True)
+                for done in as_completed(running):
+                    results["trials"][running[done]] = done.result()
+                    save_results(results)
         elif state.get("probes"):
             key, probe = state["probes"][0]
             print(f"\n== probe {probe} of {key}", flush=True)

@@ -1,18 +1,21 @@
 """laminar's main job: train methods side by side on one config and compare their linear probes.
 
-    python -m launch.compare [CONFIG] [--runs random,clapp_pp,clapp_pp@2,bp_infonce] [--set key=value ...] [--out DIR]
+    python -m launch.compare [CONFIG] [--runs random,clapp_pp,clapp_pp@2,bp_infonce] [--seeds 0] [--set key=value ...]
+                             [--out DIR]
 
 A run is a method name; `METHOD@K` runs it layer-parallel on K processes (torchrun, one thread
 each); `random` probes the untrained encoder. Each run is its own process (launch.runner),
 so its peak memory is its own. A run whose folder already holds a summary.json is not trained
-again: an interrupted comparison continues where it stopped. Writes compare.json, compare.md and
-compare.png into DIR.
+again: an interrupted comparison continues where it stopped. With `random` among the runs, the
+table says of each trained run whether it beats the untrained encoder by more than the seed spread
+(with one seed, that the spread is unknown). Writes compare.json, compare.md and compare.png into DIR.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,24 +45,47 @@ def train_run(name: str, config: Path, overrides: list[str], folder: Path) -> Ru
     return launch_run(config, [*overrides, *run_overrides(name)], folder, processes=processes)
 
 
-def markdown_table(rows: list[tuple[str, RunSummary]]) -> str:
-    lines = ["| run | method | processes | steps | images/s | peak memory per process (MiB) | probe: all blocks (%) "
-             "| probe: last block (%) |", "|---|---|---:|---:|---:|---|---:|---:|"]
-    for name, s in rows:
-        probe = s.probe or {}
-        last = probe.get("per_block_test_acc", [None])[-1]
-        speed = f"{s.images_per_s:.1f}" if s.steps else "-"
+def accuracies(summaries: list[RunSummary], last_block: bool = False) -> list[float]:
+    """Each seed's probe accuracy (all blocks, or the last block's)."""
+    return [s.probe["per_block_test_acc"][-1] if last_block else s.probe["test_acc"] for s in summaries if s.probe]
+
+
+def verdict(trained: list[float], untrained: list[float]) -> str:
+    """Whether `trained` beats `untrained` by more than the seed spread (the larger standard deviation)."""
+    if not trained or not untrained:
+        return "-"
+    difference = statistics.mean(trained) - statistics.mean(untrained)
+    if min(len(trained), len(untrained)) < 2:
+        return f"{difference:+.2f} points; seed spread unknown (1 seed)"
+    spread = max(statistics.stdev(trained), statistics.stdev(untrained))
+    beats = "beats it" if difference > spread else "does not beat it"
+    return f"{difference:+.2f} points: {beats} by more than the seed spread ({spread:.2f})"
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def markdown_table(rows: list[tuple[str, list[RunSummary]]]) -> str:
+    untrained = next((accuracies(found) for name, found in rows if name == "random"), [])
+    lines = ["| run | method | processes | steps | seeds | images/s | peak memory per process (MiB) "
+             "| probe: all blocks (%) | probe: last block (%) | against the untrained encoder |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    for name, found in rows:
+        s = found[0]
+        speed = f"{statistics.mean(r.images_per_s for r in found):.1f}" if s.steps else "-"
         memory = ", ".join(f"{b / 2**20:.0f}" for b in s.peak_memory_bytes) if s.steps else "-"
-        lines.append(f"| {name} | {s.method} | {s.world_size} | {s.steps} | {speed} | {memory} | "
-                     f"{_percent(probe.get('test_acc'))} | {_percent(last)} |")
+        against = verdict(accuracies(found), untrained) if name != "random" else "-"
+        lines.append(f"| {name} | {s.method} | {s.world_size} | {s.steps} | {len(found)} | {speed} | {memory} | "
+                     f"{_spread(accuracies(found))} | {_spread(accuracies(found, last_block=True))} | {against} |")
     return "\n".join(lines)
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def plot(rows: list[tuple[str, RunSummary]], path: Path, title: str) -> None:
+def plot(rows: list[tuple[str, list[RunSummary]]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,17 +93,17 @@ def plot(rows: list[tuple[str, RunSummary]], path: Path, title: str) -> None:
 
     names = [name for name, _ in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for offset, (label, pick) in enumerate([("all blocks", lambda p: p["test_acc"]),
-                                            ("last block", lambda p: p["per_block_test_acc"][-1])]):
-        values = [pick(s.probe) if s.probe else 0 for _, s in rows]
+    for offset, (label, last_block) in enumerate([("all blocks", False), ("last block", True)]):
+        values = [statistics.mean(accuracies(found, last_block) or [0]) for _, found in rows]
         bars = left.bar([i + 0.4 * offset for i in range(len(rows))], values, width=0.4, label=label)
         left.bar_label(bars, fmt="%.1f", fontsize=8)
     left.set_xticks([i + 0.2 for i in range(len(rows))], names)
     left.set_ylabel("linear probe test accuracy (%)")
     left.set_ylim(0, 112)
     left.legend(loc="upper right", ncol=2, fontsize=8)
-    trained = [(name, s) for name, s in rows if s.steps]
-    bars = right.bar([n for n, _ in trained], [s.images_per_s for _, s in trained], color="tab:gray")
+    trained = [(name, found) for name, found in rows if found[0].steps]
+    bars = right.bar([n for n, _ in trained], [statistics.mean(s.images_per_s for s in found) for _, found in trained],
+                     color="tab:gray")
     right.bar_label(bars, fmt="%.0f", fontsize=8)
     right.set_ylabel("training throughput (images/s)")
     fig.suptitle(title)
@@ -91,8 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, default=DEFAULT_CONFIG)
     parser.add_argument("--runs", default="random,clapp_pp,clapp_pp@2,bp_infonce",
                         help="comma-separated runs: METHOD, METHOD@K (K processes) or random (untrained)")
+    parser.add_argument("--seeds", help="comma-separated train.seed values, each run once per seed (default: the "
+                        "config's train.seed, once)")
     parser.add_argument("--out", type=Path, help="folder of the comparison (default runs/compare_TIME)")
     args = parser.parse_args(argv)
+    seeds: list[int | None] = [None]  # None: the config's own seed
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            parser.error(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1")
+        if not seeds:
+            parser.error("--seeds names no seed; e.g. --seeds 0,1")
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     if not names:
         parser.error("--runs names no run; e.g. --runs random,clapp_pp,clapp_pp@2,bp_infonce")
@@ -108,12 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out or Path("runs") / f"compare_{time.strftime('%Y%m%d-%H%M%S')}"
-    rows = [(name, train_run(name, args.config, args.overrides, out / name.replace("@", "_x"))) for name in names]
+    rows = []
+    for name in names:  # one seed: a folder per run; several: RUN_sSEED
+        found = []
+        for seed in seeds:
+            folder = out / (name.replace("@", "_x") + (f"_s{seed}" if len(seeds) > 1 else ""))
+            seeded = args.overrides + ([] if seed is None else [f"train.seed={seed}"])
+            found.append(train_run(name, args.config, seeded, folder))
+        rows.append((name, found))
     first = configs[names[0]]
     title = f"{first.data.name}, width {first.model.width}, batch {first.train.batch_size}"
     table = markdown_table(rows)
     (out / "compare.md").write_text(f"# {title}\n\n{table}\n")
-    runs = {name: dataclasses.asdict(summary) for name, summary in rows}
+    runs = {name: [dataclasses.asdict(s) for s in found] for name, found in rows}
     (out / "compare.json").write_text(json.dumps({"title": title, "runs": runs}, indent=2) + "\n")
     plot(rows, out / "compare.png", title)
     print(f"\n{title}\n{table}\n\nwritten: {out}/compare.md, compare.json, compare.png")

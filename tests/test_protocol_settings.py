@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import launch.bench.protocol_search as search
+from launch.compare import verdict
 from launch.probe import probe_run
 from layers.learning_rate import LearningRate
 from sim.config import ConfigError
@@ -99,3 +100,10 @@ def test_protocol_search_follows_its_written_rule():
     assert state["setting"] == "cosine 0.004" and state["steps"] == search.SHORT
     assert state["probe"] in search.PROBES
     assert "gain over untrained" in search.render({"trials": trials})
+
+
+def test_the_main_job_says_whether_a_run_beats_the_untrained_encoder():
+    assert verdict([60.0], [55.0]) == "+5.00 points; seed spread unknown (1 seed)"
+    assert verdict([60.0, 62.0], [55.0, 55.5]).endswith("beats it by more than the seed spread (1.41)")
+    assert "does not beat it" in verdict([56.0, 58.0], [55.5, 56.0])  # +1.25 against a spread of 1.41
+    assert verdict([], [55.0]) == "-"

@@ -24,7 +24,6 @@ blocks (plus the data on rank 0, plus sending its output); then:
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import tempfile
 import time
@@ -138,7 +137,7 @@ class BlockTimes:
     data: float  # building one batch's views
     activation_bytes: list[int]  # one batch's output of each block
     feedback_bytes: int  # the top block's pooled activity for one batch
-    gradient_bytes: list[int] = dataclasses.field(default_factory=lambda: [0] * NUM_BLOCKS)  # per block, float32
+    gradient_bytes: list[int]  # each block's parameters: what replicas average
 
 
 def _median_seconds(run, repeats: int) -> float:

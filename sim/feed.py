@@ -15,7 +15,8 @@ class ViewFeed:
     each epoch dropped; each step's views drawn from a generator keyed by (seed, step).
 
     With `replicas` R > 1, a step's batch is R x `batch_size` images and this feed gives replica
-    `replica`'s share, rows replica*b .. (replica+1)*b - 1, its views keyed by (seed, step, replica)."""
+    `replica`'s share, rows replica*b .. (replica+1)*b - 1, its views keyed by (seed, step) and, after
+    the first replica, the replica (as the negatives are, sim.stage)."""
 
     def __init__(self, images: ImageSet, views: SimCLRViews, batch_size: int, seed: int, replica: int = 0,
                  replicas: int = 1):
@@ -25,8 +26,8 @@ class ViewFeed:
                 raise ConfigError(f"train.batch_size = {batch_size} is larger than the {len(images)} training "
                                   f"images; use a batch of at most {len(images)}")
             raise ConfigError(f"train.batch_size x sim.replicas = {batch_size} x {replicas} = {total} images a step, "
-                              f"more than the {len(images)} training images; use at most {len(images) // replicas} "
-                              "images per replica")
+                              f"more than the {len(images)} training images; use train.batch_size <= "
+                              f"{len(images) // replicas}")
         self.images, self.views, self.batch_size, self.seed = images, views, batch_size, seed
         self.replica, self.replicas = replica, replicas
         self.steps_per_epoch = len(images) // total
@@ -46,6 +47,6 @@ class ViewFeed:
     def views_at(self, step: int) -> torch.Tensor:
         """(2B, C, S, S): rows 0..B-1 the first view of each image, rows B..2B-1 the second."""
         images, _ = self.images.batch(self.indices(step))
-        replica = [self.replica] if self.replicas > 1 else []
+        replica = [self.replica] if self.replica else []
         return self.views(images, keyed_generator(self.seed, STREAM_VIEWS, step, *replica))
 

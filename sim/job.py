@@ -3,9 +3,11 @@
 `run_job` is what `launch.train` and `launch.bp_pipeline` call, on every rank alike: it sets the
 threads and the device, starts the memory measurement, joins the process group, records why this
 rank failed (so that the others can name it), lets rank 0 read the data and the checkpoints and
-share what it found, builds this rank's blocks, trains them with the plan's engine (the local
-engine, `sim.local_engine`, or the BP pipeline, `sim.bp_engine`), gathers every result and every
-block's weights on rank 0, which then writes final.pt, probes the encoder and writes summary.json.
+share what it found (with data-parallel replicas, each replica's first rank reads its own share of
+the batches; replica 0 alone writes checkpoints and the log), builds this rank's blocks, trains
+them with the plan's engine (the local engine, `sim.local_engine`, or the BP pipeline,
+`sim.bp_engine`), gathers every result and every block's weights on rank 0, which then writes
+final.pt, probes the encoder and writes summary.json.
 
 The run folder: config.toml (resolved), checkpoints/ (local engine), log.zarr (when a log is kept),
 final.pt ({block: state_dict}) and summary.json (`sim.summary`), written last.
@@ -70,9 +72,9 @@ RUN_ERRORS = (NonFiniteLoss, PeerFailure, CheckpointWriteError)  # exit code 1: 
 
 
 @dataclass
-class RankZeroData:
-    """What rank 0 reads before training; each other replica's first rank reads only its feed, and
-    the other ranks read no images."""
+class RankData:
+    """What a rank reads: rank 0 the feed, the probe's images and the log's; each other replica's
+    first rank only its feed; the other ranks no images."""
     feed: ViewFeed | None = None
     probe_sets: tuple[ImageSet, ImageSet] | None = None  # (train, test) images of the final probe
     test_set: ImageSet | None = None  # where the log's held-out images come from
@@ -99,7 +101,7 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
         timeout = plan.config.sim.timeout_s
         link = Link(stage, device, store, timeout, base=plan.mesh.rank(replica, 0))
         if plan.replicas > 1:
-            averager = GradientAverager(replica_group(plan.mesh, stage, timeout), plan.replicas, link)
+            averager = GradientAverager(replica_group(plan.mesh, stage), plan.mesh, replica, stage, link)
     elif plan.pipeline is not None:
         connect_alone(device)
     try:
@@ -169,16 +171,16 @@ def resume_point(out_dir: Path, resume: bool, restarted: bool) -> int:
 
 
 def training_feed(plan: Plan, device: torch.device, replica: int) -> ViewFeed:
-    """The batches that replica `replica`'s first stage trains on."""
+    """The batches that replica `replica`'s first stage trains on (rank 0 alone may download the data)."""
     config = plan.config
-    ssl_set = load_split(plan.info.name, config.data.root or None, "ssl", config.data.download)
+    ssl_set = load_split(plan.info.name, config.data.root or None, "ssl", config.data.download and replica == 0)
     return ViewFeed(ssl_set, SimCLRViews(plan.info, device), config.train.batch_size, config.train.seed, replica,
                     plan.replicas)
 
 
-def read_rank_zero_data(plan: Plan, device: torch.device) -> RankZeroData:
+def read_rank_zero_data(plan: Plan, device: torch.device) -> RankData:
     config, name, root = plan.config, plan.info.name, plan.config.data.root or None
-    data = RankZeroData(training_feed(plan, device, replica=0))
+    data = RankData(training_feed(plan, device, replica=0))
     if config.probe.epochs or plan.schedule.log_every:
         data.test_set = load_split(name, root, "test", config.data.download)
     if config.probe.epochs:
@@ -188,11 +190,9 @@ def read_rank_zero_data(plan: Plan, device: torch.device) -> RankZeroData:
 
 def _run_rank(plan: Plan, out_dir: Path, world: World, device: torch.device, link: Link | None,
               averager: GradientAverager | None, resume: bool, progress: bool, memory: PeakMemory) -> RunSummary | None:
-    data, heldout = RankZeroData(), None
+    data, heldout = RankData(), None
     start = stop = heldout_count = 0
     replica, stage = plan.mesh.position(world.rank)
-    if stage == 0 and replica > 0:  # another replica's first stage: its share of every batch
-        data = RankZeroData(training_feed(plan, device, replica))
     if world.rank == 0:  # only the first rank reads the probe's images and the checkpoints
         data = read_rank_zero_data(plan, device)
         stop = plan.total_steps(data.feed.steps_per_epoch)
@@ -209,6 +209,8 @@ def _run_rank(plan: Plan, out_dir: Path, world: World, device: torch.device, lin
         link.collective("the setup barrier", setup_barrier, SETUP_TIMEOUT_S)
         start, stop, heldout_count = link.collective("broadcast", broadcast_from_first, [start, stop, heldout_count],
                                                      device)
+    if stage == 0 and replica > 0:  # another replica's first stage: its share of every batch (rank 0 has the data)
+        data = RankData(training_feed(plan, device, replica))
     blocks = plan.build_blocks(plan.placement.groups[stage], device)
     if start:  # every replica from the same files: the same weights everywhere
         load_checkpoint(out_dir, start, blocks)
@@ -239,7 +241,7 @@ class RankSetup:
     link: Link | None
     averager: GradientAverager | None
     blocks: list[Block]
-    data: RankZeroData
+    data: RankData
     start: int
     stop: int  # the run's last step: where a decaying learning rate ends
     heldout: ImageSet | None
@@ -265,6 +267,8 @@ def _local_training(rank: RankSetup) -> Training:
     def checkpoint(step: int) -> None:
         if rank.replica == 0:  # the weights are the same in every replica: written once
             save_checkpoint(rank.out_dir, step, blocks)
+        if rank.averager is not None:  # the other replicas wait here, not in their next average
+            rank.averager.barrier(SETUP_TIMEOUT_S)
 
     shows = rank.replica == 0  # one progress bar, replica 0's
     return lambda stop, progress, memory: engine.run(rank.start, stop, checkpoint, progress and shows, memory)
@@ -284,7 +288,7 @@ def _gather(plan: Plan, world: World, device: torch.device, link: Link | None, b
     """Every block (weights as trained) and every rank's result, on rank 0; None on the others."""
     if link is None:
         return blocks, [result]
-    replica, stage = plan.mesh.position(world.rank)
+    replica = plan.mesh.position(world.rank)[0]
     with link.patience(SETUP_TIMEOUT_S):  # gathering full-width weights may take minutes between machines
         results = link.collective("gathering results", gather_to_first, result)
         if world.rank > 0:

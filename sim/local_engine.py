@@ -41,7 +41,8 @@ class Recording:
 
 
 class LocalEngine:
-    """Rank `rank`'s actions of `schedule` on `stage`; `feed` (rank 0) builds each batch's views."""
+    """Rank `rank`'s actions of `schedule` on `stage`; `feed` (the first rank of each replica) builds
+    each batch's views."""
 
     def __init__(self, rank: int, schedule: Schedule, stage: LocalStage | EndToEndStage, device: torch.device, *,
                  shapes: MessageShapes | None = None, feed: ViewFeed | None = None, link: Link | None = None,
@@ -80,6 +81,8 @@ class LocalEngine:
             elif action.kind == "W":
                 self.link.recv((1,), self.top, "token")
             elif action.kind == "C":
+                self.stage.settle()  # every update of the batches before the checkpoint applied
+                self._record_updates()
                 if self.link is not None:
                     self.link.flush()
                 if self.recording.log is not None:
@@ -105,6 +108,8 @@ class LocalEngine:
         log = self.recording.log
         logged = self.schedule.logs(step)
         began, sent = time.perf_counter(), self.link.bytes_sent if self.link else 0
+        if logged or self.schedule.aligns(step):  # these passes see the weights from before this batch
+            self.stage.settle()
         if logged:  # activity of the held-out images with the weights from before this batch
             for block, features in self.recording.heldout.run().items():
                 log.blocks[block].record(step, activations=features)

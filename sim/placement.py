@@ -55,9 +55,8 @@ def balanced_placement(costs: Sequence[float], world_size: int) -> Placement:
     """Contiguous groups minimising the largest group cost (ties: the earliest split)."""
     if not 1 <= world_size <= len(costs):
         raise PlacementError(
-            f"world size {world_size} does not fit {len(costs)} blocks: run 1 to {len(costs)} processes per "
-            f"replica (one block per process at most); to use more processes, run data-parallel replicas of the "
-            f"pipeline: sim.replicas = R with R x K processes, e.g. sim.replicas = {max(2, world_size // len(costs))}"
+            f"world size {world_size} does not fit {len(costs)} blocks: run 1 to {len(costs)} processes "
+            "(one block per process at most)"
         )
     best: tuple[float, tuple[int, ...]] | None = None
     for cuts in itertools.combinations(range(1, len(costs)), world_size - 1):

@@ -17,7 +17,7 @@ from layers.model import build_blocks, feature_dims, pool_kernels
 from sim.config import Config, ConfigError, to_toml
 from sim.costmodel import StepWork, estimated_block_costs, held_memory, step_work
 from sim.datasets import DatasetInfo, dataset_info
-from sim.placement import Placement, balanced_placement, check_groups
+from sim.placement import Placement, PlacementError, balanced_placement, check_groups
 from sim.replicas import Mesh, stages_of
 from sim.schedule import MessageShapes, Schedule
 
@@ -42,7 +42,6 @@ class Plan:
     schedule: Schedule
     shapes: MessageShapes
     pipeline: PipelineSettings | None = None  # set: an end-to-end method trained by the BP pipeline engine
-    replicas: int = 1  # data-parallel copies of the pipeline (sim.replicas)
 
     @property
     def config_toml(self) -> str:
@@ -52,6 +51,11 @@ class Plan:
     def stages(self) -> int:
         """K: the processes of one replica's pipeline (one per block group)."""
         return self.placement.world_size
+
+    @property
+    def replicas(self) -> int:
+        """R: data-parallel copies of the pipeline (sim.replicas)."""
+        return self.config.sim.replicas
 
     @property
     def world_size(self) -> int:
@@ -127,7 +131,8 @@ class Plan:
                      f"step's {self.replicas * c.train.batch_size} images, gradients averaged over the replicas")
         if self.stages > 1:
             delays = [self.schedule.delay(r) for r in range(self.stages)]
-            text += (f"\n{self.stages} processes per replica, blocks per rank {self.placement}, "
+            per = " per replica" if self.replicas > 1 else ""
+            text += (f"\n{self.stages} processes{per}, blocks per rank {self.placement}, "
                      f"schedule {self.schedule.name}")
             if self.method.uses_top_context:
                 text += f", {self.schedule.feedback} feedback (delay in steps per rank: {delays})"
@@ -162,8 +167,10 @@ def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | N
     if pipeline is not None:
         check_pipeline(config, method, pipeline, stages)
     elif method.end_to_end and stages > 1:
-        per = f" per replica ({replicas} replicas)" if replicas > 1 else ""
-        raise ConfigError(f"{method.name} is end-to-end backprop: it runs in one process{per}, not {stages} "
+        if replicas > 1:
+            raise ConfigError(f"{method.name} is end-to-end backprop: it runs in one process per replica, not "
+                              f"{stages}: launch {replicas} processes for sim.replicas = {replicas}")
+        raise ConfigError(f"{method.name} is end-to-end backprop: it runs in one process, not {stages} "
                           "(launch it with python -m launch.train, or pipelined with launch.bp_pipeline)")
     kernels = pool_kernels(method, info.image_size, config.rule.pool or None)
     dims = feature_dims(config.model.width, info.image_size, kernels)
@@ -177,7 +184,7 @@ def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | N
     channels, sizes = block_channels(config.model.width), map_sizes(info.image_size)
     activations = tuple((rows, channels[g[-1]], sizes[g[-1]], sizes[g[-1]]) for g in placement.groups)
     return Plan(config, method, info, kernels, placement, schedule,
-                MessageShapes(activations, (rows, dims[NUM_BLOCKS - 1])), pipeline, replicas)
+                MessageShapes(activations, (rows, dims[NUM_BLOCKS - 1])), pipeline)
 
 
 def check_pipeline(config: Config, method: Method, pipeline: PipelineSettings, world_size: int) -> None:
@@ -226,8 +233,15 @@ def _context_dims(method: Method, dims: list[int]) -> list[list[int]]:
 
 
 def _placement(config: Config, method: Method, info: DatasetInfo, dims: list[int], world_size: int) -> Placement:
-    if isinstance(config.sim.placement, list):
-        return check_groups(config.sim.placement, world_size)
+    """The placement on the `world_size` processes of one replica."""
+    groups, replicas = config.sim.placement, config.sim.replicas
+    if isinstance(groups, list) and replicas > 1 and len(groups) != world_size:
+        raise PlacementError(f"sim.placement has {len(groups)} groups, but {replicas * world_size} processes with "
+                             f"sim.replicas = {replicas} make {world_size} per replica: launch "
+                             f"{replicas * len(groups)} processes, or give {world_size} groups, or use "
+                             "sim.placement = \"auto\"")
+    if isinstance(groups, list):
+        return check_groups(groups, world_size)
     contexts = _context_dims(method, dims) if not method.end_to_end else [[] for _ in range(NUM_BLOCKS)]
     costs = estimated_block_costs(config.model.width, info.channels, info.image_size, dims, contexts)
     return balanced_placement(costs, world_size)

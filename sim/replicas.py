@@ -19,18 +19,17 @@ import torch
 import torch.distributed as dist
 
 from layers.block import Block
+from layers.encoder import NUM_BLOCKS
 from sim.placement import PlacementError
 from sim.transport import Link
+
+LONGEST_WAIT_S = 3600.0  # the replica groups' own bound: a checkpoint of a large model on a slow disk
 
 
 @dataclass(frozen=True)
 class Mesh:
     replicas: int  # R
     stages: int  # K: processes of one replica's pipeline
-
-    @property
-    def world_size(self) -> int:
-        return self.replicas * self.stages
 
     def position(self, rank: int) -> tuple[int, int]:
         """(replica, stage) of global rank `rank`."""
@@ -44,46 +43,66 @@ class Mesh:
 
 
 def stages_of(world_size: int, replicas: int) -> int:
-    """K, the processes of one replica, or a PlacementError naming both numbers."""
-    if replicas < 1:
-        raise PlacementError(f"sim.replicas = {replicas}: give 1 or more")
+    """K, the processes of one replica, or a PlacementError with the numbers that would fit."""
+    if world_size % replicas == 0 and world_size // replicas <= NUM_BLOCKS:
+        return world_size // replicas
+    fitting = [r for r in range(1, world_size + 1) if world_size % r == 0 and world_size // r <= NUM_BLOCKS]
+    stages = world_size // fitting[0] if fitting else 0
+    instead = (f"set sim.replicas = {fitting[0]} ({world_size} = {fitting[0]} replicas x {stages} "
+               f"stage{'s' if stages > 1 else ''})" if fitting else f"no sim.replicas fits {world_size} processes")
     if world_size % replicas:
-        fits = [n for n in range(replicas, 6 * replicas + 1, replicas)]
-        raise PlacementError(f"sim.replicas = {replicas} does not divide the world size {world_size}: launch R x K "
-                             f"processes, one of {fits} (K = 1 to 6 stages per replica), or set sim.replicas to a "
-                             f"divisor of {world_size}")
-    return world_size // replicas
+        problem = f"sim.replicas = {replicas} does not divide the world size {world_size}"
+    else:
+        problem = (f"{world_size} processes with sim.replicas = {replicas} make {world_size // replicas} stages per "
+                   f"replica, more than the {NUM_BLOCKS} blocks (one block per process at most)")
+    sizes = ", ".join(str(replicas * k) for k in range(1, NUM_BLOCKS + 1))
+    raise PlacementError(f"{problem}: launch R x K processes, with sim.replicas = {replicas} one of {sizes}; or "
+                         f"{instead}")
 
 
-def replica_group(mesh: Mesh, stage: int, timeout_s: float) -> dist.ProcessGroup:
+def replica_group(mesh: Mesh, stage: int) -> dist.ProcessGroup:
     """This stage's replica group. Every rank builds every stage's group, in the same order (new_group
-    is collective over the whole world), and keeps its own."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    groups = [dist.new_group([mesh.rank(r, s) for r in range(mesh.replicas)], timeout=timeout)
-              for s in range(mesh.stages)]
+    is collective over the whole world), and keeps its own. Its own timeout is long: waits on it are
+    bounded by the Link's timeout, or by a longer patience across a checkpoint."""
+    groups = [dist.new_group([mesh.rank(r, s) for r in range(mesh.replicas)],
+                             timeout=datetime.timedelta(seconds=LONGEST_WAIT_S)) for s in range(mesh.stages)]
     return groups[stage]
 
 
 class GradientAverager:
     """Averages a block's gradients over the replicas: all of the block's gradients in one bucket,
-    reduced asynchronously from `start` (right after its backward pass) to `finish` (right before its
-    optimiser step), so that the stage's other blocks compute meanwhile. Every replica starts and
-    finishes its blocks in the same order, which pairs the collectives."""
+    reduced asynchronously from `start` (right after its backward pass) to `finish` (before its
+    optimiser step: the stage's other blocks, and its messages, go on meanwhile). Every replica
+    starts its blocks in the same order, which pairs the collectives."""
 
-    def __init__(self, group: dist.ProcessGroup, replicas: int, link: Link):
-        self.group, self.replicas, self.link = group, replicas, link
+    def __init__(self, group: dist.ProcessGroup, mesh: Mesh, replica: int, stage: int, link: Link):
+        self.group, self.replicas, self.link = group, mesh.replicas, link
+        others = [mesh.rank(r, stage) for r in range(mesh.replicas) if r != replica]
+        self.peers = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
         self.in_flight: dict[int, tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = {}
 
     def start(self, block: Block) -> None:
+        if block.index in self.in_flight:
+            raise RuntimeError(f"block {block.index} learned twice before its gradients were averaged: a bug in "
+                               "laminar")
         gradients = [p.grad for p in block.parameters() if p.grad is not None]
         bucket = torch.cat([g.reshape(-1) for g in gradients])  # (total parameters,)
         work = self.link.collective("averaging gradients", dist.all_reduce, bucket, dist.ReduceOp.SUM, self.group,
                                     True)
         self.in_flight[block.index] = (work, bucket, gradients)
+        # a ring all-reduce sends 2 (R - 1) / R of the bucket from each rank
+        self.link.bytes_sent += 2 * (self.replicas - 1) * bucket.numel() * bucket.element_size() // self.replicas
 
     def finish(self, block: Block) -> None:
         work, bucket, gradients = self.in_flight.pop(block.index)
-        self.link.wait(work, None, "averaging gradients with")
+        self.link.wait(work, None, "averaging gradients with", who=self.peers)
         bucket.div_(self.replicas)  # gloo has no average: the sum, then one division (exact when R is a power of two)
         for gradient, part in zip(gradients, bucket.split([g.numel() for g in gradients])):
             gradient.copy_(part.view_as(gradient))
+
+    def barrier(self, timeout_s: float) -> None:
+        """Wait, up to `timeout_s`, until every replica of this stage is here (after replica 0 wrote a
+        checkpoint, which the others do not write)."""
+        with self.link.patience(timeout_s):
+            work = self.link.collective("a checkpoint", dist.barrier, self.group, True)
+            self.link.wait(work, None, "waiting at a checkpoint for", who=self.peers)

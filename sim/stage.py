@@ -76,7 +76,10 @@ class LocalStage:
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Run batch `step` through this stage's blocks, learning where the signal is local;
-        returns the last block's output, detached, for the next stage."""
+        returns the last block's output, detached, for the next stage. With replicas, the updates
+        this starts are applied at the stage's next call (or `settle`): their gradients are averaged
+        over the replicas while the output travels on."""
+        self.settle()
         for block in self.blocks:
             out = block(x.detach(), self.stash_weights and block.needs_top_context)  # (2B, C, H, W)
             features = block.features(out)  # (2B, D)
@@ -88,15 +91,25 @@ class LocalStage:
                 self._learn(block, features, None, step)
             x = out
         if self.top_context is not None and step in self.pending:  # the top block is here: no wait
-            self.apply_feedback(step, self.top_context)
-        self._finish_averaging()
+            self._learn_with_feedback(step, self.top_context)
         return x.detach()
 
     def apply_feedback(self, step: int, top_context: torch.Tensor) -> None:
         """The top block's context for batch `step` has arrived: the waiting blocks learn."""
+        self.settle()
+        self._learn_with_feedback(step, top_context)
+
+    def settle(self) -> None:
+        """Apply every update whose gradients are still being averaged over the replicas (before a
+        checkpoint, or a pass that must see this stage's current weights)."""
+        for update in self.averaging:
+            self.averager.finish(update.block)
+            self._step(update)
+        self.averaging.clear()
+
+    def _learn_with_feedback(self, step: int, top_context: torch.Tensor) -> None:
         for block, features in self.pending.pop(step, []):
             self._learn(block, features, top_context, step)
-        self._finish_averaging()
 
     def _learn(self, block: Block, features: torch.Tensor, top_context: torch.Tensor | None, step: int) -> None:
         loss, stats = block.loss(features, top_context, negatives_generator(block, self.seed, step, self.replica))
@@ -112,15 +125,9 @@ class LocalStage:
             update.record.gradient = block.conv_weight.grad.detach().flatten().clone()
         if self.averager is None:
             self._step(update)
-        else:  # the step waits for the average; the stage's next blocks compute meanwhile
+        else:  # the step waits for the average, until the stage's next call
             self.averager.start(block)
             self.averaging.append(update)
-
-    def _finish_averaging(self) -> None:
-        for update in self.averaging:
-            self.averager.finish(update.block)
-            self._step(update)
-        self.averaging.clear()
 
     def _step(self, update: _Update) -> None:
         block, step = update.block, update.record.step
@@ -130,6 +137,21 @@ class LocalStage:
         if update.before is not None:
             update.record.update_norm = (block.conv_weight.detach() - update.before).norm().item()
         self.updates.append(update.record)
+
+
+class _Countdown:
+    """Calls `done` once every `count` ticks: a block's parameters, each ticking when its gradient is in."""
+
+    def __init__(self, count: int, done: Callable[[], None]):
+        self.count, self.left, self.done = count, count, done
+
+    def reset(self) -> None:
+        self.left = self.count
+
+    def tick(self, _parameter: torch.Tensor) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.done()
 
 
 @dataclass
@@ -148,8 +170,25 @@ class EndToEndStage:
         self.blocks, self.seed, self.observe, self.learning_rate = list(blocks), seed, observe, learning_rate
         self.averager, self.replica = averager, replica
         self.updates: list[UpdateRecord] = []
+        self.started: list[Block] = []  # blocks whose gradient average is on its way, in the order started
+        self.countdowns: list[_Countdown] = []
+        if averager is not None:  # each block's average starts as soon as the backward pass has its gradients
+            for block in self.blocks:
+                parameters = [p for p in block.parameters() if p.requires_grad]
+                self.countdowns.append(_Countdown(len(parameters), lambda block=block: self._start(block)))
+                for parameter in parameters:
+                    parameter.register_post_accumulate_grad_hook(self.countdowns[-1].tick)
+
+    def _start(self, block: Block) -> None:
+        self.averager.start(block)
+        self.started.append(block)
+
+    def settle(self) -> None:
+        """Nothing waits between calls: each call applies its own updates."""
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        for countdown in self.countdowns:
+            countdown.reset()
         for block in self.blocks:
             x = block(x)  # (2B, C, H, W): not detached
         top = self.blocks[-1]
@@ -159,13 +198,15 @@ class EndToEndStage:
         before = [b.conv_weight.detach().clone() for b in self.blocks] if measure else None
         for block in self.blocks:
             block.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.averager is not None:  # every bucket on its way; each block steps once its own average is in
+        loss.backward()  # with replicas, starts each block's average as its gradients are done
+        if self.averager is not None:
             for block in self.blocks:
-                self.averager.start(block)
-        for block in self.blocks:
-            if self.averager is not None:
+                if block not in self.started:  # a block with a parameter the loss did not reach
+                    self._start(block)
+            for block in self.started:
                 self.averager.finish(block)
+            self.started.clear()
+        for block in self.blocks:
             if self.learning_rate is not None:
                 self.learning_rate.apply(block.optimizer, step)
             block.optimizer.step()

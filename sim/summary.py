@@ -4,14 +4,14 @@ Written by rank 0 at the end of a run (`sim.job`), whichever engine trained it; 
 programs that compare runs (launch.compare, launch.bench) and by `analysis report`. Standard library
 only, so that `analysis` can read it without importing torch.
 
-Fields (see `RunSummary`): what ran (method, dataset, engine, world_size, placement, schedule,
-feedback, microbatches, config), how far (steps), how fast (images_per_s over the whole loop,
+Fields (see `RunSummary`): what ran (method, dataset, engine, world_size, replicas, placement (of one
+replica), schedule, feedback, microbatches, config), how far (steps), how fast (images_per_s over the whole loop,
 images_per_s_steady over timed windows after warm-up, train_seconds, per-rank times and bytes),
 how much memory (peak_memory_bytes per rank: what the work holds, imports excluded), what it
-learned (loss_per_block, the probe's accuracies), where (device, threads, torch) and with which
-speed-ups in effect (speedups).
+learned (loss_per_block, replica 0's with replicas; the probe's accuracies), where (device, threads,
+torch) and with which speed-ups in effect (speedups).
 
-Changes from the first format: "engine", "microbatches" and "speedups" are new; the BP pipeline's "loss" is
+Changes from the first format: "engine", "microbatches", "speedups" and "replicas" are new; the BP pipeline's "loss" is
 now loss_per_block[5] and its "step_end_seconds" gave way to images_per_s_steady; every rank has
 "busy_seconds". `RunSummary.read` still reads summaries written before these changes.
 """
@@ -83,7 +83,7 @@ class RunSummary:
         """The fields every summary derives from the ranks' results; `fields` gives the rest."""
         seconds = max(r.seconds for r in results)  # the run lasts as long as its slowest rank
         trained = results[0].steps
-        losses = {b: v for r in results for b, v in r.loss_per_block.items()}
+        losses = {b: v for r in reversed(results) for b, v in r.loss_per_block.items()}  # replica 0's, as logged
         delays = {b: r.feedback_delay for r in results for b in r.blocks}
         rate = results[-1].steady_steps_per_s()  # the last rank: the pipeline's output
         blocks = sorted(delays)

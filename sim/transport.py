@@ -115,13 +115,14 @@ class Link:
         work, _, dst = self.in_flight.popleft()
         self.wait(work, dst, "sending to")
 
-    def wait(self, work: dist.Work, peer: int | None, doing: str) -> None:
-        """Wait for `work` (with `peer`, a stage of this replica, or None: a group) up to the timeout."""
+    def wait(self, work: dist.Work, peer: int | None, doing: str, who: str | None = None) -> None:
+        """Wait for `work` up to the timeout: with `peer`, a stage of this replica, or with the ranks
+        `who` names (a group's)."""
         began = time.perf_counter()
         try:
             work.wait(self.timeout)
         except Exception as error:  # a dropped connection or a timeout: diagnose, never hang
-            raise self.diagnose(peer, doing, error) from None
+            raise self.diagnose(peer, doing, error, who) from None
         finally:
             self.wait_seconds += time.perf_counter() - began
 
@@ -141,11 +142,11 @@ class Link:
         except RuntimeError as error:
             raise self.diagnose(None, f"in {what} with", error) from None
 
-    def diagnose(self, peer: int | None, doing: str, error: Exception) -> PeerFailure:
+    def diagnose(self, peer: int | None, doing: str, error: Exception, who: str | None = None) -> PeerFailure:
         reason = first_failure(self.store)
         if reason is None:  # the peer could not say why (killed, or stuck): name it ourselves
             detail = str(error).splitlines()[0][:200]
-            who = "a peer" if peer is None else f"rank {self.base + peer}"
+            who = who or ("a peer" if peer is None else f"rank {self.base + peer}")
             reason = record_failure(self.store, f"{who} stopped answering (rank {self.base + self.rank} was {doing} "
                                     f"it: {detail})")
         return PeerFailure(f"rank {self.base + self.rank} stops because {reason}")

@@ -120,6 +120,7 @@ def trained_with_delays(config: Config, batches: Sequence[torch.Tensor], delays:
     for stage in stages:
         for waiting in sorted(stage.pending):
             stage.apply_feedback(waiting, feedback[waiting])
+        stage.settle()  # with replicas, the last updates wait for their averages until here
     return {block.index: block.state_dict() for block in blocks}
 
 

@@ -18,7 +18,7 @@ from tests.helpers import TINY_CONFIG
 
 FREE = LinkSpeed(latency=0.0, bandwidth=float("inf"))
 EVEN = BlockTimes(local=[1.0] * 6, forward=[0.5] * 6, backward=[1.0] * 6, data=0.0,
-                  activation_bytes=[1000] * 6, feedback_bytes=100)
+                  activation_bytes=[1000] * 6, feedback_bytes=100, gradient_bytes=[4000] * 6)
 ALL, HALVES, SIXTHS = [list(range(6))], [[0, 1, 2], [3, 4, 5]], [[b] for b in range(6)]
 
 
@@ -45,17 +45,17 @@ def test_flushed_backprop_pipeline_pays_its_bubble():
 
 
 def test_replicas_multiply_the_images_and_pay_the_all_reduce_of_their_blocks():
-    even = BlockTimes(**{**EVEN.__dict__, "gradient_bytes": [4000] * 6})
-    assert local_pipelined(even, ALL, FREE, batch=32, replicas=2) == pytest.approx(2 * 32 / 6)
+    assert local_pipelined(EVEN, ALL, FREE, batch=32, replicas=2) == pytest.approx(2 * 32 / 6)
     slow_link = LinkSpeed(latency=0.5, bandwidth=float("inf"))  # a ring all-reduce over 4: 6 messages a block
-    assert local_pipelined(even, HALVES, slow_link, batch=32, replicas=4) == pytest.approx(
+    assert local_pipelined(EVEN, HALVES, slow_link, batch=32, replicas=4) == pytest.approx(
         4 * 32 / (3 + 0.5 + 3 * 6 * 0.5))  # rank 0: its blocks, its message up, its 3 blocks' all-reduces
     assert all_reduce_seconds(LinkSpeed(0.0, 1000.0), 4000, 2) == pytest.approx(2 * 2000 / 1000)
-    assert backprop_pipelined(even, ALL, FREE, batch=32, replicas=2) == pytest.approx(2 * 32 / 9)
+    assert backprop_pipelined(EVEN, ALL, FREE, batch=32, replicas=2) == pytest.approx(2 * 32 / 9)
 
 
 def test_replicas_benchmark_writes_its_report(tmp_path):
-    assert replicas_bench(["--widths", "0.0625", "--steps", "4", "--out", str(tmp_path)]) == 0
+    assert replicas_bench(["--widths", "0.0625", "--steps", "4", "--out", str(tmp_path), "--runs",
+                           str(tmp_path / "runs")]) == 0
     result = json.loads((tmp_path / "replicas.json").read_text())["results"][0]
     assert set(result["runs"]) == {"R=1 K=1", "R=1 K=2", "R=2 K=1"}
     assert result["runs"]["R=2 K=1"]["images_per_step"] == 64 and result["runs"]["R=2 K=1"]["images_per_s"] > 0

@@ -32,7 +32,7 @@ RUNS = {"R=1 K=1": (1, 1), "R=1 K=2": (1, 2), "R=2 K=1": (2, 1)}  # name -> (rep
 EIGHT = [(8, 1), (4, 2), (2, 3), (2, 4), (1, 6)]  # R x K on 8 processes (2 x 3 leaves 2 idle)
 
 
-def measure(width: float, steps: int, out: Path) -> dict:
+def measure(width: float, steps: int, folders: Path) -> dict:
     overrides = [*SETTINGS, f"model.width={width}", f"train.steps={steps}"]
     config = load_config(CONFIG, overrides)
     speedups(config)  # the block timings below run as the runs do
@@ -42,7 +42,7 @@ def measure(width: float, steps: int, out: Path) -> dict:
     for name, (replicas, stages) in RUNS.items():
         processes = replicas * stages
         summary = bench_run(processes, 1, CONFIG, [*overrides, f"sim.replicas={replicas}"],
-                            out / f"w{width}_{name.replace(' ', '_').replace('=', '')}")
+                            folders / f"w{width}_{name.replace(' ', '_').replace('=', '')}")
         groups = make_plan(load_config(CONFIG, [*overrides, f"sim.replicas={replicas}"]), processes).placement.groups
         predicted = local_pipelined(block_times, groups, link, config.train.batch_size, replicas=replicas)
         runs[name] = {"replicas": replicas, "stages": stages, "processes": processes,
@@ -69,7 +69,8 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {result['width']} | {name} | {run['processes']} | {run['images_per_step']} | "
                          f"{run['images_per_s']:.1f} | {run['predicted_images_per_s']:.1f} | "
                          f"{run['prediction_error']:+.0%} |")
-    lines += ["", "Cost model, 8 processes (per-block times and link measured on this machine, 1 thread each):", "",
+    lines += ["", "Cost model, 8 processes (2 x 3 uses 6 of them; per-block times and link measured on this machine, "
+              "1 thread each):", "",
               "| width | R x K | placement | predicted images/s |", "|---:|---|---|---:|"]
     for result in results:
         for name, row in result["eight_processes"].items():
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", default="0.125,1.0", help="comma-separated model widths")
     parser.add_argument("--steps", default="200,30", help="training steps of each run, one per width")
     parser.add_argument("--out", type=Path, default=Path("launch") / "results" / "replicas")
+    parser.add_argument("--runs", type=Path, default=Path("runs") / "bench_replicas", help="where run folders go")
     args = parser.parse_args(argv)
     try:
         widths = [float(w) for w in args.widths.split(",")]
@@ -91,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--widths and --steps take numbers separated by commas, e.g. --widths 0.125,1.0 --steps 200,12")
     if len(widths) != len(steps):
         parser.error(f"--widths has {len(widths)} values and --steps {len(steps)}: give one step count per width")
-    runs = Path("runs") / "bench_replicas"
-    results = [measure(width, count, runs) for width, count in zip(widths, steps)]
+    results = [measure(width, count, args.runs) for width, count in zip(widths, steps)]
     write_figures(args.out, "replicas", {"machine": describe_machine(), "results": results}, table(results))
     return 0
 

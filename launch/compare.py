@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from launch.machine import mean_spread
 from launch.runner import DEFAULT_CONFIG, launch_run
 from sim.config import ConfigError, add_config_arguments, load_config
 from sim.job import ProgramErrors
@@ -62,14 +63,6 @@ def verdict(trained: list[float], untrained: list[float]) -> str:
     return f"{difference:+.2f} points: {beats} by more than the seed spread ({spread:.2f})"
 
 
-def _spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def markdown_table(rows: list[tuple[str, list[RunSummary]]]) -> str:
     untrained = next((accuracies(found) for name, found in rows if name == "random"), [])
     lines = ["| run | method | processes | steps | seeds | images/s | peak memory per process (MiB) "
@@ -81,7 +74,8 @@ def markdown_table(rows: list[tuple[str, list[RunSummary]]]) -> str:
         memory = ", ".join(f"{b / 2**20:.0f}" for b in s.peak_memory_bytes) if s.steps else "-"
         against = verdict(accuracies(found), untrained) if name != "random" else "-"
         lines.append(f"| {name} | {s.method} | {s.world_size} | {s.steps} | {len(found)} | {speed} | {memory} | "
-                     f"{_spread(accuracies(found))} | {_spread(accuracies(found, last_block=True))} | {against} |")
+                     f"{mean_spread(accuracies(found))} | {mean_spread(accuracies(found, last_block=True))} | "
+                     f"{against} |")
     return "\n".join(lines)
 
 

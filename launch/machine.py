@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 
 import torch
 
 from sim.recording import code_version
 
-__all__ = ["available_cores", "code_version", "cpu_name", "describe_machine", "write_figures"]
+__all__ = ["available_cores", "code_version", "cpu_name", "describe_machine", "mean_spread", "replace_between_markers",
+           "write_figures"]
 
 
 def cpu_name() -> str:
@@ -40,3 +42,26 @@ def write_figures(out: Path, name: str, result: dict, table: str) -> None:
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(table + "\n")
     print(table)
+
+
+def mean_spread(values: list[float], single: str = "") -> str:
+    """'mean ± sd' of `values` over seeds; one value as it is, followed by `single`; none: '-'."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}{single}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def replace_between_markers(page: Path, start: str, end: str, text: str) -> bool:
+    """Put `text` between the `start` and `end` markers of `page` (BENCHMARKS.md); False where the
+    page or its markers are missing (an installed copy without the repository's BENCHMARKS.md)."""
+    if not page.exists():
+        return False
+    content = page.read_text()
+    if start not in content or end not in content.split(start, 1)[1]:
+        print(f"{page} has no '{start}' ... '{end}' pair: the table was not written into it")
+        return False
+    before, rest = content.split(start, 1)
+    page.write_text(f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    return True

@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from launch.machine import available_cores, code_version, cpu_name
+from launch.machine import available_cores, code_version, cpu_name, replace_between_markers
 from launch.probe import probe_run
 from launch.runner import launch_run, positive
 from sim.job import ProgramErrors
@@ -164,15 +164,6 @@ def render(results: dict) -> str:
     return "\n".join(lines) + f"\n\nChosen so far: {chosen}; trials left: {left}."
 
 
-def write_into_benchmarks(text: str) -> None:
-    page = BENCHMARKS.read_text()
-    if START not in page or END not in page:
-        print(f"{BENCHMARKS} has no '{START}' ... '{END}' pair: the table was not written into it")
-        return
-    before, rest = page.split(START, 1)
-    BENCHMARKS.write_text(f"{before}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.bench.protocol_search", description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="", help="CIFAR-10's folder (data.root)")
@@ -202,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             break
         save_results(results)  # each finished trial is kept, whatever happens next
-        write_into_benchmarks(render(results))
+        replace_between_markers(BENCHMARKS, START, END, render(results))
     text = render(results)
     print(text)
-    write_into_benchmarks(text)
+    replace_between_markers(BENCHMARKS, START, END, text)
     return 0
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.machine import available_cores, code_version, cpu_name
+from launch.machine import available_cores, code_version, cpu_name, mean_spread, replace_between_markers
 from launch.runner import launch_run
 from sim.job import ProgramErrors
 
@@ -73,14 +73,6 @@ def run_cell(dataset: str, root: str, row: str, seed: int, out: Path) -> dict:
             "machine": f"{cpu_name()} ({available_cores()} cores)"}
 
 
-def _stats(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f} (1 seed)"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def cell_key(dataset: str, row: str, seed: int) -> str:
     return f"{dataset}/{row}/{seed}"
 
@@ -108,8 +100,8 @@ def render(results: dict) -> str:
             speed = statistics.mean(c["images_per_s"] for c in found) if found[0]["steps"] else None
             memory = statistics.mean(max(c["peak_memory_bytes"]) for c in found) / 2**20
             paper_value = paper.get(row.split("@")[0]) if "@" not in row else None
-            lines.append(f"| {row} | {_stats([c['test_acc'] for c in found])} | "
-                         f"{_stats([c['last_block_acc'] for c in found])} | "
+            lines.append(f"| {row} | {mean_spread([c['test_acc'] for c in found], ' (1 seed)')} | "
+                         f"{mean_spread([c['last_block_acc'] for c in found], ' (1 seed)')} | "
                          f"{'-' if speed is None else f'{speed:.0f}'} | "
                          f"{memory:.0f} | {len(found)} | {'-' if paper_value is None else paper_value} |")
         parts.append("\n".join(lines))
@@ -151,15 +143,7 @@ def chart(results: dict, path: Path) -> None:
 def write_into_benchmarks(table: str) -> bool:
     """Replace the table between the markers of BENCHMARKS.md; False where there are no markers
     (an installed copy without the repository's BENCHMARKS.md)."""
-    if not BENCHMARKS.exists():
-        return False
-    text = BENCHMARKS.read_text()
-    if START not in text or END not in text.split(START, 1)[1]:
-        print(f"{BENCHMARKS} has no '{START}' ... '{END}' pair: the table was not written into it")
-        return False
-    before, rest = text.split(START, 1)
-    BENCHMARKS.write_text(f"{before}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
-    return True
+    return replace_between_markers(BENCHMARKS, START, END, table)
 
 
 def main(argv: list[str] | None = None) -> int:

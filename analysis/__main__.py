@@ -5,6 +5,8 @@
     python -m analysis cka RUN_DIR [OTHER_RUN_DIR] [--step N]
                                                     CKA between blocks; with two runs, block k vs block k
     python -m analysis report RUN_DIR               one HTML page with every figure, table and the config
+    python -m analysis curves RUN_DIR [RUN_DIR ...] --out DIR
+                                                    several runs' probe accuracy against images seen and seconds
 
 Each command prints a table and writes its files into RUN_DIR/analysis/ (or --out DIR).
 
@@ -25,6 +27,7 @@ from analysis import plots
 from analysis.cka import blocks_cka, blocks_cka_table, runs_cka, runs_cka_table
 from analysis.gradient_alignment import alignment_csv, alignment_table, block_alignment
 from analysis.logged_probe import ALPHA, SEED, TRAIN_FRACTION, probe_csv, probe_run, probe_table
+from analysis.probe_curves import curves_table, probe_curve
 from analysis.report import build_report
 from analysis.store import LogError, RunLog, Unreadable, open_run
 from sim.log_format import STORE_NAME
@@ -85,7 +88,15 @@ def cmd_report(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
     return written
 
 
-COMMANDS = {"alignment": cmd_alignment, "probe": cmd_probe, "cka": cmd_cka, "report": cmd_report}
+def cmd_curves(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
+    curves = [probe_curve(r, alpha=args.alpha) for r in [run, *args.more_runs]]
+    print(curves_table(curves))
+    return [_write(out, "curves.json", _json([c.as_dict() for c in curves])),
+            plots.plot_probe_curves(curves, out / "curves.png", title=args.title)]
+
+
+COMMANDS = {"alignment": cmd_alignment, "probe": cmd_probe, "cka": cmd_cka, "report": cmd_report,
+            "curves": cmd_curves}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -111,6 +122,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--step", type=int, default=None, help="logged step to compare (default: the last)")
     c = command("report", "one self-contained HTML page with every figure, table and the config")
     c.add_argument("--points", type=int, default=20, help="logged steps probed per block (0 = all)")
+    c = command("curves", "probe accuracy of several runs (all blocks, last block) against images seen and seconds")
+    c.add_argument("more_run_dirs", type=Path, nargs="*", metavar="RUN_DIR", help="more runs to draw beside it")
+    c.add_argument("--alpha", type=float, default=ALPHA, help="ridge penalty as a fraction of the fitted images")
+    c.add_argument("--title", default="", help="the figure's title")
     return p
 
 
@@ -131,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "other_run_dir", None) is not None:  # cka with a second run
             runs.append(open_run(args.other_run_dir))
         args.other_run = runs[1] if len(runs) > 1 else None
+        args.more_runs = [open_run(d) for d in getattr(args, "more_run_dirs", [])]
+        runs += args.more_runs
         out = args.out if args.out is not None else args.run_dir / "analysis"
         out.mkdir(parents=True, exist_ok=True)
         written = COMMANDS[args.command](runs[0], out, args)

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from analysis.cka import BlockCka, RunsCka
 from analysis.gradient_alignment import BlockAlignment
 from analysis.logged_probe import ProbeResult
+from analysis.probe_curves import Curve
 from analysis.store import RunLog
 
 DPI = 110
@@ -158,4 +159,26 @@ def plot_throughput(run: RunLog, path: Path) -> Path:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
         axis.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_probe_curves(curves: Sequence[Curve], path: Path, title: str = "") -> Path:
+    """Probe accuracy (%) of several runs: all blocks (top) and last block (bottom), against images seen
+    (left) and wall-clock seconds (right); the untrained level (the runs' mean at step 0) dashed."""
+    fig, axes = _figure(2, 2, figsize=(12, 8), sharey="row")
+    for row, (field, name) in enumerate((("all_blocks", "all blocks"), ("last_block", "last block"))):
+        untrained = [100 * getattr(c, field)[0] for c in curves if c.steps[0] == 0]
+        for column, (clock, xlabel) in enumerate((("images", "images seen"), ("seconds", "wall-clock seconds"))):
+            ax = axes[row, column]
+            for i, curve in enumerate(curves):
+                x = getattr(curve, clock)
+                if x is not None:
+                    ax.plot(x, 100 * getattr(curve, field), ".-", color=f"C{i}", label=curve.label, lw=1.4, ms=4)
+            if untrained:
+                ax.axhline(float(np.mean(untrained)), color="0.4", ls="--", lw=1, label="untrained (step 0)")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"probe accuracy, {name} (%)")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title or "linear probe over training (ridge on held-out activity)", fontsize=11)
     return _save(fig, path)

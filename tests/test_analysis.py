@@ -93,7 +93,8 @@ def write_fake_store(run_dir: Path, rows: int = 5, log_every: int = 10, align_ev
     rng = np.random.default_rng(seed)
     labels = (np.arange(images) % num_classes).astype(HELDOUT_LABELS.dtype)
     index = (np.arange(images) * 3 + index_offset).astype(HELDOUT_INDEX.dtype)
-    attrs = root_attrs(config={"method": "clapp_pp", "train": {"steps": rows * log_every}}, code_version="unknown",
+    config = {"method": "clapp_pp", "train": {"steps": rows * log_every, "batch_size": 8}}
+    attrs = root_attrs(config=config, code_version="unknown",
                        world_size=len(placement), placement=[list(g) for g in placement], dataset="synthetic",
                        method="clapp_pp", num_blocks=6, log_every=log_every, align_every=align_every,
                        heldout_split="test", num_classes=num_classes)
@@ -279,6 +280,27 @@ def test_probe_separable_high_random_near_chance(tmp_path):
     assert abs(np.mean([a.mean() for a in rnd.accuracy.values()]) - rnd.chance) < 0.12
     assert main(["probe", str(tmp_path / "sep"), "--points", "2"]) == 0
     assert "block,step,accuracy" in (tmp_path / "sep/analysis/probe.csv").read_text()
+
+
+def test_curves_of_two_runs_against_images_and_seconds(tmp_path):
+    for name, acts in (("sep", separable_acts), ("rnd", random_acts)):
+        (tmp_path / name).mkdir()
+        write_fake_store(tmp_path / name, rows=3, images=120, acts=acts)
+    RunSummary(  # only "sep" has finished: its seconds per step are 6 / 30
+        method="clapp_pp", dataset="synthetic", engine="local", world_size=2, steps=30, images_per_s=40.0,
+        images_per_s_steady=None, loss_per_block=[1.0] * 6, probe=None, peak_memory_bytes=[1, 1],
+        placement=[[0, 1, 2], [3, 4, 5]], schedule="pipelined", feedback=None, feedback_delay_steps=[0] * 6,
+        ranks=[], train_seconds=6.0, device="cpu", threads=1, torch="2", config={}).write(tmp_path / "sep")
+    out = tmp_path / "curves"
+    assert main(["curves", str(tmp_path / "sep"), str(tmp_path / "rnd"), "--out", str(out)]) == 0
+    sep, rnd = json.loads((out / "curves.json").read_text())
+    assert sep["steps"] == rnd["steps"] == [0, 10, 20]
+    assert sep["images"] == [0, 80, 160]  # step x batch size 8
+    assert sep["seconds"] == [0.0, 2.0, 4.0] and rnd["seconds"] is None
+    assert min(sep["all_blocks"] + sep["last_block"]) > 0.95
+    assert abs(np.mean(rnd["all_blocks"] + rnd["last_block"]) - 0.25) < 0.15  # 4 classes: chance 0.25
+    assert sep["label"] == "clapp_pp, 2 processes"
+    assert imread(out / "curves.png").shape[1] > 1000
 
 
 def test_cka_properties():

@@ -1,4 +1,5 @@
 """The benchmark's cost model and its output format (no timing is asserted)."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -96,40 +97,63 @@ def test_table_renders_mean_and_spread_next_to_the_paper(tmp_path):
     assert (tmp_path / "table.png").stat().st_size > 10_000
 
 
-def test_table_replaces_only_the_text_between_the_markers(tmp_path, monkeypatch):
-    import launch.bench.table as table_module
-
+def tmp_scales(table_module, tmp_path: Path, monkeypatch) -> dict:
+    """Both scales of the table writing into tmp_path, BENCHMARKS.md with both scales' markers."""
+    scales = {name: dataclasses.replace(scale, results=tmp_path / f"{name}.json", chart=tmp_path / f"{name}.png")
+              for name, scale in table_module.SCALES.items()}
+    monkeypatch.setattr(table_module, "SCALES", scales)
     page = tmp_path / "BENCHMARKS.md"
+    page.write_text("".join(f"# {n}\n{s.start}\n| old |\n{s.end}\n" for n, s in scales.items()) + "tail\n")
     monkeypatch.setattr(table_module, "BENCHMARKS", page)
-    assert not table_module.write_into_benchmarks("| new |")  # no file: nothing written
-    page.write_text(f"# head\n{table_module.START}\n| old |\n{table_module.END}\ntail\n")
-    assert table_module.write_into_benchmarks("| new |")
-    assert page.read_text() == f"# head\n{table_module.START}\n| new |\n{table_module.END}\ntail\n"
-    page.write_text("no markers\n")
-    assert not table_module.write_into_benchmarks("| new |") and page.read_text() == "no markers\n"
+    return scales
+
+
+def fake_cells(table_module, monkeypatch) -> list:
+    """run_cell replaced by a recorder: (scale's marker, row, seed, logged) per call, in call order."""
+    runs = []
+
+    def fake_cell(scale, dataset: str, root: str, row: str, seed: int, logged: bool, out: Path) -> dict:
+        runs.append((scale.marker, row, seed, logged))
+        return {"test_acc": 50.0 + len(runs), "last_block_acc": 40.0, "images_per_s": 10.0,
+                "peak_memory_bytes": [2**20], "steps": 0 if row == "random" else 600}
+
+    monkeypatch.setattr(table_module, "run_cell", fake_cell)
+    return runs
 
 
 def test_table_resumes_from_its_results_file_and_redoes_only_when_asked(tmp_path, monkeypatch):
     import launch.bench.table as table_module
 
-    for name, path in [("RESULTS", "table.json"), ("CHART", "table.png"), ("BENCHMARKS", "BENCHMARKS.md")]:
-        monkeypatch.setattr(table_module, name, tmp_path / path)
-    runs = []
-
-    def fake_cell(dataset: str, root: str, row: str, seed: int, out: Path) -> dict:
-        runs.append((row, seed))
-        return {"test_acc": 50.0 + len(runs), "last_block_acc": 40.0, "images_per_s": 10.0,
-                "peak_memory_bytes": [2**20], "steps": 0 if row == "random" else 600}
-
-    monkeypatch.setattr(table_module, "run_cell", fake_cell)
+    tmp_scales(table_module, tmp_path, monkeypatch)
+    runs = fake_cells(table_module, monkeypatch)
     command = ["--data", "fashion_mnist", "--rows", "random,clapp", "--seeds", "0"]
     assert table_module.main(command) == 0
-    assert runs == [("random", 0), ("clapp", 0)]
+    assert runs == [("table", "random", 0, False), ("table", "clapp", 0, False)]
     assert table_module.main([*command[:-1], "0,1"]) == 0  # only the new seed's cells run
-    assert runs[2:] == [("random", 1), ("clapp", 1)]
-    kept = json.loads((tmp_path / "table.json").read_text())["cells"]
+    assert [r[1:3] for r in runs[2:]] == [("random", 1), ("clapp", 1)]
+    kept = json.loads((tmp_path / "short.json").read_text())["cells"]
     assert kept["fashion_mnist/clapp/0"]["test_acc"] == 52.0 and len(kept) == 4
     assert table_module.main([*command, "--redo"]) == 0  # seed 0 again, replaced in the file
-    assert runs[4:] == [("random", 0), ("clapp", 0)]
-    assert json.loads((tmp_path / "table.json").read_text())["cells"]["fashion_mnist/clapp/0"]["test_acc"] == 56.0
-    assert (tmp_path / "table.png").exists()
+    assert [r[1:3] for r in runs[4:]] == [("random", 0), ("clapp", 0)]
+    assert json.loads((tmp_path / "short.json").read_text())["cells"]["fashion_mnist/clapp/0"]["test_acc"] == 56.0
+    assert (tmp_path / "short.png").exists()
+    page = (tmp_path / "BENCHMARKS.md").read_text()  # only the short scale's table was replaced
+    assert page.count("| old |") == 1 and "| clapp |" in page.split("table-protocol")[0]
+
+
+def test_protocol_table_logs_the_figure_rows_first_seed_and_runs_a_two_process_cell_alone(tmp_path, monkeypatch):
+    import launch.bench.table as table_module
+
+    scales = tmp_scales(table_module, tmp_path, monkeypatch)
+    runs = fake_cells(table_module, monkeypatch)
+    rows = "random,clapp_pp,clapp_pp_dfb@2 delayed"
+    assert table_module.main(["--scale", "protocol", "--data", "cifar10", "--rows", rows, "--seeds", "3,4",
+                              "--jobs", "2"]) == 0
+    assert all(marker == "table-protocol" for marker, *_ in runs)
+    by_seed = [[r[1:] for r in runs if r[2] == seed] for seed in (3, 4)]
+    for seed, cells in zip((3, 4), by_seed):  # each seed's 2-process cell first, before the pool starts
+        assert cells[0] == ("clapp_pp_dfb@2 delayed", seed, seed == 3)
+        assert sorted(cells[1:]) == [("clapp_pp", seed, seed == 3), ("random", seed, False)]
+    assert runs.index(("table-protocol", "clapp_pp_dfb@2 delayed", 4, False)) == 3  # seed 3 wholly before seed 4
+    assert scales["protocol"].results.exists() and not scales["short"].results.exists()
+    assert (tmp_path / "BENCHMARKS.md").read_text().count("| old |") == 1

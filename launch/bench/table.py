@@ -1,12 +1,21 @@
-"""The reproduction table: every method trained and probed at CPU scale, 3 seeds, next to the paper.
+"""The reproduction table: every method trained and probed at CPU scale, over seeds, next to the paper.
 
     python -m launch.bench.table --data cifar10 --data-root ../shared/data/cifar10
+    python -m launch.bench.table --scale protocol --data cifar10 --data-root ../shared/data/cifar10 --jobs 2
     python -m launch.bench.table --data fashion_mnist
     python -m launch.bench.table --render            # only rebuild BENCHMARKS.md's table and the chart
 
-Each cell (dataset, method, seed) is one run of `launch.train` (on 2 processes for the layer-parallel
-row) with launch/configs/table_cpu.toml; its result is added to launch/results/table.json as soon as it
-finishes, so a table can be completed over several invocations and re-rendered without training.
+Two scales, each with its config, results file, chart and place in BENCHMARKS.md:
+- short: launch/configs/table_cpu.toml (600 steps, constant lr 2e-4), launch/results/table.json;
+- protocol: launch/configs/protocol_cpu.toml (9,000 steps, cosine from 1e-3: the protocol chosen on a
+  validation split by launch.bench.protocol_search), launch/results/table_protocol.json. At this scale
+  the first seed of the figure's rows (FIGURE_ROWS) also logs held-out activity every LOG_EVERY steps,
+  for the probe-over-training figure (launch.bench.probe_curves).
+
+Each cell (dataset, row, seed) is one run of `launch.train` (on 2 processes for the layer-parallel
+row); its result is added to the results file as soon as it finishes, so a table can be completed over
+several invocations and re-rendered without training. `--jobs 2` runs two one-process cells at once
+(one thread each); a 2-process cell runs alone.
 """
 from __future__ import annotations
 
@@ -16,18 +25,45 @@ import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from threading import Lock
 
 from launch.machine import available_cores, code_version, cpu_name, mean_spread, replace_between_markers
-from launch.runner import launch_run
+from launch.runner import launch_run, positive
 from sim.job import ProgramErrors
 
 ROOT = Path(__file__).parents[1]  # launch/
-CONFIG = ROOT / "configs" / "table_cpu.toml"
-RESULTS = ROOT / "results" / "table.json"
-CHART = ROOT / "results" / "table.png"
-BENCHMARKS = ROOT.parent / "BENCHMARKS.md"  # its table sits between these two markers
-START, END = "<!-- table:start -->", "<!-- table:end -->"
+BENCHMARKS = ROOT.parent / "BENCHMARKS.md"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One budget of the table: what it trains with, where its results go, and its markers in BENCHMARKS.md."""
+    config: Path
+    results: Path
+    chart: Path
+    marker: str
+    logged_rows: tuple[str, ...] = ()  # rows whose first seed also logs held-out activity
+
+    @property
+    def start(self) -> str:
+        return f"<!-- {self.marker}:start -->"
+
+    @property
+    def end(self) -> str:
+        return f"<!-- {self.marker}:end -->"
+
+
+FIGURE_ROWS = ("clapp_pp", "clapp_pp_dfb@2 delayed", "bp_infonce")
+LOG_EVERY, LOG_HELDOUT = 500, 2000
+SCALES = {
+    "short": Scale(ROOT / "configs" / "table_cpu.toml", ROOT / "results" / "table.json",
+                   ROOT / "results" / "table.png", "table"),
+    "protocol": Scale(ROOT / "configs" / "protocol_cpu.toml", ROOT / "results" / "table_protocol.json",
+                      ROOT / "results" / "table_protocol.png", "table-protocol", FIGURE_ROWS),
+}
 # Row name -> overrides; "@2" rows run layer-parallel on 2 processes (1 thread each).
 ROWS = {
     "random": ["method=clapp_pp", "train.steps=0", "train.epochs=0"],
@@ -48,27 +84,35 @@ PAPER = {"cifar10": {"bp_infonce": 80.69, "bp_clapp_pp": 80.49, "clapp_pp": 80.5
 LABELS = {"cifar10": "CIFAR-10 (JPEG q75)", "fashion_mnist": "Fashion-MNIST"}
 
 
-def load_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"cells": {}}
+def load_results(scale: Scale) -> dict:
+    return json.loads(scale.results.read_text()) if scale.results.exists() else {"cells": {}}
 
 
-def save_results(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    temporary = RESULTS.with_suffix(".tmp")
+def save_results(scale: Scale, results: dict) -> None:
+    scale.results.parent.mkdir(parents=True, exist_ok=True)
+    temporary = scale.results.with_suffix(".tmp")
     temporary.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    temporary.replace(RESULTS)
+    temporary.replace(scale.results)
 
 
-def run_cell(dataset: str, root: str, row: str, seed: int, out: Path) -> dict:
+def processes_of(row: str) -> int:
+    return 2 if row.endswith("@2 delayed") else 1
+
+
+def run_cell(scale: Scale, dataset: str, root: str, row: str, seed: int, logged: bool, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"data.name={dataset}", f"data.root={root}", f"train.seed={seed}", *ROWS[row]]
-    summary = launch_run(CONFIG, sets, out, processes=2 if row.endswith("@2 delayed") else 1, progress=False)
+    if logged:
+        sets += [f"log.every={LOG_EVERY}", f"log.heldout={LOG_HELDOUT}", "log.align_every=0"]
+    began = time.monotonic()
+    summary = launch_run(scale.config, sets, out, processes=processes_of(row), progress=False)
     probe = summary.probe
     if probe.get("scored_on", "test") != "test":
         raise ValueError(f"{out}: its probe was scored on {probe['scored_on']} images; the table reports test accuracy")
     return {"test_acc": probe["test_acc"], "last_block_acc": probe["per_block_test_acc"][-1],
             "per_block_test_acc": probe["per_block_test_acc"], "images_per_s": summary.images_per_s,
-            "peak_memory_bytes": summary.peak_memory_bytes, "steps": summary.steps,
+            "peak_memory_bytes": summary.peak_memory_bytes, "steps": summary.steps, "logged": logged,
+            "run": str(out), "wall_s": round(time.monotonic() - began, 1),
             "world_size": summary.world_size, "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{cpu_name()} ({available_cores()} cores)"}
 
@@ -140,24 +184,51 @@ def chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_into_benchmarks(table: str) -> bool:
-    """Replace the table between the markers of BENCHMARKS.md; False where there are no markers
-    (an installed copy without the repository's BENCHMARKS.md)."""
-    return replace_between_markers(BENCHMARKS, START, END, table)
+def run_cells(scale: Scale, dataset: str, root: str, todo: list[tuple[str, int]], jobs: int, runs: Path) -> None:
+    """Run the `todo` cells, `jobs` one-process cells at a time, a 2-process cell alone; each finished
+    cell goes into the results file at once."""
+    results, lock = load_results(scale), Lock()
+    first_seed = min((seed for _, seed in todo), default=0)
+
+    def one(number: int, row: str, seed: int) -> None:
+        print(f"\n== [{number}/{len(todo)}] {dataset} / {row} / seed {seed}", flush=True)
+        logged = row in scale.logged_rows and seed == first_seed
+        cell = run_cell(scale, dataset, root, row, seed, logged, runs / dataset / f"{row.replace(' ', '_')}_s{seed}")
+        key = cell_key(dataset, row, seed)
+        with lock:
+            if key in results["cells"]:
+                print(f"{key}: probe accuracy {results['cells'][key]['test_acc']:.2f} % before, "
+                      f"{cell['test_acc']:.2f} % now (the old cell is replaced)", flush=True)
+            results["cells"][key] = cell
+            save_results(scale, results)  # each finished cell is kept, whatever happens next
+
+    numbered = list(enumerate(todo, 1))
+    for seed in sorted({seed for _, seed in todo}):  # every row of a seed before the next seed
+        wide = [(n, r, s) for n, (r, s) in numbered if s == seed and processes_of(r) > 1]
+        narrow = [(n, r, s) for n, (r, s) in numbered if s == seed and processes_of(r) == 1]
+        for cell in wide:
+            one(*cell)
+        with ThreadPoolExecutor(jobs) as pool:  # each cell is its own process: the threads only wait
+            for running in [pool.submit(one, *cell) for cell in narrow]:
+                running.result()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.bench.table", description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="short",
+                        help="short: 600 steps at the paper's constant lr; protocol: the CPU-scale protocol")
     parser.add_argument("--data", choices=sorted(LABELS), help="dataset to train on")
     parser.add_argument("--data-root", default="", help="folder of the dataset (data.root)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows of the table to run")
+    parser.add_argument("--jobs", type=positive, default=1,
+                        help="one-process cells run at once, one thread each (2 on 2 cores)")
     parser.add_argument("--render", action="store_true", help="only render the table from the results file")
     parser.add_argument("--redo", action="store_true",
                         help="run the chosen cells again even if the results file has them (e.g. after a code change)")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "table", help="where the run folders go")
     args = parser.parse_args(argv)
-    results = load_results()
+    scale = SCALES[args.scale]
     if not args.render:
         if args.data is None:
             parser.error("--data is required unless --render")
@@ -169,23 +240,19 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
             parser.error(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2")
-        todo = [(r, seed) for seed in seeds for r in rows
-                if args.redo or cell_key(args.data, r, seed) not in results["cells"]]
-        for number, (row, seed) in enumerate(todo, 1):
-            print(f"\n== [{number}/{len(todo)}] {args.data} / {row} / seed {seed}", flush=True)
-            key = cell_key(args.data, row, seed)
-            cell = run_cell(args.data, args.data_root, row, seed,
-                            args.runs / args.data / f"{row.replace(' ', '_')}_s{seed}")
-            if key in results["cells"]:
-                print(f"{key}: probe accuracy {results['cells'][key]['test_acc']:.2f} % before, "
-                      f"{cell['test_acc']:.2f} % now (the old cell is replaced)", flush=True)
-            results["cells"][key] = cell
-            save_results(results)  # each finished cell is kept, whatever happens next
+        done = load_results(scale)["cells"]
+        todo = [(r, seed) for seed in seeds for r in rows if args.redo or cell_key(args.data, r, seed) not in done]
+        run_cells(scale, args.data, args.data_root, todo, args.jobs, args.runs / args.scale)
+    results = load_results(scale)
+    if not results["cells"]:
+        print(f"{scale.results}: no cells yet; run some with --data")
+        return 0
     table = render(results)
-    chart(results, CHART)
+    chart(results, scale.chart)
     print(table)
-    written = write_into_benchmarks(table)
-    print(f"\nresults: {RESULTS}; chart: {CHART}" + (f"; table written into {BENCHMARKS}" if written else ""))
+    written = replace_between_markers(BENCHMARKS, scale.start, scale.end, table)
+    print(f"\nresults: {scale.results}; chart: {scale.chart}"
+          + (f"; table written into {BENCHMARKS}" if written else ""))
     return 0
 
 

@@ -9,7 +9,7 @@ Two scales, each with its config, results file, chart and place in BENCHMARKS.md
 - short: launch/configs/table_cpu.toml (600 steps, constant lr 2e-4), launch/results/table.json;
 - protocol: launch/configs/protocol_cpu.toml (9,000 steps, cosine from 1e-3: the protocol chosen on a
   validation split by launch.bench.protocol_search), launch/results/table_protocol.json. At this scale
-  the first seed of the figure's rows (FIGURE_ROWS) also logs held-out activity every LOG_EVERY steps,
+  seed 0 of the figure's rows (FIGURE_ROWS) also logs held-out activity every LOG_EVERY steps,
   for the probe-over-training figure (launch.bench.probe_curves).
 
 Each cell (dataset, row, seed) is one run of `launch.train` (on 2 processes for the layer-parallel
@@ -45,7 +45,7 @@ class Scale:
     results: Path
     chart: Path
     marker: str
-    logged_rows: tuple[str, ...] = ()  # rows whose first seed also logs held-out activity
+    logged_rows: tuple[str, ...] = ()  # rows whose seed 0 also logs held-out activity
 
     @property
     def start(self) -> str:
@@ -141,12 +141,13 @@ def render(results: dict) -> str:
             found = row_cells(cells, dataset, row)
             if not found:
                 continue
-            speed = statistics.mean(c["images_per_s"] for c in found) if found[0]["steps"] else None
+            quiet = [c for c in found if not c.get("logged")] or found  # a logged cell also writes its log
+            speed = statistics.mean(c["images_per_s"] for c in quiet) if found[0]["steps"] else None
             memory = statistics.mean(max(c["peak_memory_bytes"]) for c in found) / 2**20
             paper_value = paper.get(row.split("@")[0]) if "@" not in row else None
             lines.append(f"| {row} | {mean_spread([c['test_acc'] for c in found], ' (1 seed)')} | "
                          f"{mean_spread([c['last_block_acc'] for c in found], ' (1 seed)')} | "
-                         f"{'-' if speed is None else f'{speed:.0f}'} | "
+                         f"{'-' if speed is None else f'{speed:.0f}'}{' (log on)' if quiet[0].get('logged') else ''} | "
                          f"{memory:.0f} | {len(found)} | {'-' if paper_value is None else paper_value} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -188,11 +189,10 @@ def run_cells(scale: Scale, dataset: str, root: str, todo: list[tuple[str, int]]
     """Run the `todo` cells, `jobs` one-process cells at a time, a 2-process cell alone; each finished
     cell goes into the results file at once."""
     results, lock = load_results(scale), Lock()
-    first_seed = min((seed for _, seed in todo), default=0)
 
     def one(number: int, row: str, seed: int) -> None:
         print(f"\n== [{number}/{len(todo)}] {dataset} / {row} / seed {seed}", flush=True)
-        logged = row in scale.logged_rows and seed == first_seed
+        logged = row in scale.logged_rows and seed == 0
         cell = run_cell(scale, dataset, root, row, seed, logged, runs / dataset / f"{row.replace(' ', '_')}_s{seed}")
         key = cell_key(dataset, row, seed)
         with lock:

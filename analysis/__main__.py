@@ -5,7 +5,7 @@
     python -m analysis cka RUN_DIR [OTHER_RUN_DIR] [--step N]
                                                     CKA between blocks; with two runs, block k vs block k
     python -m analysis report RUN_DIR               one HTML page with every figure, table and the config
-    python -m analysis curves RUN_DIR [RUN_DIR ...] --out DIR
+    python -m analysis curves RUN_DIR [RUN_DIR ...] [--out DIR]
                                                     several runs' probe accuracy against images seen and seconds
 
 Each command prints a table and writes its files into RUN_DIR/analysis/ (or --out DIR).
@@ -27,7 +27,7 @@ from analysis import plots
 from analysis.cka import blocks_cka, blocks_cka_table, runs_cka, runs_cka_table
 from analysis.gradient_alignment import alignment_csv, alignment_table, block_alignment
 from analysis.logged_probe import ALPHA, SEED, TRAIN_FRACTION, probe_csv, probe_run, probe_table
-from analysis.probe_curves import curves_table, probe_curve
+from analysis.probe_curves import curves_table, probe_curve, same_images
 from analysis.report import build_report
 from analysis.store import LogError, RunLog, Unreadable, open_run
 from sim.log_format import STORE_NAME
@@ -89,10 +89,15 @@ def cmd_report(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
 
 
 def cmd_curves(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
-    curves = [probe_curve(r, alpha=args.alpha) for r in [run, *args.more_runs]]
+    runs = [run, *args.more_runs]
+    curves = [probe_curve(r, alpha=args.alpha) for r in runs]
     print(curves_table(curves))
+    same = same_images(runs)
+    if not same:  # each curve is still a fair held-out estimate; their levels compare less exactly
+        print("warning: the runs logged different held-out images (another train.seed or log.heldout): each curve "
+              "is scored on its own images, and no common untrained line is drawn", file=sys.stderr)
     return [_write(out, "curves.json", _json([c.as_dict() for c in curves])),
-            plots.plot_probe_curves(curves, out / "curves.png", title=args.title)]
+            plots.plot_probe_curves(curves, out / "curves.png", title=args.title, untrained_line=same)]
 
 
 COMMANDS = {"alignment": cmd_alignment, "probe": cmd_probe, "cka": cmd_cka, "report": cmd_report,

@@ -162,12 +162,13 @@ def plot_throughput(run: RunLog, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_probe_curves(curves: Sequence[Curve], path: Path, title: str = "") -> Path:
+def plot_probe_curves(curves: Sequence[Curve], path: Path, title: str = "", untrained_line: bool = True) -> Path:
     """Probe accuracy (%) of several runs: all blocks (top) and last block (bottom), against images seen
-    (left) and wall-clock seconds (right); the untrained level (the runs' mean at step 0) dashed."""
+    (left) and wall-clock seconds (right); with `untrained_line` (runs on the same held-out images), the
+    untrained level (the runs' mean at step 0) dashed."""
     fig, axes = _figure(2, 2, figsize=(12, 8), sharey="row")
     for row, (field, name) in enumerate((("all_blocks", "all blocks"), ("last_block", "last block"))):
-        untrained = [100 * getattr(c, field)[0] for c in curves if c.steps[0] == 0]
+        untrained = [100 * getattr(c, field)[0] for c in curves if c.steps[0] == 0 and untrained_line]
         for column, (clock, xlabel) in enumerate((("images", "images seen"), ("seconds", "wall-clock seconds"))):
             ax = axes[row, column]
             for i, curve in enumerate(curves):

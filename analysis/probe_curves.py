@@ -6,8 +6,10 @@ fit/score split of the held-out images, same penalty) is fitted on two feature s
 - last block: the top block's pooled activity alone.
 Two clocks for the x axis:
 - images seen: step x batch size x replicas (the images the encoder has learned from);
-- wall-clock seconds: step x the run's seconds per step (summary.json: its slowest rank's loop time
-  over its steps, logging included). An average rate, so a run with a slow start is drawn evenly.
+- wall-clock seconds: step x the run's seconds per step, from summary.json's images/s (over the loop
+  of its last call, logging included, so right for a resumed run too). An average rate: a run with a
+  slow start is drawn evenly. A run without summary.json (still training) has no seconds axis.
+Curves compare runs only on the same held-out images: `same_images` says whether they are.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from analysis.logged_probe import ALPHA, TRAIN_FRACTION, ridge_accuracy, stratified_split
 from analysis.store import LogError, RunLog, Unreadable
+from sim.log_format import STORE_NAME
 
 
 @dataclass
@@ -37,12 +40,17 @@ class Curve:
 
 def run_label(run: RunLog) -> str:
     """'method', with the process count and feedback mode when they are not the defaults."""
+    """'method, K processes, delayed feedback (run folder)': the parts that are not the defaults."""
     parts = [str(run.attrs["method"])]
-    if int(run.attrs["world_size"]) > 1:
-        parts.append(f"{run.attrs['world_size']} processes")
+    replicas = int(run.attrs["config"].get("sim", {}).get("replicas", 1))
+    world = int(run.attrs["world_size"])
+    if replicas > 1:
+        parts.append(f"{replicas} replicas x {world // replicas} stages")
+    elif world > 1:
+        parts.append(f"{world} processes")
     if run.summary is not None and run.summary.feedback == "delayed":  # None: a method without feedback
         parts.append("delayed feedback")
-    return ", ".join(parts)
+    return f"{', '.join(parts)} ({run.run_dir.name})"
 
 
 def probe_curve(run: RunLog, alpha: float = ALPHA, train_fraction: float = TRAIN_FRACTION) -> Curve:
@@ -50,7 +58,10 @@ def probe_curve(run: RunLog, alpha: float = ALPHA, train_fraction: float = TRAIN
     run.require_rows()
     labels, k = run.heldout_labels, int(run.attrs["num_classes"])
     fit, score = stratified_split(labels, train_fraction)
-    top = max(run.blocks)
+    top = int(run.attrs["num_blocks"]) - 1
+    if top not in run.blocks:
+        raise LogError(f"{run.run_dir / STORE_NAME}: the top block ({top}) has logged nothing yet; its rank has not "
+                       "started, or its group is damaged")
     steps, whole, last = [], [], []
     for step in run.common_steps().tolist():
         try:
@@ -59,17 +70,22 @@ def probe_curve(run: RunLog, alpha: float = ALPHA, train_fraction: float = TRAIN
             continue
         steps.append(step)
         whole.append(ridge_accuracy(np.concatenate(features, axis=1), labels, fit, score, k, alpha))
-        last.append(ridge_accuracy(features[sorted(run.blocks).index(top)], labels, fit, score, k, alpha))
+        last.append(ridge_accuracy(features[-1], labels, fit, score, k, alpha))  # blocks sorted: the top is last
     if not steps:
         raise LogError(f"{run.run_dir}: no step logged by every block can be read; nothing to draw")
-    train = run.attrs["config"]["train"]
     replicas = int(run.attrs["config"].get("sim", {}).get("replicas", 1))
     step_array = np.array(steps, np.int64)
+    images = step_array * int(run.attrs["config"]["train"]["batch_size"]) * replicas
     seconds = None
-    if run.summary is not None and run.summary.steps > 0:
-        seconds = step_array * (run.summary.train_seconds / run.summary.steps)
-    return Curve(run_label(run), step_array, step_array * int(train["batch_size"]) * replicas, seconds,
-                 np.array(whole), np.array(last))
+    if run.summary is not None and run.summary.images_per_s > 0:
+        seconds = images / run.summary.images_per_s
+    return Curve(run_label(run), step_array, images, seconds, np.array(whole), np.array(last))
+
+
+def same_images(runs: list[RunLog]) -> bool:
+    """Whether every run logged the same held-out images (same indices, same order)."""
+    first = runs[0].heldout_index
+    return all(np.array_equal(first, run.heldout_index) for run in runs[1:])
 
 
 def curves_table(curves: list[Curve], columns: int = 6) -> str:
@@ -80,4 +96,6 @@ def curves_table(curves: list[Curve], columns: int = 6) -> str:
         cells = [f"step {curve.steps[i]}: {100 * curve.all_blocks[i]:.1f} / {100 * curve.last_block[i]:.1f}"
                  for i in picks]
         lines.append(f"{curve.label}: " + "; ".join(cells))
+        if curve.seconds is None:
+            lines.append("    (no summary.json yet: drawn against images seen only)")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from matplotlib.image import imread
 from analysis.__main__ import main
 from analysis.cka import blocks_cka, linear_cka, runs_cka
 from analysis.logged_probe import probe_run, stratified_split
+from analysis.probe_curves import probe_curve
 from analysis.store import LogError, _common_rows, open_run
 from sim.log_format import (
     ACTIVATIONS,
@@ -282,7 +283,7 @@ def test_probe_separable_high_random_near_chance(tmp_path):
     assert "block,step,accuracy" in (tmp_path / "sep/analysis/probe.csv").read_text()
 
 
-def test_curves_of_two_runs_against_images_and_seconds(tmp_path):
+def test_curves_of_two_runs_against_images_and_seconds(tmp_path, capsys):
     for name, acts in (("sep", separable_acts), ("rnd", random_acts)):
         (tmp_path / name).mkdir()
         write_fake_store(tmp_path / name, rows=3, images=120, acts=acts)
@@ -299,8 +300,35 @@ def test_curves_of_two_runs_against_images_and_seconds(tmp_path):
     assert sep["seconds"] == [0.0, 2.0, 4.0] and rnd["seconds"] is None
     assert min(sep["all_blocks"] + sep["last_block"]) > 0.95
     assert abs(np.mean(rnd["all_blocks"] + rnd["last_block"]) - 0.25) < 0.15  # 4 classes: chance 0.25
-    assert sep["label"] == "clapp_pp, 2 processes"
+    assert sep["label"] == "clapp_pp, 2 processes (sep)"
     assert imread(out / "curves.png").shape[1] > 1000
+    assert "(no summary.json yet: drawn against images seen only)" in capsys.readouterr().out  # rnd's note
+    (tmp_path / "other").mkdir()  # other held-out images: a warning, and no common untrained line
+    write_fake_store(tmp_path / "other", rows=3, images=120, index_offset=1)
+    assert main(["curves", str(tmp_path / "sep"), str(tmp_path / "other"), "--out", str(out)]) == 0
+    assert "logged different held-out images" in capsys.readouterr().err
+    (tmp_path / "nolog").mkdir()
+    assert main(["curves", str(tmp_path / "sep"), str(tmp_path / "nolog")]) == 2
+    assert "was made without logging" in capsys.readouterr().err
+
+
+def test_curves_count_every_replica_s_images_and_the_resumed_loop_s_rate(tmp_path):
+    write_fake_store(tmp_path, rows=3)
+    store = zarr.open_group(tmp_path / STORE_NAME, mode="r+")
+    config = store.attrs["config"]
+    store.attrs["config"] = {**config, "sim": {"replicas": 2}}
+    store.attrs["world_size"] = 4
+    # Resumed at step 15: the last call trained 15 steps of 2 x 8 images in 12 s, so images/s = 20
+    # (train_seconds / steps would give 12 / 30 = 0.4 s a step instead of 0.8).
+    RunSummary(
+        method="clapp_pp", dataset="synthetic", engine="local", world_size=4, steps=30, images_per_s=20.0,
+        images_per_s_steady=None, loss_per_block=[1.0] * 6, probe=None, peak_memory_bytes=[1] * 4,
+        placement=[[0, 1, 2], [3, 4, 5]], schedule="pipelined", feedback="delayed", feedback_delay_steps=[0] * 6,
+        ranks=[], train_seconds=12.0, device="cpu", threads=1, torch="2", config={}, replicas=2).write(tmp_path)
+    curve = probe_curve(open_run(tmp_path))
+    assert curve.images.tolist() == [0, 160, 320]  # step x 8 x 2 replicas
+    assert curve.seconds.tolist() == [0.0, 8.0, 16.0]
+    assert curve.label == f"clapp_pp, 2 replicas x 2 stages, delayed feedback ({tmp_path.name})"
 
 
 def test_cka_properties():

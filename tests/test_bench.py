@@ -156,4 +156,32 @@ def test_protocol_table_logs_the_figure_rows_seed_0_and_runs_a_two_process_cell_
         assert sorted(cells[1:]) == [("clapp_pp", seed, seed == 0), ("random", seed, False)]
     assert runs.index(("table-protocol", "clapp_pp_dfb@2 delayed", 4, False)) == 3  # seed 0 wholly before seed 4
     assert scales["protocol"].results.exists() and not scales["short"].results.exists()
+    assert len(json.loads(scales["protocol"].results.read_text())["cells"]) == 6  # every concurrent save kept
     assert (tmp_path / "BENCHMARKS.md").read_text().count("| old |") == 1
+
+
+def test_table_stops_at_a_failed_cell_and_keeps_the_finished_ones(tmp_path, monkeypatch):
+    import launch.bench.table as table_module
+
+    scales = tmp_scales(table_module, tmp_path, monkeypatch)
+    runs = fake_cells(table_module, monkeypatch)
+    recorder = table_module.run_cell
+
+    def failing(scale, dataset, root, row, seed, logged, out):
+        if row == "clapp":
+            raise SystemExit(f"run {out} failed (see above)")
+        return recorder(scale, dataset, root, row, seed, logged, out)
+
+    monkeypatch.setattr(table_module, "run_cell", failing)
+    with pytest.raises(SystemExit, match="failed"):
+        table_module.main(["--data", "cifar10", "--rows", "random,clapp,clapp_pp", "--seeds", "0"])
+    assert [r[1] for r in runs] == ["random"]  # clapp_pp was cancelled, not run
+    assert list(json.loads(scales["short"].results.read_text())["cells"]) == ["cifar10/random/0"]
+
+
+def test_every_scale_of_the_table_has_its_markers_in_benchmarks():
+    from launch.bench.table import BENCHMARKS, SCALES
+
+    page = BENCHMARKS.read_text()
+    for scale in SCALES.values():
+        assert page.count(scale.start) == 1 and page.count(scale.end) == 1, scale.marker

@@ -10,7 +10,7 @@ Two scales, each with its config, results file, chart and place in BENCHMARKS.md
 - protocol: launch/configs/protocol_cpu.toml (9,000 steps, cosine from 1e-3: the protocol chosen on a
   validation split by launch.bench.protocol_search), launch/results/table_protocol.json. At this scale
   seed 0 of the figure's rows (FIGURE_ROWS) also logs held-out activity every LOG_EVERY steps,
-  for the probe-over-training figure (launch.bench.probe_curves).
+  for the probe-over-training figure (`python -m analysis curves`).
 
 Each cell (dataset, row, seed) is one run of `launch.train` (on 2 processes for the layer-parallel
 row); its result is added to the results file as soon as it finishes, so a table can be completed over
@@ -25,7 +25,8 @@ import shutil
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from threading import Lock
@@ -143,7 +144,7 @@ def render(results: dict) -> str:
                 continue
             quiet = [c for c in found if not c.get("logged")] or found  # a logged cell also writes its log
             speed = statistics.mean(c["images_per_s"] for c in quiet) if found[0]["steps"] else None
-            memory = statistics.mean(max(c["peak_memory_bytes"]) for c in found) / 2**20
+            memory = statistics.mean(max(c["peak_memory_bytes"]) for c in quiet) / 2**20
             paper_value = paper.get(row.split("@")[0]) if "@" not in row else None
             lines.append(f"| {row} | {mean_spread([c['test_acc'] for c in found], ' (1 seed)')} | "
                          f"{mean_spread([c['last_block_acc'] for c in found], ' (1 seed)')} | "
@@ -208,9 +209,25 @@ def run_cells(scale: Scale, dataset: str, root: str, todo: list[tuple[str, int]]
         narrow = [(n, r, s) for n, (r, s) in numbered if s == seed and processes_of(r) == 1]
         for cell in wide:
             one(*cell)
-        with ThreadPoolExecutor(jobs) as pool:  # each cell is its own process: the threads only wait
-            for running in [pool.submit(one, *cell) for cell in narrow]:
-                running.result()
+        run_at_most(jobs, one, narrow)
+
+
+def run_at_most(jobs: int, work: Callable[..., None], cells: list[tuple]) -> None:
+    """work(*cell) for every cell, `jobs` at a time; after a failure no new cell starts, the running
+    ones finish (their results are kept), then the failure is raised."""
+    pending, running, failure = list(cells), set(), None
+    with ThreadPoolExecutor(jobs) as pool:  # each cell is its own process: the threads only wait
+        while running or (pending and failure is None):
+            while pending and failure is None and len(running) < jobs:
+                running.add(pool.submit(work, *pending.pop(0)))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            errors = [d.exception() for d in done if d.exception() is not None]
+            if errors and failure is None:
+                failure = errors[0]
+                print(f"a cell failed ({failure}); no other cell starts" + (", the running one finishes and is kept"
+                      if running else ""), file=sys.stderr, flush=True)
+    if failure is not None:
+        raise failure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     written = replace_between_markers(BENCHMARKS, scale.start, scale.end, table)
     print(f"\nresults: {scale.results}; chart: {scale.chart}"
-          + (f"; table written into {BENCHMARKS}" if written else ""))
+          + (f"; table written into {BENCHMARKS}" if written else
+             f"; not written into {BENCHMARKS}: it lacks the lines {scale.start} and {scale.end}"))
     return 0
 
 

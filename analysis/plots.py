@@ -180,6 +180,6 @@ def plot_probe_curves(curves: Sequence[Curve], path: Path, title: str = "", untr
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"probe accuracy, {name} (%)")
             ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=8, loc="lower right")  # the curves rise: their lower right is the emptiest
     fig.suptitle(title or "linear probe over training (ridge on held-out activity)", fontsize=11)
     return _save(fig, path)

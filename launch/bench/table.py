@@ -146,10 +146,11 @@ def render(results: dict) -> str:
             speed = statistics.mean(c["images_per_s"] for c in quiet) if found[0]["steps"] else None
             memory = statistics.mean(max(c["peak_memory_bytes"]) for c in quiet) / 2**20
             paper_value = paper.get(row.split("@")[0]) if "@" not in row else None
+            logged = " (log on)" if quiet[0].get("logged") else ""  # only logged cells: their cost is in both
             lines.append(f"| {row} | {mean_spread([c['test_acc'] for c in found], ' (1 seed)')} | "
                          f"{mean_spread([c['last_block_acc'] for c in found], ' (1 seed)')} | "
-                         f"{'-' if speed is None else f'{speed:.0f}'}{' (log on)' if quiet[0].get('logged') else ''} | "
-                         f"{memory:.0f} | {len(found)} | {'-' if paper_value is None else paper_value} |")
+                         f"{'-' if speed is None else f'{speed:.0f}'}{logged} | "
+                         f"{memory:.0f}{logged} | {len(found)} | {'-' if paper_value is None else paper_value} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

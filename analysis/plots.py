@@ -168,7 +168,7 @@ def plot_probe_curves(curves: Sequence[Curve], path: Path, title: str = "", untr
     untrained level (the runs' mean at step 0) dashed."""
     fig, axes = _figure(2, 2, figsize=(12, 8), sharey="row")
     for row, (field, name) in enumerate((("all_blocks", "all blocks"), ("last_block", "last block"))):
-        untrained = [100 * getattr(c, field)[0] for c in curves if c.steps[0] == 0 and untrained_line]
+        untrained = [100 * getattr(c, field)[0] for c in curves if c.steps[0] == 0] if untrained_line else []
         for column, (clock, xlabel) in enumerate((("images", "images seen"), ("seconds", "wall-clock seconds"))):
             ax = axes[row, column]
             for i, curve in enumerate(curves):

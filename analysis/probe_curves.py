@@ -38,11 +38,14 @@ class Curve:
                 "all_blocks": self.all_blocks.tolist(), "last_block": self.last_block.tolist()}
 
 
+def replicas_of(run: RunLog) -> int:
+    return int(run.attrs["config"].get("sim", {}).get("replicas", 1))
+
+
 def run_label(run: RunLog) -> str:
-    """'method', with the process count and feedback mode when they are not the defaults."""
     """'method, K processes, delayed feedback (run folder)': the parts that are not the defaults."""
     parts = [str(run.attrs["method"])]
-    replicas = int(run.attrs["config"].get("sim", {}).get("replicas", 1))
+    replicas = replicas_of(run)
     world = int(run.attrs["world_size"])
     if replicas > 1:
         parts.append(f"{replicas} replicas x {world // replicas} stages")
@@ -73,9 +76,8 @@ def probe_curve(run: RunLog, alpha: float = ALPHA, train_fraction: float = TRAIN
         last.append(ridge_accuracy(features[-1], labels, fit, score, k, alpha))  # blocks sorted: the top is last
     if not steps:
         raise LogError(f"{run.run_dir}: no step logged by every block can be read; nothing to draw")
-    replicas = int(run.attrs["config"].get("sim", {}).get("replicas", 1))
     step_array = np.array(steps, np.int64)
-    images = step_array * int(run.attrs["config"]["train"]["batch_size"]) * replicas
+    images = step_array * int(run.attrs["config"]["train"]["batch_size"]) * replicas_of(run)
     seconds = None
     if run.summary is not None and run.summary.images_per_s > 0:
         seconds = images / run.summary.images_per_s

@@ -269,9 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     chart(results, scale.chart)
     print(table)
     written = replace_between_markers(BENCHMARKS, scale.start, scale.end, table)
-    print(f"\nresults: {scale.results}; chart: {scale.chart}"
-          + (f"; table written into {BENCHMARKS}" if written else
-             f"; not written into {BENCHMARKS}: it lacks the lines {scale.start} and {scale.end}"))
+    print(f"\nresults: {scale.results}; chart: {scale.chart}"  # a page without the markers was named above
+          + (f"; table written into {BENCHMARKS}" if written else ""))
     return 0
 
 

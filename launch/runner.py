@@ -72,8 +72,13 @@ def launch_run(config: Path, overrides: Sequence[str], out: Path, *, processes: 
 
 def bench_run(processes: int, threads: int, config: Path, overrides: list[str], out: Path,
               module: str = "launch.train", options: Sequence[str] = ()) -> RunSummary:
-    """One benchmark run without probe and (unless `overrides` says otherwise) without log."""
+    """One benchmark run without probe and (unless `overrides` says otherwise) without log. Its weights
+    (final.pt, checkpoints/) are deleted once it ends: a benchmark keeps its figures, not gigabytes of
+    full-width weights."""
     shutil.rmtree(out, ignore_errors=True)
     settings = ["probe.epochs=0", "log.every=0", *overrides, f"train.threads={threads}"]
-    return launch_run(config, settings, out, processes=processes, module=module, options=options, progress=False,
-                      capture=True)
+    summary = launch_run(config, settings, out, processes=processes, module=module, options=options,
+                         progress=False, capture=True)
+    (out / "final.pt").unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return summary

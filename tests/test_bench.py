@@ -62,6 +62,9 @@ def test_replicas_benchmark_writes_its_report(tmp_path):
     assert result["runs"]["R=2 K=1"]["images_per_step"] == 64 and result["runs"]["R=2 K=1"]["images_per_s"] > 0
     assert set(result["eight_processes"]) == {"8x1", "4x2", "2x3", "2x4", "1x6"}
     assert "R=2 K=1" in (tmp_path / "replicas.md").read_text()
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 3 and all((run / "summary.json").is_file() for run in runs)
+    assert not list((tmp_path / "runs").rglob("*.pt"))  # a benchmark keeps its figures, not its weights
 
 
 def test_quick_benchmark_writes_its_report(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from layers.encoder import NUM_BLOCKS
-from sim.checkpoint import load_final
+from sim.checkpoint import FINAL, load_final
 from sim.config import ConfigError, load_config
 from sim.evaluation import linear_probe, probe_sets
 from sim.job import ProgramErrors
@@ -27,7 +27,7 @@ def probe_run(run_dir: Path, overrides: list[str], *, progress: bool = True) -> 
     not_probe = [text for text in overrides if not text.strip().startswith("probe.")]
     if not_probe:
         raise ConfigError(f"--set {not_probe[0]}: only probe.* keys can change when probing a finished run")
-    if not (run_dir / "config.toml").is_file() or not (run_dir / "final.pt").is_file():
+    if not (run_dir / "config.toml").is_file() or not (run_dir / FINAL).is_file():
         raise ConfigError(f"{run_dir} holds no finished run (config.toml and final.pt); give a run's --out folder")
     config = load_config(run_dir / "config.toml", overrides)
     if config.probe.epochs < 1:
@@ -35,7 +35,7 @@ def probe_run(run_dir: Path, overrides: list[str], *, progress: bool = True) -> 
     plan = make_plan(config, 1)
     device = torch.device("cpu")
     blocks = plan.build_blocks(range(NUM_BLOCKS), device)
-    for block, state in zip(blocks, load_final(run_dir / "final.pt").values()):
+    for block, state in zip(blocks, load_final(run_dir / FINAL).values()):
         block.load_state_dict(state)
     train_set, scored = probe_sets(config)
     result = linear_probe(blocks, plan.info, train_set, scored, config.probe, seed=config.train.seed, device=device,

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from sim.checkpoint import delete_weights
 from sim.config import add_config_arguments
 from sim.summary import RunSummary
 
@@ -79,6 +80,5 @@ def bench_run(processes: int, threads: int, config: Path, overrides: list[str], 
     settings = ["probe.epochs=0", "log.every=0", *overrides, f"train.threads={threads}"]
     summary = launch_run(config, settings, out, processes=processes, module=module, options=options,
                          progress=False, capture=True)
-    (out / "final.pt").unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    delete_weights(out)
     return summary

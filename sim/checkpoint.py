@@ -59,8 +59,21 @@ def _save_atomic(obj: object, path: Path) -> None:
                                    f"and {free:,} are free there") from None
 
 
+FINAL = "final.pt"  # a finished run's weights, in its run folder
+
+
+def checkpoints_folder(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
 def step_folder(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step{step:08d}"
+    return checkpoints_folder(run_dir) / f"step{step:08d}"
+
+
+def delete_weights(run_dir: Path) -> None:
+    """Remove a run's weights (final.pt and every checkpoint), keeping its config, log and summary."""
+    (run_dir / FINAL).unlink(missing_ok=True)
+    shutil.rmtree(checkpoints_folder(run_dir), ignore_errors=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
@@ -94,7 +107,7 @@ def save_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
 
 def completed_steps(run_dir: Path, blocks: Sequence[int] = range(NUM_BLOCKS)) -> list[int]:
     """Steps (ascending) at which every block in `blocks` has a checkpoint."""
-    folder = run_dir / "checkpoints"
+    folder = checkpoints_folder(run_dir)
     if not folder.is_dir():
         return []
     steps = [int(p.name[4:]) for p in folder.glob("step*") if p.name[4:].isdigit()]
@@ -103,7 +116,7 @@ def completed_steps(run_dir: Path, blocks: Sequence[int] = range(NUM_BLOCKS)) ->
 
 def has_checkpoints(run_dir: Path) -> bool:
     """Whether any block file of any step is in the run folder."""
-    return any((run_dir / "checkpoints").glob("step*/block*.pt"))
+    return any(checkpoints_folder(run_dir).glob("step*/block*.pt"))
 
 
 def unreadable_file(run_dir: Path, step: int) -> str | None:
@@ -123,7 +136,7 @@ def unreadable_file(run_dir: Path, step: int) -> str | None:
 
 def set_aside(run_dir: Path, step: int) -> Path:
     """Move the checkpoint of `step` to checkpoints/unreadable/, where nothing deletes it."""
-    target = run_dir / "checkpoints" / UNREADABLE / step_folder(run_dir, step).name
+    target = checkpoints_folder(run_dir) / UNREADABLE / step_folder(run_dir, step).name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(step_folder(run_dir, step), target)
@@ -142,7 +155,7 @@ def load_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
 def discard_after(run_dir: Path, step: int) -> None:
     """Remove checkpoints later than `step` (incomplete ones of a crashed run) before resuming, or
     all of them (`step` = -1) before starting afresh."""
-    for path in (run_dir / "checkpoints").glob("step*"):
+    for path in checkpoints_folder(run_dir).glob("step*"):
         if path.name[4:].isdigit() and int(path.name[4:]) > step:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -29,6 +29,7 @@ from layers.encoder import NUM_BLOCKS, PATCH_GRADIENT_MAX_PIXELS
 from layers.model import PoolingError
 from sim.bp_engine import BPPipelineEngine, pipeline_group
 from sim.checkpoint import (
+    FINAL,
     CheckpointWriteError,
     completed_steps,
     discard_after,
@@ -309,7 +310,7 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
             stop: int) -> RunSummary:
     """Rank 0, with every block's final weights: final.pt, the probe, summary.json."""
     config = plan.config
-    save_final(out_dir / "final.pt", blocks)
+    save_final(out_dir / FINAL, blocks)
     probe = None
     if probe_sets is not None:
         probe = linear_probe(blocks, plan.info, *probe_sets, config.probe, seed=config.train.seed, device=device,

@@ -26,11 +26,11 @@ from pathlib import Path
 from analysis import plots
 from analysis.cka import blocks_cka, blocks_cka_table, runs_cka, runs_cka_table
 from analysis.gradient_alignment import alignment_csv, alignment_table, block_alignment
-from analysis.logged_probe import ALPHA, SEED, TRAIN_FRACTION, probe_csv, probe_run, probe_table
+from analysis.logged_probe import ALPHA, SEED, TRAIN_FRACTION, probe_csv, probe_logged_run, probe_table
 from analysis.probe_curves import curves_table, probe_curve, same_images
 from analysis.report import build_report
 from analysis.store import LogError, RunLog, Unreadable, open_run
-from sim.log_format import STORE_NAME
+from sim.record.log_format import STORE_NAME
 
 
 def _write(out: Path, name: str, text: str) -> Path:
@@ -63,7 +63,8 @@ def cmd_alignment(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path
 
 
 def cmd_probe(run: RunLog, out: Path, args: argparse.Namespace) -> list[Path]:
-    result = probe_run(run, points=args.points, alpha=args.alpha, train_fraction=args.train_fraction, seed=args.seed)
+    result = probe_logged_run(run, points=args.points, alpha=args.alpha, train_fraction=args.train_fraction,
+                              seed=args.seed)
     print(probe_table(result))
     return [_write(out, "probe.csv", probe_csv(result)), _write(out, "probe.json", _json(result.as_dict())),
             plots.plot_probe(result, out / "probe.png", title=f"linear probe per block: {run.name}")]

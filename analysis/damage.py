@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from sim.log_format import NOT_WRITTEN, STORE_NAME
+from sim.record.log_format import NOT_WRITTEN, STORE_NAME
 
 # Store rows lo..hi (both included) -> "steps 20..30", or None when none of them is analysed anyway
 # (past the rows every array holds, or already dropped because their step is unreadable).

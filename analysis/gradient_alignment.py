@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis.store import LogError, RunLog
-from sim.log_format import ALIGN_GROUP, STORE_NAME
+from sim.record.log_format import ALIGN_GROUP, STORE_NAME
 
 ROWS_PER_READ = 8  # gradient rows read at once: a full-width block's row holds 590k values (4.7 MB in float64)
 Z95 = 1.96

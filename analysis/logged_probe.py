@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from analysis.store import ENABLE_HINT, LogError, RunLog, Unreadable
-from sim.log_format import ACTIVATIONS, STORE_NAME
+from sim.record.log_format import ACTIVATIONS, STORE_NAME
 
 TRAIN_FRACTION = 0.7
 SEED = 0
@@ -94,7 +94,7 @@ class ProbeResult:
                            for b in self.steps}}
 
 
-def probe_run(run: RunLog, points: int = 0, alpha: float = ALPHA, train_fraction: float = TRAIN_FRACTION,
+def probe_logged_run(run: RunLog, points: int = 0, alpha: float = ALPHA, train_fraction: float = TRAIN_FRACTION,
               seed: int = SEED) -> ProbeResult:
     """Fit and score a probe for every block at `points` evenly spread logged steps (0 = every logged step).
 

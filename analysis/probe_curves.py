@@ -19,7 +19,7 @@ import numpy as np
 
 from analysis.logged_probe import ALPHA, TRAIN_FRACTION, ridge_accuracy, stratified_split
 from analysis.store import LogError, RunLog, Unreadable
-from sim.log_format import STORE_NAME
+from sim.record.log_format import STORE_NAME
 
 
 @dataclass

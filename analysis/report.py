@@ -15,9 +15,9 @@ import numpy as np
 from analysis import plots
 from analysis.cka import blocks_cka
 from analysis.gradient_alignment import block_alignment
-from analysis.logged_probe import probe_run
+from analysis.logged_probe import probe_logged_run
 from analysis.store import LogError, RunLog
-from sim.summary import RunSummary
+from sim.record.summary import RunSummary
 
 STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1180px; margin: 2em auto;
@@ -75,8 +75,8 @@ def _summary(summary: RunSummary | None) -> str:
             ("schedule / feedback", f"{summary.schedule} / {summary.feedback or '-'}"),
             ("feedback delay per block (steps)", summary.feedback_delay_steps),
             (f"probe {probe.get('scored_on', 'test')} accuracy (run's own probe, %)",
-             _fmt(probe.get("test_acc"), ".2f")),
-            ("probe per block (%)", " ".join(_fmt(v, ".1f") for v in probe.get("per_block_test_acc", []))),
+             _fmt(probe.get("probe_accuracy"), ".2f")),
+            ("probe per block (%)", " ".join(_fmt(v, ".1f") for v in probe.get("per_block_probe_accuracy", []))),
             ("loss per block (last 50 steps)", " ".join(_fmt(v) for v in summary.loss_per_block)),
             ("peak memory per process (MiB)", " ".join(f"{m / 2**20:.0f}" for m in summary.peak_memory_bytes))]
     out = _table(("", "value"), rows)
@@ -137,7 +137,7 @@ def build_report(run: RunLog, out_dir: Path, points: int = 20) -> list[Path]:
     parts.append(_section("Alignment with backprop", body))
 
     try:
-        probe = probe_run(run, points=points)
+        probe = probe_logged_run(run, points=points)
         body = _image(plots.plot_probe(probe, out_dir / "probe.png"), "probe accuracy", figures)
         body += _table(("block", "first step", "accuracy (%)", "last step", "accuracy (%)"),
                        [(b, int(probe.steps[b][0]), _fmt(100 * probe.accuracy[b][0], ".1f"), int(probe.steps[b][-1]),

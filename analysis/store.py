@@ -1,6 +1,6 @@
 """Read a run's activation log, RUN_DIR/log.zarr, read-only, and its summary.json.
 
-The contract is the log format, defined and documented once in sim/log_format.py (standard library
+The contract is the log format, defined and documented once in sim/record/log_format.py (standard library
 only, the one module of `sim` imported here): its names, dtypes and dimensions are checked as read.
 
 The store may still be being written: every array is read up to its current length, and the arrays
@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from analysis.damage import AS_NAN, DROPPED, Damage, Listing, LogError, RowReader, Unreadable, one_line, row_label, span
-from sim.log_format import (
+from sim.record.log_format import (
     ACTIVATIONS,
     ALIGN_STEP,
     BLOCK_ATTRS,
@@ -46,7 +46,7 @@ from sim.log_format import (
     align_group,
     block_group,
 )
-from sim.summary import RunSummary, finished
+from sim.record.summary import RunSummary, finished
 
 __all__ = ["AlignLog", "BlockLog", "LogError", "RunLog", "Unreadable", "open_run", "read_summary"]
 
@@ -65,7 +65,7 @@ def _reader(listing: Listing, group: str, spec: ArraySpec, damage: list[Damage],
     if error is not None:
         return RowReader(path, None, damage, outcome, error)
     if not isinstance(arr, zarr.Array):
-        raise LogError(f"{where}: array {name!r} is missing; the log format requires it (sim/log_format.py "
+        raise LogError(f"{where}: array {name!r} is missing; the log format requires it (sim/record/log_format.py "
                        "defines the format). Was the store written by another version of laminar?")
     kind, ndim = np.dtype(arr.dtype).kind, len(spec.dims)
     if arr.ndim != ndim or (kind not in "iu" if spec.integer else kind != "f"):

@@ -4,7 +4,7 @@
         --microbatches M [--steps N] [--set key=value ...] --out DIR
 
 The encoder's six blocks are split over the K processes as in `launch.train` (sim.placement) and
-trained end to end with back-propagation between them (`sim.bp_engine`: GPipe or 1F1B over M
+trained end to end with back-propagation between them (`sim.pipeline.bp_engine`: GPipe or 1F1B over M
 micro-batches, each micro-batch's loss over its own B / M images). The method is bp_infonce,
 whatever CONFIG says, unless `--set method=bp_clapp_pp`. One process without torchrun also works.
 Rank 0 writes DIR/config.toml, DIR/final.pt, DIR/summary.json (and probes the encoder, as
@@ -13,13 +13,14 @@ launch.train does, unless probe.epochs = 0).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from sim.config import Config, add_config_arguments, load_config
-from sim.job import ProgramErrors, run_job
-from sim.plan import PIPELINE_SCHEDULES, PipelineSettings, make_plan
-from sim.world import World
+from launch.program import ProgramErrors, add_config_arguments, run_program
+from sim.pipeline.schedule import PIPELINE_SCHEDULES, PipelineSettings
+from sim.pipeline.world import World
+from sim.run.config import Config, load_config
+from sim.run.job import run_job
+from sim.run.plan import make_plan
 
 DEFAULT_METHOD = "bp_infonce"
 
@@ -56,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 from launch.machine import mean_spread
+from launch.program import add_config_arguments, run_program
 from launch.runner import DEFAULT_CONFIG, launch_run
-from sim.config import ConfigError, add_config_arguments, load_config
-from sim.job import ProgramErrors
-from sim.placement import PlacementError
-from sim.plan import make_plan
-from sim.summary import RunSummary, finished
+from sim.errors import ConfigError
+from sim.pipeline.placement import PlacementError
+from sim.record.summary import RunSummary, finished
+from sim.run.config import load_config
+from sim.run.plan import make_plan
 
 # A run name is a method name, or "random": the encoder as initialised, probed without training.
 RUN_OVERRIDES = {"random": ["method=clapp_pp", "train.steps=0", "train.epochs=0"]}
@@ -48,7 +49,8 @@ def train_run(name: str, config: Path, overrides: list[str], folder: Path) -> Ru
 
 def accuracies(summaries: list[RunSummary], last_block: bool = False) -> list[float]:
     """Each seed's probe accuracy (all blocks, or the last block's)."""
-    return [s.probe["per_block_test_acc"][-1] if last_block else s.probe["test_acc"] for s in summaries if s.probe]
+    return [s.probe["per_block_probe_accuracy"][-1] if last_block else s.probe["probe_accuracy"]
+            for s in summaries if s.probe]
 
 
 def verdict(trained: list[float], untrained: list[float]) -> str:
@@ -158,6 +160,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
-        code = main()
-    sys.exit(errors.exit_code or code)
+    run_program(main)

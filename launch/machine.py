@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sim.recording import code_version
+from sim.run.log_setup import code_version
 
 __all__ = ["available_cores", "code_version", "cpu_name", "describe_machine", "mean_spread", "replace_between_markers",
            "write_figures"]

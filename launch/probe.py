@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
+from launch.program import run_program
 from layers.encoder import NUM_BLOCKS
-from sim.checkpoint import FINAL, load_final
-from sim.config import ConfigError, load_config
-from sim.evaluation import linear_probe, probe_sets
-from sim.job import ProgramErrors
-from sim.plan import make_plan
+from sim.errors import ConfigError
+from sim.run.checkpoint import FINAL, load_final
+from sim.run.config import load_config
+from sim.run.evaluation import probe_encoder, probe_sets
+from sim.run.plan import make_plan
 
 
-def probe_run(run_dir: Path, overrides: list[str], *, progress: bool = True) -> dict:
+def probe_finished_run(run_dir: Path, overrides: list[str], *, progress: bool = True) -> dict:
     """The probe of RUN_DIR's final encoder under its config with `overrides` (probe.* keys only)."""
     not_probe = [text for text in overrides if not text.strip().startswith("probe.")]
     if not_probe:
@@ -38,9 +38,7 @@ def probe_run(run_dir: Path, overrides: list[str], *, progress: bool = True) -> 
     for block, state in zip(blocks, load_final(run_dir / FINAL).values()):
         block.load_state_dict(state)
     train_set, scored = probe_sets(config)
-    result = linear_probe(blocks, plan.info, train_set, scored, config.probe, seed=config.train.seed, device=device,
-                          progress=progress)
-    result["scored_on"] = "validation" if config.probe.validation else "test"
+    result = probe_encoder(blocks, plan.info, train_set, scored, config, device=device, progress=progress)
     result["probe"] = vars(config.probe)
     return result
 
@@ -53,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the result here as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    result = probe_run(args.run_dir, args.overrides, progress=not args.no_progress)
-    blocks = " ".join(f"{a:.2f}" for a in result["per_block_test_acc"])
-    print(f"{args.run_dir}: probe on {result['scored_on']} images, all blocks {result['test_acc']:.2f} %, "
+    result = probe_finished_run(args.run_dir, args.overrides, progress=not args.no_progress)
+    blocks = " ".join(f"{a:.2f}" for a in result["per_block_probe_accuracy"])
+    print(f"{args.run_dir}: probe on {result['scored_on']} images, all blocks {result['probe_accuracy']:.2f} %, "
           f"per block {blocks}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -63,6 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
-        code = main()
-    sys.exit(errors.exit_code or code)
+    run_program(main)

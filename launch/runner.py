@@ -12,9 +12,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from sim.checkpoint import delete_weights
-from sim.config import add_config_arguments
-from sim.summary import RunSummary
+from launch.program import add_config_arguments
+from sim.record.summary import RunSummary
+from sim.run.checkpoint import delete_weights
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fashion_mnist.toml"  # the main job's and the benchmarks'
 
@@ -37,7 +37,7 @@ def benchmark_parser(prog: str, doc: str, name: str) -> argparse.ArgumentParser:
 
 # torchrun on this machine with nothing listening beyond loopback: `--standalone` would have its
 # agent host TCP stores on every interface (no option binds them to loopback). Here the rendezvous
-# is a private file and rank 0 hosts the store on 127.0.0.1 (sim.world.connect).
+# is a private file and rank 0 hosts the store on 127.0.0.1 (sim.pipeline.world.connect).
 LOCAL_TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 

@@ -13,13 +13,12 @@ and every update also averages the block's gradients over the replicas.
 from __future__ import annotations
 
 import argparse
-import sys
 
+from launch.program import ProgramErrors, add_config_arguments, run_program
 from launch.runner import positive
-from sim.config import add_config_arguments, load_config
-from sim.job import ProgramErrors
-from sim.plan import Plan, make_plan
-from sim.schedule import render_grid, render_messages
+from sim.pipeline.schedule import render_grid, render_messages
+from sim.run.config import load_config
+from sim.run.plan import Plan, make_plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def show(plan: Plan, steps: int) -> None:
-    feedback = f", {plan.schedule.feedback} feedback" if plan.method.uses_top_context else ""
-    print(f"{plan.method.name}: {plan.schedule.name} schedule{feedback} on {plan.stages} process(es), "
+    feedback = f", {plan.schedule.feedback} feedback" if plan.rule.uses_top_context else ""
+    print(f"{plan.rule.name}: {plan.schedule.name} schedule{feedback} on {plan.stages} process(es), "
           f"blocks per rank {plan.placement}")
     if plan.replicas > 1:
         batch = plan.config.train.batch_size
@@ -49,4 +48,4 @@ def show(plan: Plan, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from launch.machine import code_version
+from launch.program import run_program
 from layers.seeding import keyed_generator
 from layers.theory.figures import FIGURES, FrozenCurve, TrainingSetup, frozen_figure, run_fig3b, run_frozen
-from sim.datasets import DatasetInfo, DatasetMissing, ImageSet, dataset_info, load_split
-from sim.job import ProgramErrors
-from sim.views import SimCLRViews
+from sim.data.datasets import DatasetInfo, DatasetMissing, ImageSet, dataset_info, load_split
+from sim.data.views import SimCLRViews
 
 PATCH, CROP = 14, 16
 _STREAM_CROPS, _STREAM_ORDER = 21, 22  # seeding streams: fig4's crops, fig3b's data order
@@ -271,6 +271,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
-        code = main()
-    sys.exit(errors.exit_code or code)
+    run_program(main)

@@ -4,20 +4,21 @@
     torchrun --nproc-per-node K $LOCAL -m launch.train CONFIG [--set ...] --out DIR   # $LOCAL: README
 
 Writes into the run folder: config.toml (resolved), checkpoints/, log.zarr, final.pt and summary.json
-(sim.job says what each holds).
+(sim.run.job says what each holds).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-from sim.config import Config, ConfigError, add_config_arguments, load_config
-from sim.job import ProgramErrors, run_job
-from sim.plan import make_plan
-from sim.world import World
+from launch.program import ProgramErrors, add_config_arguments, run_program
+from sim.errors import ConfigError
+from sim.pipeline.world import World
+from sim.run.config import Config, load_config
+from sim.run.job import run_job
+from sim.run.plan import make_plan
 
 
 def default_out_dir(config: Config) -> Path:
@@ -61,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

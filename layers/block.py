@@ -1,33 +1,15 @@
-"""A block and everything it learns from: its convolution, its pooling, its B matrices (or
-projection) and its own optimiser, so that it can live alone in a process."""
+"""A block and everything it learns from: its convolution, its pooling, the heads its rule needs (B
+matrices or a projection) and its own optimiser, so that it can live alone in a process."""
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from layers.encoder import ConvBlock
-from layers.losses import contrast, infonce_logits, negative_rows, predictive_scores, swap_views
-from layers.methods import Method
+from layers.rules.rule import LossStats, Rule, RuleSettings
 
-
-@dataclass
-class RuleSettings:
-    """How a block learns, the `[rule]` section of a run's config; its defaults are the paper's."""
-    contrast: str = "hinge"  # f: hinge | softhinge | phyll | linear
-    negatives: str = "next_row"  # next_row (the authors' code) | random
-    pool: list[int] = field(default_factory=list)  # AvgPool kernel per block; [] = the method's default
-    proj_dim: int = 1024  # projection size of the InfoNCE heads
-    temperature: float = 0.1  # InfoNCE temperature
-
-
-@dataclass(frozen=True)
-class LossStats:
-    loss: torch.Tensor  # scalar, detached
-    score_pos: torch.Tensor  # mean positive score (u+, or cosine for InfoNCE)
-    score_neg: torch.Tensor  # mean negative score
+__all__ = ["Block", "LossStats", "RuleSettings"]
 
 
 class Block(nn.Module):
@@ -42,21 +24,16 @@ class Block(nn.Module):
         pool_kernel: int,
         feature_dim: int,
         top_feature_dim: int,
-        method: Method,
-        rule: RuleSettings,
+        rule: Rule,
+        settings: RuleSettings,
         has_loss: bool,
     ):
         super().__init__()
         self.index, self.is_top, self.pool_kernel = index, is_top, pool_kernel
-        self.method, self.rule, self.has_loss = method, rule, has_loss
+        self.rule, self.settings, self.has_loss = rule, settings, has_loss
+        self.top_context_dim = top_feature_dim  # what a top-down message holds per row
         self.conv = conv
-        self.heads = nn.ModuleDict()
-        if has_loss and method.predictor == "bilinear":
-            for source in method.contexts:  # B maps a context to a prediction of this block's activity
-                context_dim = top_feature_dim if source == "top" else feature_dim
-                self.heads[source] = nn.Linear(context_dim, feature_dim, bias=False)
-        elif has_loss and method.predictor == "infonce":
-            self.heads["projection"] = nn.Linear(feature_dim, rule.proj_dim, bias=False)
+        self.heads = rule.make_heads(feature_dim, top_feature_dim, settings) if has_loss else nn.ModuleDict()
         self.optimizer: torch.optim.Optimizer | None = None
 
     def make_optimizer(self, lr: float, weight_decay: float, fused: bool) -> None:
@@ -68,7 +45,7 @@ class Block(nn.Module):
 
     @property
     def needs_top_context(self) -> bool:
-        return self.has_loss and self.method.uses_top_context and not self.is_top
+        return self.has_loss and self.rule.needs_feedback and not self.is_top
 
     @property
     def conv_weight(self) -> nn.Parameter:
@@ -88,29 +65,6 @@ class Block(nn.Module):
         """This block's loss on its pooled activity. `top_context` is the top block's pooled
         activity on the same rows (needed by top-down methods below the top); `generator` draws
         random negatives."""
-        if self.method.predictor == "infonce":
-            return self._infonce_loss(features)
-        lateral = features.detach()  # the context never carries gradient
-        contexts = {"lateral": lateral, "top": lateral if self.is_top else top_context}
-        if contexts["top"] is None and self.method.uses_top_context:
-            raise ValueError(f"block {self.index}: method {self.method.name} needs the top block's context")
-        target = swap_views(features)  # (2B, D): row j holds the other view of row j's image
-        negatives = negative_rows(len(features), self.rule.negatives, generator).to(features.device)
-        total, pos, neg = 0.0, 0.0, 0.0
-        for source in self.method.contexts:
-            context = contexts[source].detach()  # (2B, D_context)
-            prediction = context if self.method.predictor == "identity" else self.heads[source](context)
-            u_pos, u_neg = predictive_scores(target, prediction, negatives)
-            total = total + contrast(u_pos, u_neg, self.rule.contrast).mean()
-            pos, neg = pos + u_pos.detach().mean(), neg + u_neg.detach().mean()
-        count = len(self.method.contexts)
-        return total, LossStats(total.detach(), pos / count, neg / count)
-
-    def _infonce_loss(self, features: torch.Tensor) -> tuple[torch.Tensor, LossStats]:
-        half = len(features) // 2
-        projected = self.heads["projection"](features)  # (2B, P); nothing detached
-        logits = infonce_logits(projected[:half], projected[half:], self.rule.temperature)  # (B, B)
-        loss = F.cross_entropy(logits, torch.arange(half, device=logits.device))
-        cosine = logits.detach() * self.rule.temperature
-        off_diagonal = ~torch.eye(half, dtype=torch.bool, device=cosine.device)
-        return loss, LossStats(loss.detach(), cosine.diagonal().mean(), cosine[off_diagonal].mean())
+        if top_context is None and self.needs_top_context:
+            raise ValueError(f"block {self.index}: method {self.rule.name} needs the top block's context")
+        return self.rule.loss(self.heads, features, top_context, self.settings, generator)

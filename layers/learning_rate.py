@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,8 @@ class LearningRate:
     lr_min: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule = {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"optim.schedule = {self.schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
 
     def at(self, step: int) -> float:
         """The rate of the update of batch `step` (0-based)."""

@@ -1,4 +1,4 @@
-"""Assemble the blocks of a method: pooling kernels checked against the input size, feature
+"""Assemble the blocks of a rule: pooling kernels checked against the input size, feature
 sizes, B shapes, and a deterministic initialisation per block."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from layers.block import Block, RuleSettings
+from layers.block import Block
 from layers.encoder import GRID, NUM_BLOCKS, block_channels, build_conv_block, map_sizes
-from layers.methods import Method
+from layers.rules.rule import Rule, RuleSettings
 from layers.seeding import STREAM_INIT, keyed_seed
 
 
@@ -29,14 +29,14 @@ def grid_kernels(input_size: int) -> list[int]:
     return kernels
 
 
-def pool_kernels(method: Method, input_size: int, explicit: Sequence[int] | None = None) -> list[int]:
+def pool_kernels(rule: Rule, input_size: int, explicit: Sequence[int] | None = None) -> list[int]:
     """The kernel of each block's AvgPool(k, stride k) before its loss, checked against its map.
 
-    End-to-end methods pool only the top block, globally; `explicit` (rule.pool) overrides the
-    method's default for local methods.
+    End-to-end rules pool only the top block, globally; `explicit` (rule.pool) overrides the
+    rule's default for local rules.
     """
     sizes = map_sizes(input_size)
-    if method.end_to_end or (not explicit and method.pooling == "global"):
+    if rule.end_to_end or (not explicit and rule.pooling == "global"):
         kernels = list(sizes)
     elif not explicit:
         kernels = grid_kernels(input_size)
@@ -61,8 +61,8 @@ def feature_dims(width: float, input_size: int, kernels: Sequence[int]) -> list[
 
 
 def build_blocks(
-    method: Method,
-    rule: RuleSettings,
+    rule: Rule,
+    settings: RuleSettings,
     *,
     width: float,
     in_channels: int,
@@ -77,7 +77,7 @@ def build_blocks(
     """Blocks `indices` (default: all six), each initialised from (seed, block) alone, so a block
     gets the same weights whichever process builds it; each with its AdamW (`fused_optimizer`:
     Block.make_optimizer)."""
-    kernels = pool_kernels(method, input_size, rule.pool or None)
+    kernels = pool_kernels(rule, input_size, settings.pool or None)
     dims = feature_dims(width, input_size, kernels)
     top = NUM_BLOCKS - 1
     blocks = []
@@ -91,9 +91,9 @@ def build_blocks(
                 pool_kernel=kernels[index],
                 feature_dim=dims[index],
                 top_feature_dim=dims[top],
-                method=method,
                 rule=rule,
-                has_loss=index == top or not method.end_to_end,
+                settings=settings,
+                has_loss=index == top or not rule.end_to_end,
             )
         block.to(device)
         block.make_optimizer(lr, weight_decay, fused_optimizer)

@@ -3,6 +3,7 @@ are read and compared. Test modules import from here, never from one another."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,12 +15,12 @@ from launch.train import main
 from layers.block import Block
 from layers.encoder import NUM_BLOCKS
 from layers.learning_rate import LearningRate
-from sim.config import Config, load_config
-from sim.datasets import dataset_info, load_split
-from sim.feed import ViewFeed
-from sim.plan import make_plan
-from sim.stage import Averager, EndToEndStage, LocalStage
-from sim.views import SimCLRViews
+from sim.data.datasets import dataset_info, load_split
+from sim.data.feed import ViewFeed
+from sim.data.views import SimCLRViews
+from sim.pipeline.stage import Averager, EndToEndStage, LocalStage
+from sim.run.config import Config, load_config
+from sim.run.plan import make_plan
 
 ROOT = Path(__file__).parent.parent
 TINY_CONFIG = ROOT / "launch/configs/tiny.toml"
@@ -56,6 +57,17 @@ def final_weights(out: Path) -> Weights:
 
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
+
+
+def adamw_step_bound(step: int, betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """The largest change of a weight, in learning rates, that step `step` (1, 2, ...) of AdamW can make,
+    weight decay aside. The step is lr * m / (sqrt(v) + eps), m = sum_i a_i g_i and v = sum_i b_i g_i^2 the
+    bias-corrected averages of the gradients so far, so |m| / sqrt(v) <= sqrt(sum_i a_i^2 / b_i) (Cauchy-
+    Schwarz), reached by some gradients: 1 at the first step (lr * g / (|g| + eps)), 1.0036 at the third."""
+    beta1, beta2 = betas
+    first = [(1 - beta1) * beta1 ** (step - i) / (1 - beta1**step) for i in range(1, step + 1)]  # a_i
+    second = [(1 - beta2) * beta2 ** (step - i) / (1 - beta2**step) for i in range(1, step + 1)]  # b_i
+    return math.sqrt(sum(a * a / b for a, b in zip(first, second)))
 
 
 def differing_tensors(a: Weights, b: Weights) -> list[str]:

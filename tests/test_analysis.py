@@ -1,7 +1,7 @@
 """analysis/: stores written here with zarr by the log format (the spec), read back and analysed.
 
 `write_fake_store` writes RUN_DIR/log.zarr the way the real runs do, through the names, dtypes and
-dimensions of sim/log_format.py: rank 0 creates the root, its attributes and the held-out arrays,
+dimensions of sim/record/log_format.py: rank 0 creates the root, its attributes and the held-out arrays,
 then each "rank" (a thread) creates and appends to the groups of its own blocks, concurrently, one
 logged step at a time.
 """
@@ -21,10 +21,10 @@ from matplotlib.image import imread
 
 from analysis.__main__ import main
 from analysis.cka import blocks_cka, linear_cka, runs_cka
-from analysis.logged_probe import probe_run, stratified_split
+from analysis.logged_probe import probe_logged_run, stratified_split
 from analysis.probe_curves import probe_curve
 from analysis.store import LogError, _common_rows, open_run
-from sim.log_format import (
+from sim.record.log_format import (
     ACTIVATIONS,
     ALIGN_ARRAYS,
     ALIGN_STEP,
@@ -43,7 +43,7 @@ from sim.log_format import (
     block_group,
     root_attrs,
 )
-from sim.summary import RunSummary
+from sim.record.summary import RunSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANNELS, GRIDS = (2, 4, 4, 8, 8, 8), (2, 2, 2, 1, 1, 1)
@@ -132,7 +132,7 @@ def write_fake_store(run_dir: Path, rows: int = 5, log_every: int = 10, align_ev
             if w["align"] is not None:
                 align = store.create_group(align_group(b))
                 for spec in ALIGN_ARRAYS:
-                    chunk = 1 if spec in GRADIENTS else 2  # as sim/logbook.py: one gradient pair per chunk
+                    chunk = 1 if spec in GRADIENTS else 2  # as sim/record/logbook.py: one gradient pair per chunk
                     arrays[b, "align", spec.name] = create(align, spec, w["align"][spec.name], not row_by_row, chunk)
         for r in range(rows if row_by_row else 0):  # append one logged step at a time, as training does
             for b in blocks:
@@ -275,7 +275,7 @@ def test_probe_separable_high_random_near_chance(tmp_path):
     (tmp_path / "rnd").mkdir()
     write_fake_store(tmp_path / "sep", rows=3, images=120, acts=separable_acts)
     write_fake_store(tmp_path / "rnd", rows=3, images=120, acts=random_acts)
-    sep, rnd = probe_run(open_run(tmp_path / "sep")), probe_run(open_run(tmp_path / "rnd"))
+    sep, rnd = probe_logged_run(open_run(tmp_path / "sep")), probe_logged_run(open_run(tmp_path / "rnd"))
     assert all(len(sep.accuracy[b]) == 3 for b in range(6))
     assert min(a.min() for a in sep.accuracy.values()) > 0.95
     assert abs(np.mean([a.mean() for a in rnd.accuracy.values()]) - rnd.chance) < 0.12

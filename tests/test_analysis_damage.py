@@ -14,7 +14,7 @@ import pytest
 
 from analysis.damage import Unreadable
 from analysis.store import open_run
-from sim.log_format import STORE_NAME
+from sim.record.log_format import STORE_NAME
 from tests.test_analysis import write_fake_store
 
 ROOT = Path(__file__).resolve().parents[1]

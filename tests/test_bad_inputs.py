@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import sim.checkpoint
+import sim.run.checkpoint
 from launch.train import main
-from sim.checkpoint import completed_steps, step_folder, unreadable_file
+from sim.run.checkpoint import completed_steps, step_folder, unreadable_file
 from tests.helpers import ROOT, args, assert_same_weights, final_weights, single_process, summary
 
 
@@ -158,7 +158,7 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
             raise OSError(errno.ENOSPC, "No space left on device")
         save(state, file)
 
-    monkeypatch.setattr(sim.checkpoint.torch, "save", full_disk_at_step_4)
+    monkeypatch.setattr(sim.run.checkpoint.torch, "save", full_disk_at_step_4)
     run = tmp_path / "run"
     error = fails_with(capsys, args("train.checkpoint_every=2", "log.every=0", out=run), 1,
                        str(step_folder(run, 4) / "block3.pt"), "No space left on device", "bytes",

@@ -7,7 +7,7 @@ import pytest
 
 from launch.bench.__main__ import main as bench
 from launch.bench.replicas import main as replicas_bench
-from sim.costmodel import (
+from sim.cost.model import (
     BlockTimes,
     LinkSpeed,
     all_reduce_seconds,

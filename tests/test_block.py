@@ -7,18 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layers.block import Block, RuleSettings
-from layers.methods import get_method
+from layers.block import Block
 from layers.model import build_blocks
-from sim.datasets import dataset_info, load_split
-from sim.stage import EndToEndStage, LocalStage
-from sim.views import SimCLRViews
+from layers.rules import get_rule
+from layers.rules.rule import RuleSettings
+from sim.data.datasets import dataset_info, load_split
+from sim.data.views import SimCLRViews
+from sim.pipeline.stage import EndToEndStage, LocalStage
 
 WIDTH = 1 / 16
 
 
 def blocks_for(method: str, seed: int = 0, **rule):
-    return build_blocks(get_method(method), RuleSettings(**rule), width=WIDTH, seed=seed, in_channels=3,
+    return build_blocks(get_rule(method), RuleSettings(**rule), width=WIDTH, seed=seed, in_channels=3,
                         input_size=32, lr=2e-4, weight_decay=0.0, fused_optimizer=True)
 
 
@@ -45,7 +46,7 @@ def synthetic_views(batch: int = 32) -> torch.Tensor:
 
 def test_hinge_is_about_two_per_block_at_initialisation():
     """u = z.Bc is about 0 at initialisation, so the hinge is about 1 + 1 = 2."""
-    blocks = build_blocks(get_method("clapp_pp"), RuleSettings(), width=0.125, seed=0, in_channels=3, input_size=32,
+    blocks = build_blocks(get_rule("clapp_pp"), RuleSettings(), width=0.125, seed=0, in_channels=3, input_size=32,
                           lr=2e-4, weight_decay=0.0, fused_optimizer=True)
     _, features = forward_detached(blocks, synthetic_views())
     losses = [block.loss(f)[0].item() for block, f in zip(blocks, features)]

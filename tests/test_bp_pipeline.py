@@ -13,13 +13,14 @@ import torch
 
 from launch.bp_pipeline import load_request, main
 from layers.encoder import block_channels, map_sizes
-from sim.bp_engine import microbatches
-from sim.config import ConfigError
-from sim.datasets import load_split
-from sim.feed import ViewFeed
-from sim.plan import PipelineSettings, make_plan
-from sim.summary import RunSummary
-from sim.views import SimCLRViews
+from sim.data.datasets import load_split
+from sim.data.feed import ViewFeed
+from sim.data.views import SimCLRViews
+from sim.errors import ConfigError
+from sim.pipeline.bp_engine import microbatches
+from sim.pipeline.schedule import PipelineSettings
+from sim.record.summary import RunSummary
+from sim.run.plan import make_plan
 from tests.helpers import ROOT, TINY_CONFIG
 
 CONFIG = str(TINY_CONFIG)

@@ -1,20 +1,40 @@
-"""Strict TOML configs: every shipped config loads, mistakes are errors that name the key."""
+"""Strict TOML configs: every shipped config loads as written, mistakes are errors that name the key."""
+import tomllib
+from typing import Any
+
 import pytest
 
 from layers.encoder import map_sizes
-from layers.methods import get_method
 from layers.model import pool_kernels
-from sim.config import ConfigError, load_config, parse_override, to_toml
-from sim.datasets import dataset_info
+from layers.rules import get_rule
+from sim.data.datasets import dataset_info
+from sim.errors import ConfigError
+from sim.run.config import Config, load_config, parse_override, to_dict, to_toml
 from tests.helpers import ROOT
 
 CONFIGS = sorted((ROOT / "launch/configs").glob("*.toml"))
 
 
+def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"steps": 3}} -> {"train.steps": 3}: every setting of a TOML table or a config's dict."""
+    found = {}
+    for key, value in values.items():
+        found.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return found
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_load(path):
+def test_shipped_configs_load(path, tmp_path):
     config = load_config(path)
-    assert config.method and config.data.name
+    loaded, written, defaults = flat(to_dict(config)), flat(tomllib.loads(path.read_text())), flat(to_dict(Config()))
+    assert written, f"{path.name} sets nothing"
+    for key, value in written.items():  # every key of the file (unknown ones are errors) holds the file's value
+        assert loaded[key] == value, key
+    for key in loaded.keys() - written.keys():  # and nothing else moved off its default
+        assert loaded[key] == defaults[key], key
+    again = tmp_path / "config.toml"
+    again.write_text(to_toml(config))
+    assert load_config(again) == config and again.read_text() == to_toml(load_config(again))  # as a run folder has it
 
 
 def test_paper_configs_use_the_paper_settings():
@@ -25,9 +45,9 @@ def test_paper_configs_use_the_paper_settings():
         assert config.optim.lr == 2e-4
         # no rule.pool: each method gets its own paper pooling from the same config
         size = dataset_info(config.data.name).image_size
-        assert pool_kernels(get_method(config.method), size, config.rule.pool) == grid_kernels
+        assert pool_kernels(get_rule(config.method), size, config.rule.pool) == grid_kernels
         clapp = load_config(CONFIGS[0].parent / f"{name}.toml", ["method=clapp"])
-        assert pool_kernels(get_method("clapp"), size, clapp.rule.pool) == list(map_sizes(size))  # global mean
+        assert pool_kernels(get_rule("clapp"), size, clapp.rule.pool) == list(map_sizes(size))  # global mean
 
 
 def test_overrides_are_toml_values(tmp_path):

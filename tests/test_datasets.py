@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg
 
-from sim.datasets import DATASETS, DatasetMissing, ImageSet, dataset_info, load_split
+from sim.data.datasets import DATASETS, DatasetMissing, ImageSet, dataset_info, load_split
 
 FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 CIFAR_SHARDS = Path(os.environ.get("LAMINAR_CIFAR10", "/work/shared/data/cifar10"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from launch.runner import LOCAL_TORCHRUN_ENV, local_torchrun
-from sim.world import World, is_loopback, stop_with_launcher
+from sim.pipeline.world import World, is_loopback, stop_with_launcher
 from tests.helpers import ROOT, TINY_CONFIG
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -49,6 +49,8 @@ def torchrun(launcher: list[str], environment: dict[str, str], out: Path, log: P
         workers += children(agent.pid)
         yield agent
     finally:
+        if not workers and agent.poll() is None:  # training never began: the workers it has started so far
+            workers += children(agent.pid)
         for pid in [agent.pid] + workers:  # only the processes of this run, each by its id
             try:
                 os.kill(pid, signal.SIGKILL)

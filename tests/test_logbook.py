@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from sim.log_format import (
+from sim.record.log_format import (
     ACTIVATIONS,
     ALIGN_ARRAYS,
     ALIGN_GROUP,

@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from layers.block import Block, RuleSettings
+from layers.block import Block
 from layers.encoder import ConvBlock
 from layers.losses import contrast, infonce_logits, negative_rows, predictive_scores, swap_views
-from layers.methods import get_method
+from layers.rules import get_rule
+from layers.rules.rule import RuleSettings
 
 # Two images, two views, D = 2. Rows: image 0 view 1, image 1 view 1, image 0 view 2, image 1 view 2.
 H = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])
@@ -44,7 +45,7 @@ def test_contrast_by_hand(mode):
 
 @pytest.mark.parametrize("mode", list(EXPECTED))
 def test_block_loss_wiring_by_hand(mode):
-    block = Block(0, True, ConvBlock(1, 2, False), 1, 2, 2, get_method("clapp_pp"), RuleSettings(contrast=mode), True)
+    block = Block(0, True, ConvBlock(1, 2, False), 1, 2, 2, get_rule("clapp_pp"), RuleSettings(contrast=mode), True)
     with torch.no_grad():
         block.heads["lateral"].weight.copy_(B)
     loss, stats = block.loss(H.clone().requires_grad_())
@@ -54,7 +55,7 @@ def test_block_loss_wiring_by_hand(mode):
 
 
 def test_identity_predictor_scores_plain_inner_products():
-    block = Block(0, True, ConvBlock(1, 2, False), 1, 2, 2, get_method("ff"), RuleSettings(contrast="linear"), True)
+    block = Block(0, True, ConvBlock(1, 2, False), 1, 2, 2, get_rule("ff"), RuleSettings(contrast="linear"), True)
     assert len(block.heads) == 0  # B is fixed to the identity: nothing to learn
     loss, _ = block.loss(H)
     # u+ = Z_j . H_j = 1, 0, 1, 0; u- = N_j . H_j = 2, 0, 1, 2 -> mean(u- - u+) = 0.75

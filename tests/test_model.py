@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from layers.block import RuleSettings
 from layers.encoder import describe_encoder
-from layers.methods import METHODS, get_method
 from layers.model import PoolingError, build_blocks, grid_kernels, pool_kernels
+from layers.rules import RULES, get_rule
+from layers.rules.rule import RuleSettings
 
 
 def test_encoder_matches_the_paper():
@@ -25,7 +25,7 @@ def test_width_and_channels_scale_the_blocks():
 
 def build_meta(method: str, **kwargs):
     with torch.device("meta"):  # shapes only: full-width B matrices hold 201 M parameters
-        return build_blocks(get_method(method), RuleSettings(), width=1.0, seed=0, device="meta", in_channels=3,
+        return build_blocks(get_rule(method), RuleSettings(), width=1.0, seed=0, device="meta", in_channels=3,
                             input_size=32, lr=2e-4, weight_decay=0.0, fused_optimizer=True, **kwargs)
 
 
@@ -53,21 +53,21 @@ def test_default_pooling_per_dataset_size():
     assert grid_kernels(32) == [4, 4, 4, 2, 2, 1]
     assert grid_kernels(64) == [8, 8, 8, 4, 4, 2]
     assert grid_kernels(96) == [12, 12, 12, 6, 6, 3]
-    assert pool_kernels(get_method("clapp"), 32) == [32, 16, 16, 8, 4, 2]  # global mean
+    assert pool_kernels(get_rule("clapp"), 32) == [32, 16, 16, 8, 4, 2]  # global mean
 
 
 def test_pooling_that_does_not_fit_is_rejected_naming_block_map_and_kernel():
     with pytest.raises(PoolingError) as error:
-        pool_kernels(get_method("clapp_pp"), 32, [12, 12, 12, 6, 6, 3])  # the authors' CIFAR scripts
+        pool_kernels(get_rule("clapp_pp"), 32, [12, 12, 12, 6, 6, 3])  # the authors' CIFAR scripts
     message = str(error.value)
     assert "block 4 has a 4x4 map and kernel 6" in message
     assert "[4, 4, 4, 2, 2, 1]" in message  # the fix
     with pytest.raises(PoolingError, match="6 kernels"):
-        pool_kernels(get_method("clapp_pp"), 32, [4, 4])
+        pool_kernels(get_rule("clapp_pp"), 32, [4, 4])
 
 
 def test_blocks_are_initialised_from_seed_and_index_alone():
-    method, rule = get_method("clapp_pp"), RuleSettings()
+    method, rule = get_rule("clapp_pp"), RuleSettings()
     everything = build_blocks(method, rule, width=0.0625, seed=3, in_channels=3, input_size=32, lr=2e-4,
                               weight_decay=0.0, fused_optimizer=True)
     alone = build_blocks(method, rule, width=0.0625, seed=3, indices=[4], in_channels=3, input_size=32, lr=2e-4,
@@ -79,7 +79,7 @@ def test_blocks_are_initialised_from_seed_and_index_alone():
 
 
 def test_every_block_owns_its_optimizer():
-    blocks = build_blocks(get_method("clapp_pp_both"), RuleSettings(), width=0.0625, seed=0, in_channels=3,
+    blocks = build_blocks(get_rule("clapp_pp_both"), RuleSettings(), width=0.0625, seed=0, in_channels=3,
                           input_size=32, lr=2e-4, weight_decay=0.0, fused_optimizer=True)
     for block in blocks:
         owned = {id(p) for group in block.optimizer.param_groups for p in group["params"]}
@@ -89,5 +89,5 @@ def test_every_block_owns_its_optimizer():
 
 def test_unknown_method_lists_the_choices():
     with pytest.raises(ValueError) as error:
-        get_method("clap")
-    assert all(name in str(error.value) for name in METHODS)
+        get_rule("clap")
+    assert all(name in str(error.value) for name in RULES)

@@ -8,12 +8,12 @@ import torch
 
 import launch.bench.protocol_search as search
 from launch.compare import verdict
-from launch.probe import probe_run
+from launch.probe import probe_finished_run
 from layers.learning_rate import LearningRate
-from sim.config import ConfigError
-from sim.datasets import load_split
-from sim.evaluation import hold_out
-from tests.helpers import run_config, single_process, summary
+from sim.data.datasets import ImageSet, dataset_info, load_split
+from sim.errors import ConfigError
+from sim.run.evaluation import hold_out, linear_probe, sample_images
+from tests.helpers import blocks_of, final_weights, run_config, single_process, summary, threads_of
 
 
 def test_warm_up_then_cosine_by_hand():
@@ -43,10 +43,28 @@ def test_bad_schedules_name_their_key(override, key):
 
 
 def test_validation_probe_scores_on_held_out_training_images(tmp_path):
-    single_process(tmp_path / "run", "probe.epochs=1", "probe.validation=500", "probe.train_limit=300",
-                   "probe.augment=false")
+    """The run's probe, done again here on its final encoder: trained on 300 of the training images that
+    are not held out, it scores the run's accuracies on the 500 held-out ones, and others on the test set."""
+    settings = ["probe.epochs=1", "probe.validation=500", "probe.train_limit=300", "probe.augment=false"]
+    single_process(tmp_path / "run", *settings)
     probe = summary(tmp_path / "run")["probe"]
-    assert probe["scored_on"] == "validation" and 0 <= probe["test_acc"] <= 100
+    assert probe["scored_on"] == "validation" and (probe["train_images"], probe["test_images"]) == (300, 500)
+    config = run_config(*settings)
+    rest, held = hold_out(load_split("synthetic", None, "train"), 500)
+    trained_on = sample_images(rest, 300, config.train.seed)
+    blocks, weights = blocks_of(config), final_weights(tmp_path / "run")
+    for block in blocks:
+        block.load_state_dict(weights[block.index])
+
+    def accuracies(scored: ImageSet) -> list[float]:
+        with threads_of(config):
+            found = linear_probe(blocks, dataset_info("synthetic"), trained_on, scored, config.probe,
+                                 seed=config.train.seed, device=torch.device("cpu"), progress=False)
+        return [found["probe_accuracy"], *found["per_block_probe_accuracy"]]
+
+    reported = [probe["probe_accuracy"], *probe["per_block_probe_accuracy"]]
+    assert reported == accuracies(held)
+    assert reported != accuracies(load_split("synthetic", None, "test"))  # the same probe, scored on the test set
 
 
 def test_held_out_images_are_the_same_in_every_run_and_not_trained_on():
@@ -64,14 +82,14 @@ def test_held_out_images_are_the_same_in_every_run_and_not_trained_on():
 def test_probing_a_finished_run_again_repeats_its_probe_and_takes_only_probe_keys(tmp_path):
     settings = ["probe.epochs=1", "probe.train_limit=200", "probe.test_limit=100", "probe.augment=false"]
     single_process(tmp_path / "run", *settings)
-    again = probe_run(tmp_path / "run", [], progress=False)
-    assert again["test_acc"] == summary(tmp_path / "run")["probe"]["test_acc"]
-    longer = probe_run(tmp_path / "run", ["probe.epochs=2", "probe.validation=50"], progress=False)
+    again = probe_finished_run(tmp_path / "run", [], progress=False)
+    assert again["probe_accuracy"] == summary(tmp_path / "run")["probe"]["probe_accuracy"]
+    longer = probe_finished_run(tmp_path / "run", ["probe.epochs=2", "probe.validation=50"], progress=False)
     assert longer["epochs"] == 2 and longer["scored_on"] == "validation" and longer["test_images"] == 50
     with pytest.raises(ConfigError, match="only probe"):
-        probe_run(tmp_path / "run", ["optim.lr=1"])
+        probe_finished_run(tmp_path / "run", ["optim.lr=1"])
     with pytest.raises(ConfigError, match="no finished run"):
-        probe_run(tmp_path, [])
+        probe_finished_run(tmp_path, [])
 
 
 def test_protocol_search_follows_its_written_rule():

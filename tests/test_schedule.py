@@ -1,9 +1,10 @@
 """Schedules as data: action lists, delays, flushes at checkpoints, and the printed grid."""
 import pytest
+import torch
 
 from launch.show_schedule import main as schedule_main
-from sim.schedule import Action, Message, Schedule, render_grid, simulate
-from sim.transport import Link, ProtocolError
+from sim.pipeline.schedule import Action, Message, Schedule, render_grid, simulate
+from sim.pipeline.transport import InProcess, ProtocolError
 from tests.helpers import ROOT
 
 CONFIG = str(ROOT / "launch/configs/fashion_mnist.toml")
@@ -86,15 +87,15 @@ def test_messages_are_data_that_a_wrong_order_fails():
 
 
 def test_the_link_refuses_a_message_its_schedule_does_not_list():
-    link = Link.__new__(Link)  # the check alone: no process group needed
-    link.rank, link.expected = 1, None
-    link.expect([Message("activations", 0, False), Message("activations", 2, True)])
+    link = InProcess(torch.device("cpu"))  # the check lives in every transport: no process group needed
+    link.rank = 1
+    link.begin([Message("activations", 0, False), Message("activations", 2, True)])
     link._check(Message("activations", 0, False))
     with pytest.raises(ProtocolError, match="rank 1 did send feedback to 0, but its schedule lists send activations"):
         link._check(Message("feedback", 0, True))
-    link.expect([Message("token", 2, False)])
+    link.begin([Message("token", 2, False)])
     with pytest.raises(ProtocolError, match="W3 did not recv token from 2"):
-        link.end_action(Action("W", 3))
+        link.end(Action("W", 3))
 
 
 def test_grid_shows_the_stalls_of_exact_feedback():

@@ -1,21 +1,22 @@
 """End to end in one process: the run folder, determinism, the probe, and clear failures."""
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
 from launch.train import main
-from layers.block import RuleSettings
-from layers.methods import get_method
 from layers.model import build_blocks
-from sim.config import Config, load_config
-from sim.datasets import DatasetMissing
-from sim.job import run_job
-from sim.plan import make_plan
-from sim.stage import LocalStage, NonFiniteLoss
-from tests.helpers import TINY_CONFIG
+from layers.rules import get_rule
+from layers.rules.rule import RuleSettings
+from sim.data.datasets import DatasetMissing
+from sim.pipeline.stage import LocalStage, NonFiniteLoss, negatives_generator
+from sim.run.config import Config, load_config
+from sim.run.job import run_job
+from sim.run.plan import make_plan
+from tests.helpers import TINY_CONFIG, Weights, batches_of, blocks_of, final_weights
 
 TINY = ["data.name=synthetic", "model.width=0.0625", "train.batch_size=8", "train.steps=6",
         "probe.epochs=1", "probe.train_limit=400", "probe.test_limit=200", "probe.augment=false",
@@ -31,8 +32,46 @@ def run(config: Config, out_dir: Path, progress: bool = False) -> dict:
     return dataclasses.asdict(run_job(make_plan(config, 1), out_dir, progress=progress))
 
 
+@torch.no_grad()
+def losses_on(config: Config, batches: Sequence[torch.Tensor], weights: Weights | None = None) -> list[float | None]:
+    """Each block's loss summed over a run's `batches` (None: a block without a loss of its own), with
+    `weights`, or the weights the run starts from. In float64, so that rounding cannot order two sums."""
+    blocks = blocks_of(config)
+    for block in blocks:
+        if weights is not None:
+            block.load_state_dict(weights[block.index])
+        block.double()
+    totals = [0.0 if block.has_loss else None for block in blocks]
+    for step, x in enumerate(batches):
+        features = []  # (2B, D) per block
+        x = x.double()
+        for block in blocks:
+            x = block(x)
+            features.append(block.features(x))
+        for block, feature in zip(blocks, features):
+            if block.has_loss:  # as in training: the top block's activity is the context of those that take it
+                context = features[-1] if block.needs_top_context else None
+                loss, _ = block.loss(feature, context, negatives_generator(block, config.train.seed, step))
+                totals[block.index] += loss.item()
+    return totals
+
+
+def assert_learned(config: Config, out_dir: Path) -> None:
+    """The run in `out_dir` learned: each block's weights moved, and on the run's own batches, final.pt
+    gives a lower loss than the weights it started from, summed over the blocks and in the first block
+    with a loss of its own (the images it sees are the same before and after)."""
+    start, final = {b.index: b.state_dict() for b in blocks_of(config)}, final_weights(out_dir)
+    assert [b for b in start if torch.equal(start[b]["conv.conv.weight"], final[b]["conv.conv.weight"])] == []
+    batches = batches_of(config)
+    before, after = losses_on(config, batches), losses_on(config, batches, final)
+    first = next(b for b, loss in enumerate(before) if loss is not None)
+    assert after[first] < before[first], (first, before, after)
+    assert sum(a for a in after if a is not None) < sum(b for b in before if b is not None), (before, after)
+
+
 def test_run_folder_and_summary(tmp_path):
-    summary = run(tiny_config("method=clapp_pp_dfb", "train.checkpoint_every=3"), tmp_path, progress=False)
+    config = tiny_config("method=clapp_pp_dfb", "train.checkpoint_every=3")
+    summary = run(config, tmp_path, progress=False)
     assert {p.name for p in tmp_path.iterdir()} >= {"config.toml", "final.pt", "summary.json", "checkpoints"}
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
@@ -40,7 +79,9 @@ def test_run_folder_and_summary(tmp_path):
         ("clapp_pp_dfb", "synthetic", 1, 6)
     assert on_disk["images_per_s"] > 0 and len(on_disk["peak_memory_bytes"]) == 1
     assert len(on_disk["loss_per_block"]) == 6 and all(v > 0 for v in on_disk["loss_per_block"])
-    assert 0 <= on_disk["probe"]["test_acc"] <= 100 and len(on_disk["probe"]["per_block_test_acc"]) == 6
+    assert_learned(config, tmp_path)
+    probe = on_disk["probe"]
+    assert 0 <= probe["probe_accuracy"] <= 100 and len(probe["per_block_probe_accuracy"]) == 6
     final = torch.load(tmp_path / "final.pt", weights_only=True)
     assert sorted(final) == list(range(6))
     assert {"conv.conv.weight", "conv.conv.bias", "heads.top.weight"} <= set(final[0])
@@ -68,18 +109,18 @@ def test_probe_learns_the_synthetic_set_on_a_random_encoder(tmp_path):
     summary = run(tiny_config("train.epochs=0", "train.steps=0", "probe.epochs=3", "probe.train_limit=2000",
                               "probe.test_limit=500"), tmp_path, progress=False)
     assert summary["steps"] == 0
-    assert summary["probe"]["test_acc"] > 50  # chance is 10 %
+    assert summary["probe"]["probe_accuracy"] > 50  # chance is 10 %
 
 
 def test_every_method_trains(tmp_path):
     for method in ("clapp", "clapp_pp", "clapp_pp_both", "bp_clapp_pp", "ff", "infonce_local"):
-        summary = run(tiny_config(f"method={method}", "train.steps=2", "probe.epochs=0"), tmp_path / method,
-                      progress=False)
-        losses = summary["loss_per_block"]
-        if get_method(method).end_to_end:
+        config = tiny_config(f"method={method}", "train.steps=2", "probe.epochs=0")
+        losses = run(config, tmp_path / method, progress=False)["loss_per_block"]
+        if get_rule(method).end_to_end:
             assert losses[:5] == [None] * 5 and losses[5] is not None
         else:
             assert all(v is not None for v in losses)
+        assert_learned(config, tmp_path / method)
 
 
 def test_missing_dataset_fails_at_once_with_the_path(tmp_path):
@@ -101,7 +142,7 @@ def test_finished_run_is_not_overwritten(tmp_path):
 
 
 def test_non_finite_loss_names_block_and_step():
-    blocks = build_blocks(get_method("clapp_pp"), RuleSettings(), width=0.0625, seed=0, in_channels=3, input_size=32,
+    blocks = build_blocks(get_rule("clapp_pp"), RuleSettings(), width=0.0625, seed=0, in_channels=3, input_size=32,
                           lr=2e-4, weight_decay=0.0, fused_optimizer=True)
     x = torch.randn(8, 3, 32, 32)
     x[0, 0, 0, 0] = float("nan")

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from sim.datasets import DATASETS, DatasetInfo, dataset_info
-from sim.views import SimCLRViews, _grid, plain_views, probe_views
+from sim.data.datasets import DATASETS, DatasetInfo, dataset_info
+from sim.data.views import SimCLRViews, _grid, plain_views, probe_views
 
 NATIVE = {"fashion_mnist": 28, "cifar10": 32, "stl10": 96, "tiny_imagenet": 64, "synthetic": 32,
           "synthetic_gray": 32, "synthetic_96": 96}

@@ -10,7 +10,7 @@ Runs, with the same encoder, width, batch, input size and data (probe and log of
    exact and with delayed feedback).
 Single-process runs get as many threads as the parallel runs use in total. Throughput is the median
 images/s over timed windows after warm-up (the whole-run mean for runs too short to have windows).
-The cost model (sim/costmodel.py), fed with per-block times measured here, predicts every run with
+The cost model (sim/cost/model.py), fed with per-block times measured here, predicts every run with
 the placement it ran with; its errors are reported, and its predictions for K = 2, 3, 6 at full
 width (per-block times measured on this hardware, each K with the placement its run would use).
 Writes bench.json, bench.md and bench.png into DIR.
@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from launch.bench.predictions import full_width_predictions, measure_times, predict
 from launch.bench.render import chart, markdown
 from launch.machine import describe_machine, write_figures
+from launch.program import run_program
 from launch.runner import bench_run, benchmark_parser, positive
-from sim.config import load_config
-from sim.job import ProgramErrors, speedups
-from sim.plan import make_plan
-from sim.summary import RunSummary
+from sim.record.summary import RunSummary
+from sim.run.config import load_config
+from sim.run.job import speedups
+from sim.run.plan import make_plan
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
-        code = main()
-    sys.exit(errors.exit_code or code)
+    run_program(main)

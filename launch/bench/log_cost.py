@@ -13,9 +13,9 @@ import sys
 import time
 
 from launch.machine import describe_machine, write_figures
+from launch.program import run_program
 from launch.runner import bench_run, benchmark_parser, positive
-from sim.config import load_config
-from sim.job import ProgramErrors
+from sim.run.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
-        code = main()
-    sys.exit(errors.exit_code or code)
+    run_program(main)

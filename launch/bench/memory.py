@@ -7,7 +7,7 @@ For each input size (96 px: synthetic images of STL-10's shapes with the paper's
 first updates), `launch.train` runs with probe and log off:
 - bp_infonce in one process (2 threads): the BP-SSL baseline;
 - clapp_pp in one process (K = 1, 2 threads) and one block per process (K = 6, 1 thread each).
-Memory is each process's peak resident memory minus its resident memory after imports (sim.memory).
+Memory is each process's peak resident memory minus its resident memory after imports (sim.record.peak_memory).
 Beside it, what the process's blocks must hold (Plan.held_memory): weights, gradients and AdamW's
 two moments (16 bytes per parameter: the B matrices dominate at full width), and the activity one
 step keeps for its backward pass; the rest is the backward pass's temporaries, rank 0's dataset
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 from launch.machine import describe_machine, write_figures
+from launch.program import ProgramErrors, run_program
 from launch.runner import bench_run, positive
-from sim.config import load_config
-from sim.job import ProgramErrors
-from sim.plan import make_plan
+from sim.run.config import load_config
+from sim.run.plan import make_plan
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 DATASET = {96: "synthetic_96", 32: "synthetic"}
@@ -95,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -15,10 +15,10 @@ import sys
 import time
 
 from launch.machine import describe_machine, write_figures
+from launch.program import run_program
 from launch.runner import bench_run, benchmark_parser, positive
-from sim.config import load_config
-from sim.job import ProgramErrors
-from sim.plan import make_plan
+from sim.run.config import load_config
+from sim.run.plan import make_plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +84,4 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
-        code = main()
-    sys.exit(errors.exit_code or code)
+    run_program(main)

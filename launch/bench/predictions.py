@@ -1,4 +1,4 @@
-"""The benchmark's predictions: sim.costmodel fed with times measured on this machine, for each
+"""The benchmark's predictions: sim.cost.model fed with times measured on this machine, for each
 measured run and for K = 1, 2, 3, 6 at full width, each with the placement its run uses."""
 from __future__ import annotations
 
@@ -7,17 +7,15 @@ from collections.abc import Sequence
 
 import torch
 
-from sim.config import Config
-from sim.costmodel import (
-    LinkSpeed,
-    backprop_pipelined,
-    local_exact_feedback,
-    local_pipelined,
-    measure_block_times,
-    measure_data_seconds,
-    measure_link,
-)
-from sim.plan import PipelineSettings, Plan, make_plan
+from sim.cost import measure
+from sim.cost.measure import measure_link
+from sim.cost.model import BlockTimes, LinkSpeed, backprop_pipelined, local_exact_feedback, local_pipelined
+from sim.data.datasets import load_split
+from sim.data.feed import ViewFeed
+from sim.data.views import SimCLRViews
+from sim.pipeline.schedule import PipelineSettings
+from sim.run.config import Config
+from sim.run.plan import Plan, make_plan
 
 METHODS = ("clapp_pp", "clapp_pp_dfb", "bp_infonce")
 EVERYTHING = [list(range(6))]
@@ -28,6 +26,26 @@ def _plan(config: Config, method: str, world_size: int = 1, microbatches: int | 
     # the placement is the same for either schedule; gpipe accepts any micro-batch count
     pipeline = PipelineSettings("gpipe", microbatches) if microbatches and world_size > 1 else None
     return make_plan(config, world_size, pipeline=pipeline)
+
+
+def measure_block_times(plan: Plan, threads: int, data_seconds: float, repeats: int,
+                        microbatches: int = 1) -> BlockTimes:
+    """Per-block times of the plan's rule and width with `threads` threads, on one batch or on one of
+    its `microbatches` micro-batches, on this process's device (sim.cost.measure.measure_block_times)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    blocks = plan.build_blocks(range(6), device)
+    rows, info = 2 * plan.config.train.batch_size // microbatches, plan.info
+    views = torch.randn(rows, info.channels, info.image_size, info.image_size, device=device)  # (2b, C, S, S)
+    return measure.measure_block_times(blocks, views, threads=threads, data_seconds=data_seconds, repeats=repeats)
+
+
+def measure_data_seconds(plan: Plan, repeats: int = 5) -> float:
+    """Seconds to build one batch's two views of the plan's dataset on this machine (rank 0's extra work)."""
+    config = plan.config
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    feed = ViewFeed(load_split(plan.info.name, config.data.root or None, "ssl"), SimCLRViews(plan.info, device),
+                    config.train.batch_size, config.train.seed)
+    return measure.measure_data_seconds(feed, repeats)
 
 
 def measure_times(config: Config, k: int, quick: bool, microbatches: int) -> tuple[dict, LinkSpeed]:

@@ -8,7 +8,7 @@ process, for each width:
 2. R = 2, K = 1: two replicas of the whole network, 2 x 32 images a step, gradients averaged (gloo);
 3. R = 1, K = 1 on one process, for scale.
 Throughput is images/s over the whole loop (steady-state where the run has timed windows), each run in
-its own processes (torchrun). Beside each run, the cost model's prediction (sim.costmodel, per-block
+its own processes (torchrun). Beside each run, the cost model's prediction (sim.cost.model, per-block
 times and the link measured here); then its predictions for 8 processes as R x K (8 x 1, 4 x 2, 2 x 3,
 2 x 4, 1 x 6), from the same per-block times: on GPUs, run this program there for the GPU's figures.
 Writes replicas.json and replicas.md into OUT.
@@ -16,15 +16,17 @@ Writes replicas.json and replicas.md into OUT.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from launch.bench.predictions import measure_block_times, measure_data_seconds
 from launch.machine import describe_machine, write_figures
+from launch.program import run_program
 from launch.runner import bench_run
-from sim.config import load_config
-from sim.costmodel import local_pipelined, measure_block_times, measure_data_seconds, measure_link
-from sim.job import ProgramErrors, speedups
-from sim.plan import make_plan
+from sim.cost.measure import measure_link
+from sim.cost.model import local_pipelined
+from sim.run.config import load_config
+from sim.run.job import speedups
+from sim.run.plan import make_plan
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny.toml"
 SETTINGS = ["method=clapp_pp", "data.name=synthetic", "train.batch_size=32", "sim.schedule=pipelined"]
@@ -99,6 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
-        code = main()
-    sys.exit(errors.exit_code or code)
+    run_program(main)

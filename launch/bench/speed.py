@@ -13,7 +13,7 @@ At the paper's width (1.0), 32 px, batch 32 (64 views), on the CPU:
 3. Beside every run: its FLOPs per step (Plan.step_work), the floor (those FLOPs at this machine's
    best measured FLOP/s plus AdamW's traffic at its measured bandwidth, divided by the threads
    used in all), the fraction of the floor achieved, and the cost model's prediction from per-block
-   times measured here (sim.costmodel).
+   times measured here (sim.cost.model).
 Writes speed.json and speed.md into DIR.
 """
 from __future__ import annotations
@@ -30,13 +30,15 @@ from pathlib import Path
 
 import torch
 
+from launch.bench.predictions import measure_block_times, measure_data_seconds
 from launch.machine import describe_machine, write_figures
+from launch.program import ProgramErrors, run_program
 from launch.runner import bench_run, positive
-from sim.config import load_config
-from sim.costmodel import local_pipelined, measure_block_times, measure_data_seconds, measure_link, measure_peak_rates
-from sim.host_memory import keep_freed_memory
-from sim.job import ProgramErrors
-from sim.plan import make_plan
+from sim.cost.measure import measure_link, measure_peak_rates
+from sim.cost.model import local_pipelined
+from sim.run.config import load_config
+from sim.run.freed_memory import keep_freed_memory
+from sim.run.plan import make_plan
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 TIMER = Path(__file__).with_name("step_timer.py")
@@ -115,17 +117,17 @@ def add_floor_and_model(runs: dict, width: float) -> dict:
         run.update(gflop_per_step=work.flops / 1e9, floor_seconds=floor, floor_fraction=floor / run["seconds_per_step"])
         if run["version"] == "baseline" or run["threads"] > 1:
             continue  # the model's block times are this checkout's, on one thread
-        if plans[method].method.end_to_end:
+        if plans[method].rule.end_to_end:
             predicted = sum(times_1.forward) + sum(times_1.backward)
         elif processes == 1:
             predicted = sum(times_1.local)
         else:
             batch = plans[method].config.train.batch_size
-            delayed = plans[method].method.uses_top_context
+            delayed = plans[method].rule.uses_top_context
             predicted = batch / local_pipelined(times_1, run["placement"], link, batch, feedback=delayed)
         run["predicted_seconds_per_step"] = predicted
     return {"flop_per_s": flops_per_s, "bytes_per_s": bytes_per_s,
-            "block_seconds": {m: (t.local if not plans[m].method.end_to_end else [f + b for f, b in
+            "block_seconds": {m: (t.local if not plans[m].rule.end_to_end else [f + b for f, b in
                                                                                    zip(t.forward, t.backward)])
                               for m, t in times.items()}}
 
@@ -187,4 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -23,8 +23,8 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def _peak_memory_class() -> type:
-    """This checkout's sim.memory.PeakMemory, loaded from its file: the tree under test may be older."""
-    spec = importlib.util.spec_from_file_location("laminar_peak_memory", CHECKOUT / "sim" / "memory.py")
+    """This checkout's sim.record.peak_memory.PeakMemory, loaded from its file: the tree under test may be older."""
+    spec = importlib.util.spec_from_file_location("laminar_peak_memory", CHECKOUT / "sim" / "record" / "peak_memory.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.PeakMemory
@@ -34,7 +34,10 @@ def build_stage(method: str, width: float, batch: int, baseline: bool):
     """The blocks of every stage of `method` in one process, as a stage with `forward(x, step)`."""
     import torch
 
-    from sim.stage import make_stage
+    try:
+        from sim.pipeline.stage import make_stage
+    except ModuleNotFoundError:  # a tree from before sim's rooms (issue 23)
+        from sim.stage import make_stage
     if baseline:
         from layers.block import RuleSettings
         from layers.methods import get_method
@@ -42,9 +45,9 @@ def build_stage(method: str, width: float, batch: int, baseline: bool):
         blocks = build_blocks(method=get_method(method), rule=RuleSettings(), width=width, in_channels=3,
                               input_size=32, seed=0, lr=2e-4, weight_decay=0.0)
         return make_stage(blocks, 0), {}
-    from sim.config import load_config
-    from sim.job import speedups
-    from sim.plan import make_plan
+    from sim.run.config import load_config
+    from sim.run.job import speedups
+    from sim.run.plan import make_plan
     config = load_config(None, [f"method={method}", "data.name=synthetic", f"model.width={width}",
                                 f"train.batch_size={batch}"])
     in_effect = speedups(config)  # before the blocks allocate, as in a run

@@ -32,8 +32,8 @@ from pathlib import Path
 from threading import Lock
 
 from launch.machine import available_cores, code_version, cpu_name, mean_spread, replace_between_markers
+from launch.program import run_program
 from launch.runner import launch_run, positive
-from sim.job import ProgramErrors
 
 ROOT = Path(__file__).parents[1]  # launch/
 BENCHMARKS = ROOT.parent / "BENCHMARKS.md"
@@ -110,8 +110,8 @@ def run_cell(scale: Scale, dataset: str, root: str, row: str, seed: int, logged:
     probe = summary.probe
     if probe.get("scored_on", "test") != "test":
         raise ValueError(f"{out}: its probe was scored on {probe['scored_on']} images; the table reports test accuracy")
-    return {"test_acc": probe["test_acc"], "last_block_acc": probe["per_block_test_acc"][-1],
-            "per_block_test_acc": probe["per_block_test_acc"], "images_per_s": summary.images_per_s,
+    return {"test_acc": probe["probe_accuracy"], "last_block_acc": probe["per_block_probe_accuracy"][-1],
+            "per_block_test_acc": probe["per_block_probe_accuracy"], "images_per_s": summary.images_per_s,
             "peak_memory_bytes": summary.peak_memory_bytes, "steps": summary.steps, "logged": logged,
             "run": str(out), "wall_s": round(time.monotonic() - began, 1),
             "world_size": summary.world_size, "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
@@ -275,6 +275,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with ProgramErrors(rank=0) as errors:  # one line, not a traceback, for what a user can get wrong
-        code = main()
-    sys.exit(errors.exit_code or code)
+    run_program(main)

@@ -1,0 +1,72 @@
+"""What a learning rule is: the object that the block, the plan, the cost model and the schedule ask.
+
+A rule says which heads each block needs (`make_heads`, and their sizes for the cost model:
+`head_dims`), how a block's loss is computed from its pooled activity (`loss`), which contexts it
+predicts from ("lateral": the block's own activity on the other view; "top": the top block's, which
+below the top arrives as a feedback message) and whether it is end-to-end (one loss at the top,
+back-propagated through every block: the BP-SSL baselines). A new rule is one module in this
+package that defines `RULES`, a tuple of its rule objects (layers.rules finds it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+CONTEXTS = ("lateral", "top")
+
+
+@dataclass(frozen=True)
+class LossStats:
+    loss: torch.Tensor  # scalar, detached
+    score_pos: torch.Tensor  # mean positive score (u+, or cosine for InfoNCE)
+    score_neg: torch.Tensor  # mean negative score
+
+
+@dataclass
+class RuleSettings:
+    """How a block learns, the `[rule]` section of a run's config; its defaults are the paper's."""
+    contrast: str = "hinge"  # f: hinge | softhinge | phyll | linear
+    negatives: str = "next_row"  # next_row (the authors' code) | random
+    pool: list[int] = field(default_factory=list)  # AvgPool kernel per block; [] = the rule's default
+    proj_dim: int = 1024  # projection size of the InfoNCE heads
+    temperature: float = 0.1  # InfoNCE temperature
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A learning rule named in a config's `method`. Subclasses define the heads and the loss."""
+    name: str
+    summary: str
+    end_to_end: bool = False  # True: one loss at the top block, gradient back-propagated through all blocks
+    pooling: str = "grid"  # "global" (spatial mean) or "grid" (2D pooling to the paper's grid)
+    contexts: tuple[str, ...] = ("lateral",)  # what the block's activity is predicted from (CONTEXTS)
+    head_passes: int = 2  # passes over each head per step: 2 if its input is detached (B), 3 if not
+
+    @property
+    def uses_top_context(self) -> bool:
+        return "top" in self.contexts
+
+    @property
+    def needs_feedback(self) -> bool:
+        """Blocks below the top wait for a top-down message (the top block's context) before learning."""
+        return self.uses_top_context and not self.end_to_end
+
+    def context_dims(self, feature_dim: int, top_feature_dim: int) -> list[int]:
+        """The size of each context a block with `feature_dim` features predicts from."""
+        return [top_feature_dim if source == "top" else feature_dim for source in self.contexts]
+
+    def head_dims(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> list[int]:
+        """The other side of each head of a block with a loss (its weights: feature_dim x each)."""
+        raise NotImplementedError
+
+    def make_heads(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> nn.ModuleDict:
+        """The trainable heads of a block with a loss, by name."""
+        raise NotImplementedError
+
+    def loss(self, heads: nn.ModuleDict, features: torch.Tensor, top_context: torch.Tensor | None,
+             settings: RuleSettings, generator: torch.Generator | None) -> tuple[torch.Tensor, LossStats]:
+        """The loss of a block on its pooled activity `features` (2B, D); `top_context` is the top
+        block's pooled activity on the same rows (None where the block is the top)."""
+        raise NotImplementedError

@@ -9,8 +9,6 @@ from torch import nn
 from layers.encoder import ConvBlock
 from layers.rules.rule import LossStats, Rule, RuleSettings
 
-__all__ = ["Block", "LossStats", "RuleSettings"]
-
 
 class Block(nn.Module):
     """Block `index` of the encoder. `has_loss` is False for the lower blocks of BP-SSL methods,
@@ -67,4 +65,5 @@ class Block(nn.Module):
         random negatives."""
         if top_context is None and self.needs_top_context:
             raise ValueError(f"block {self.index}: method {self.rule.name} needs the top block's context")
-        return self.rule.loss(self.heads, features, top_context, self.settings, generator)
+        # the top block is its own top context: the rule is given None there, and its own activity is used
+        return self.rule.loss(self.heads, features, None if self.is_top else top_context, self.settings, generator)

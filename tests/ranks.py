@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import time
@@ -22,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+
+from sim.run.checkpoint import completed_steps
 
 PR_SET_PDEATHSIG = 1  # prctl: the signal this process gets when its parent dies (Linux)
 
@@ -125,7 +126,7 @@ def wait_for_checkpoint(out: Path, step: int, processes: list[BaseProcess], work
     it writes the next, so a poll can miss any one of them. Fails as soon as a rank has ended."""
     deadline = time.monotonic() + timeout_s  # waiting for the start, not timing it: a loaded machine may take minutes
     while True:
-        reached = [s for s in checkpointed_steps(out) if s >= step]
+        reached = [s for s in completed_steps(out) if s >= step]  # the format's own reader
         if reached:
             return min(reached)
         ended = [rank for rank, process in enumerate(processes) if process.exitcode is not None]
@@ -133,9 +134,3 @@ def wait_for_checkpoint(out: Path, step: int, processes: list[BaseProcess], work
         assert time.monotonic() < deadline, f"no checkpoint at or past step {step} after {timeout_s} s"
         time.sleep(0.2)
 
-
-def checkpointed_steps(out: Path) -> list[int]:
-    """The steps of the checkpoint folders (checkpoints/stepNNNNNNNN) in the run folder `out`."""
-    folder = out / "checkpoints"
-    names = [path.name for path in folder.iterdir()] if folder.is_dir() else []
-    return sorted(int(match[1]) for name in names if (match := re.fullmatch(r"step(\d+)", name)))

@@ -49,7 +49,9 @@ def imports_of(path: Path) -> list[str]:
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.append(node.module)
+            found.append(node.module)  # and each name that may be a module of it (`from sim.cost import measure`)
+            found += [f"{node.module}.{alias.name}" for alias in node.names
+                      if (ROOT / node.module.replace(".", "/") / f"{alias.name}.py").is_file()]
     return found
 
 

@@ -48,7 +48,7 @@ def test_validation_probe_scores_on_held_out_training_images(tmp_path):
     settings = ["probe.epochs=1", "probe.validation=500", "probe.train_limit=300", "probe.augment=false"]
     single_process(tmp_path / "run", *settings)
     probe = summary(tmp_path / "run")["probe"]
-    assert probe["scored_on"] == "validation" and (probe["train_images"], probe["test_images"]) == (300, 500)
+    assert probe["scored_on"] == "validation" and (probe["train_images"], probe["scored_images"]) == (300, 500)
     config = run_config(*settings)
     rest, held = hold_out(load_split("synthetic", None, "train"), 500)
     trained_on = sample_images(rest, 300, config.train.seed)
@@ -85,7 +85,7 @@ def test_probing_a_finished_run_again_repeats_its_probe_and_takes_only_probe_key
     again = probe_finished_run(tmp_path / "run", [], progress=False)
     assert again["probe_accuracy"] == summary(tmp_path / "run")["probe"]["probe_accuracy"]
     longer = probe_finished_run(tmp_path / "run", ["probe.epochs=2", "probe.validation=50"], progress=False)
-    assert longer["epochs"] == 2 and longer["scored_on"] == "validation" and longer["test_images"] == 50
+    assert longer["epochs"] == 2 and longer["scored_on"] == "validation" and longer["scored_images"] == 50
     with pytest.raises(ConfigError, match="only probe"):
         probe_finished_run(tmp_path / "run", ["optim.lr=1"])
     with pytest.raises(ConfigError, match="no finished run"):

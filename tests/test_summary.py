@@ -44,11 +44,11 @@ def test_summaries_of_earlier_versions_still_read(tmp_path):
     summary = RunSummary.read(tmp_path)
     assert summary.engine == "local" and summary.ranks[0]["busy_seconds"] == 0.75
     assert set(dataclasses.asdict(summary)) == {f.name for f in dataclasses.fields(RunSummary)}
-    for probe, scored_on in (({"test_acc": 61.5, "per_block_test_acc": [50.0] * 6}, "test"),
-                             ({"test_acc": 70.0, "per_block_test_acc": [60.0] * 6, "scored_on": "validation"},
-                              "validation")):
+    for probe, scored_on in (({"test_acc": 61.5, "per_block_test_acc": [50.0] * 6, "test_images": 100}, "test"),
+                             ({"test_acc": 70.0, "per_block_test_acc": [60.0] * 6, "test_images": 100,
+                               "scored_on": "validation"}, "validation")):
         (tmp_path / "summary.json").write_text(json.dumps({**old_local, "probe": probe}))
         read = RunSummary.read(tmp_path).probe  # the probe's old names, in today's
         assert read == {"probe_accuracy": probe["test_acc"], "per_block_probe_accuracy": probe["per_block_test_acc"],
-                        "scored_on": scored_on}
+                        "scored_images": 100, "scored_on": scored_on}
         assert f"linear probe {scored_on} accuracy: {probe['test_acc']:.2f}%" in RunSummary.read(tmp_path).text()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from layers.encoder import NUM_BLOCKS
 from sim.cost import measure
 from sim.cost.measure import measure_link
 from sim.cost.model import BlockTimes, LinkSpeed, backprop_pipelined, local_exact_feedback, local_pipelined
@@ -28,21 +29,23 @@ def _plan(config: Config, method: str, world_size: int = 1, microbatches: int | 
     return make_plan(config, world_size, pipeline=pipeline)
 
 
-def measure_block_times(plan: Plan, threads: int, data_seconds: float, repeats: int,
-                        microbatches: int = 1) -> BlockTimes:
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plan_block_times(plan: Plan, threads: int, data_seconds: float, repeats: int, microbatches: int = 1) -> BlockTimes:
     """Per-block times of the plan's rule and width with `threads` threads, on one batch or on one of
     its `microbatches` micro-batches, on this process's device (sim.cost.measure.measure_block_times)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    blocks = plan.build_blocks(range(6), device)
+    device = _device()
+    blocks = plan.build_blocks(range(NUM_BLOCKS), device)
     rows, info = 2 * plan.config.train.batch_size // microbatches, plan.info
     views = torch.randn(rows, info.channels, info.image_size, info.image_size, device=device)  # (2b, C, S, S)
     return measure.measure_block_times(blocks, views, threads=threads, data_seconds=data_seconds, repeats=repeats)
 
 
-def measure_data_seconds(plan: Plan, repeats: int = 5) -> float:
+def plan_data_seconds(plan: Plan, repeats: int = 5) -> float:
     """Seconds to build one batch's two views of the plan's dataset on this machine (rank 0's extra work)."""
-    config = plan.config
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config, device = plan.config, _device()
     feed = ViewFeed(load_split(plan.info.name, config.data.root or None, "ssl"), SimCLRViews(plan.info, device),
                     config.train.batch_size, config.train.seed)
     return measure.measure_data_seconds(feed, repeats)
@@ -52,9 +55,9 @@ def measure_times(config: Config, k: int, quick: bool, microbatches: int) -> tup
     """{(method, threads): BlockTimes} for 1 and k threads (and ("bp_infonce", "micro") on one
     micro-batch, 1 thread), and the link between two processes."""
     repeats = 2 if quick else 5
-    data = measure_data_seconds(_plan(config, "clapp_pp"))
-    times = {(m, t): measure_block_times(_plan(config, m), t, data, repeats) for m in METHODS for t in sorted({1, k})}
-    times["bp_infonce", "micro"] = measure_block_times(_plan(config, "bp_infonce"), 1, data, repeats, microbatches)
+    data = plan_data_seconds(_plan(config, "clapp_pp"))
+    times = {(m, t): plan_block_times(_plan(config, m), t, data, repeats) for m in METHODS for t in sorted({1, k})}
+    times["bp_infonce", "micro"] = plan_block_times(_plan(config, "bp_infonce"), 1, data, repeats, microbatches)
     return times, measure_link()
 
 
@@ -90,11 +93,11 @@ def full_width_predictions(config: Config, link: LinkSpeed, m: int, world_sizes:
     """Predicted images/s at width 1.0 for each schedule and K, from per-block times measured here
     (1 thread per process on CPU, or this GPU), each K with the placement its run would use."""
     full = dataclasses.replace(config, model=dataclasses.replace(config.model, width=1.0))
-    data = measure_data_seconds(_plan(full, "clapp_pp"))
-    local = measure_block_times(_plan(full, "clapp_pp"), 1, data, 2)
-    dfb = measure_block_times(_plan(full, "clapp_pp_dfb"), 1, data, 2)
-    bp = measure_block_times(_plan(full, "bp_infonce"), 1, data, 2)
-    bp_micro = measure_block_times(_plan(full, "bp_infonce"), 1, data, 2, m)
+    data = plan_data_seconds(_plan(full, "clapp_pp"))
+    local = plan_block_times(_plan(full, "clapp_pp"), 1, data, 2)
+    dfb = plan_block_times(_plan(full, "clapp_pp_dfb"), 1, data, 2)
+    bp = plan_block_times(_plan(full, "bp_infonce"), 1, data, 2)
+    bp_micro = plan_block_times(_plan(full, "bp_infonce"), 1, data, 2, m)
     batch, table = full.train.batch_size, {}
     for k in world_sizes:
         local_groups = _plan(full, "clapp_pp", k).placement.groups

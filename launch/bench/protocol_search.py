@@ -136,7 +136,7 @@ def _cell(probe: dict) -> dict:
     that the trials already measured still read: `test_acc` there is the accuracy on the validation
     images every trial is scored on (BENCHMARKS.md, the protocol)."""
     return {"test_acc": probe["probe_accuracy"], "per_block_test_acc": probe["per_block_probe_accuracy"],
-            "train_images": probe["train_images"], "test_images": probe["test_images"]}
+            "train_images": probe["train_images"], "test_images": probe["scored_images"]}
 
 def run_trial(method: str, setting: str, steps: int, root: str, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)

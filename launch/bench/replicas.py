@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launch.bench.predictions import measure_block_times, measure_data_seconds
+from launch.bench.predictions import plan_block_times, plan_data_seconds
 from launch.machine import describe_machine, write_figures
 from launch.program import run_program
 from launch.runner import bench_run
@@ -38,7 +38,7 @@ def measure(width: float, steps: int, folders: Path) -> dict:
     overrides = [*SETTINGS, f"model.width={width}", f"train.steps={steps}"]
     config = load_config(CONFIG, overrides)
     speedups(config)  # the block timings below run as the runs do
-    block_times = measure_block_times(make_plan(config, 1), 1, measure_data_seconds(make_plan(config, 1)), 3)
+    block_times = plan_block_times(make_plan(config, 1), 1, plan_data_seconds(make_plan(config, 1)), 3)
     link = measure_link()
     runs = {}
     for name, (replicas, stages) in RUNS.items():

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from launch.bench.predictions import measure_block_times, measure_data_seconds
+from launch.bench.predictions import plan_block_times, plan_data_seconds
 from launch.machine import describe_machine, write_figures
 from launch.program import ProgramErrors, run_program
 from launch.runner import bench_run, positive
@@ -105,10 +105,10 @@ def add_floor_and_model(runs: dict, width: float) -> dict:
     flops_per_s, bytes_per_s = measure_peak_rates()
     link = measure_link()
     plans = {m: make_plan(load_config(None, [*SETTINGS, f"model.width={width}", f"method={m}"]), 1) for m in METHODS}
-    data = measure_data_seconds(plans["clapp_pp"])
+    data = plan_data_seconds(plans["clapp_pp"])
     times = {}
     for method, plan in plans.items():
-        times[method] = measure_block_times(plan, 1, data, repeats=2)
+        times[method] = plan_block_times(plan, 1, data, repeats=2)
         print(f"cost model: {method} blocks measured", flush=True)
     for run in runs.values():
         method, processes = run["method"], run["processes"]
@@ -123,7 +123,7 @@ def add_floor_and_model(runs: dict, width: float) -> dict:
             predicted = sum(times_1.local)
         else:
             batch = plans[method].config.train.batch_size
-            delayed = plans[method].rule.uses_top_context
+            delayed = plans[method].rule.needs_feedback
             predicted = batch / local_pipelined(times_1, run["placement"], link, batch, feedback=delayed)
         run["predicted_seconds_per_step"] = predicted
     return {"flop_per_s": flops_per_s, "bytes_per_s": bytes_per_s,

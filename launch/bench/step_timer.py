@@ -5,7 +5,7 @@
 Run as a file, not a module, by `launch.bench.speed`, so that `--tree` decides which code is timed:
 the tree's folder goes first on the import path before anything of laminar is imported. With
 `--baseline` the tree is an older commit: its blocks are built through the layers API that every
-commit since 8c06083 has (`build_blocks` with keywords, `make_stage`), with none of this
+commit since 8c06083 has (`build_blocks(rule, settings, ...)`, `make_stage`), with none of this
 checkout's speed-ups. Without it, blocks are built as `launch.train` builds them (`Plan`), with
 the speed-ups its config turns on. Each step is a full training step of every block on synthetic
 views (2B x 3 x 32 x 32, the same in both); prints one JSON line: seconds of each step, peak memory.
@@ -34,16 +34,28 @@ def build_stage(method: str, width: float, batch: int, baseline: bool):
     """The blocks of every stage of `method` in one process, as a stage with `forward(x, step)`."""
     import torch
 
-    try:
+    import layers
+    import sim
+    # What the tree holds decides which API it has (not an import that fails: the editable install of this
+    # checkout would answer for modules the tree lacks).
+    if (Path(sim.__file__).parent / "pipeline").is_dir():
         from sim.pipeline.stage import make_stage
-    except ModuleNotFoundError:  # a tree from before sim's rooms (issue 23)
+    else:  # a tree from before sim's rooms (issue 23)
         from sim.stage import make_stage
-    if baseline:
-        from layers.block import RuleSettings
-        from layers.methods import get_method
+    if baseline:  # the layers API of every commit since 8c06083, before and after rules became objects
+        import inspect
+
         from layers.model import build_blocks
-        blocks = build_blocks(method=get_method(method), rule=RuleSettings(), width=width, in_channels=3,
-                              input_size=32, seed=0, lr=2e-4, weight_decay=0.0)
+        if (Path(layers.__file__).parent / "rules").is_dir():
+            from layers.rules import get_rule as rule_named
+            from layers.rules.rule import RuleSettings
+        else:
+            from layers.block import RuleSettings
+            from layers.methods import get_method as rule_named
+        # torch's default AdamW where the tree can choose it (not fused: none of this checkout's speed-ups)
+        fused = {"fused_optimizer": False} if "fused_optimizer" in inspect.signature(build_blocks).parameters else {}
+        blocks = build_blocks(rule_named(method), RuleSettings(), width=width, in_channels=3, input_size=32, seed=0,
+                              lr=2e-4, weight_decay=0.0, **fused)
         return make_stage(blocks, 0), {}
     from sim.run.config import load_config
     from sim.run.job import speedups

@@ -17,7 +17,7 @@ def discover(package: str = __name__, paths: Sequence[str] = tuple(__path__)) ->
     for module in sorted(pkgutil.iter_modules(paths), key=lambda m: (m.name != "predictive", m.name)):
         for rule in getattr(importlib.import_module(f"{package}.{module.name}"), "RULES", ()):
             if rule.name in found:
-                raise RuntimeError(f"two rules are named {rule.name!r} (layers.rules.{module.name} and another)")
+                raise RuntimeError(f"two rules are named {rule.name!r} ({package}.{module.name} and another)")
             found[rule.name] = rule
     return found
 

@@ -44,6 +44,11 @@ class Rule:
     contexts: tuple[str, ...] = ("lateral",)  # what the block's activity is predicted from (CONTEXTS)
     head_passes: int = 2  # passes over each head per step: 2 if its input is detached (B), 3 if not
 
+    def __post_init__(self) -> None:
+        unknown = [source for source in self.contexts if source not in CONTEXTS]
+        if unknown or not self.contexts:
+            raise ValueError(f"rule {self.name!r}: contexts {self.contexts} must be among {', '.join(CONTEXTS)}")
+
     @property
     def uses_top_context(self) -> bool:
         return "top" in self.contexts
@@ -68,5 +73,6 @@ class Rule:
     def loss(self, heads: nn.ModuleDict, features: torch.Tensor, top_context: torch.Tensor | None,
              settings: RuleSettings, generator: torch.Generator | None) -> tuple[torch.Tensor, LossStats]:
         """The loss of a block on its pooled activity `features` (2B, D); `top_context` is the top
-        block's pooled activity on the same rows (None where the block is the top)."""
+        block's pooled activity on the same rows, None for the top block itself (its own activity is
+        its top context) and for rules that predict from lateral context only."""
         raise NotImplementedError

@@ -40,7 +40,7 @@ class LocalEngine:
                  checkpoint: Callable[[int], None] = _no_checkpoint):
         self.rank, self.schedule, self.stage, self.device = rank, schedule, stage, device
         self.shapes, self.feed, self.checkpoint = shapes, feed, checkpoint
-        self.link = transport or InProcess(device)
+        self.transport = transport or InProcess(device)
         self.recording = recording or Recording()
         self.top = schedule.world_size - 1
         self.recent: dict[int, deque] = {b.index: deque(maxlen=LOSS_WINDOW) for b in stage.blocks}
@@ -55,7 +55,7 @@ class LocalEngine:
         bar = progress_bar(stop, start, progress and self.rank == 0)
         began, clock = time.perf_counter(), WindowClock()
         for action in self.schedule.actions(self.rank, start, stop):
-            self.link.begin(self.schedule.messages(self.rank, action))
+            self.transport.begin(self.schedule.messages(self.rank, action))
             if action.kind == "F":
                 self._forward(action.step)
                 bar.update()
@@ -63,31 +63,31 @@ class LocalEngine:
                 if action.step % 10 == 0:
                     bar.set_postfix_str(self._losses_text(), refresh=False)
             elif action.kind == "U":
-                feedback = self.link.recv(self.shapes.feedback, self.top, "feedback")
+                feedback = self.transport.recv(self.shapes.feedback, self.top, "feedback")
                 self.stage.apply_feedback(action.step, feedback)
             elif action.kind == "G":
                 self._record_pairs(action.step, self.recording.alignment.backward(action.step))
                 self.recording.alignment.deliver()
             elif action.kind == "W":
-                self.link.recv((1,), self.top, "token")
+                self.transport.recv((1,), self.top, "token")
             elif action.kind == "C":
                 self.stage.settle()  # every update of the batches before the checkpoint applied
                 self._record_updates()
-                self.link.flush()
+                self.transport.flush()
                 if self.recording.log is not None:
                     self.recording.log.flush()  # the log holds every step before a checkpoint
                 self.checkpoint(action.step)
-            self.link.end(action)
+            self.transport.end(action)
             self._record_updates()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - began
         bar.close()
-        wait = self.link.wait_seconds
+        wait = self.transport.wait_seconds
         return RankResult(
             rank=self.rank, blocks=[b.index for b in self.stage.blocks], steps=stop - start, seconds=seconds,
             busy_seconds=seconds - wait, wait_seconds=wait,
-            bytes_sent=self.link.bytes_sent, peak_memory_bytes=memory.peak_bytes(),
+            bytes_sent=self.transport.bytes_sent, peak_memory_bytes=memory.peak_bytes(),
             loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r},
             feedback_delay=self.schedule.delay(self.rank), window_seconds=clock.windows,
         )
@@ -95,7 +95,7 @@ class LocalEngine:
     def _forward(self, step: int) -> None:
         log = self.recording.log
         logged = self.schedule.logs(step)
-        began, sent = time.perf_counter(), self.link.bytes_sent
+        began, sent = time.perf_counter(), self.transport.bytes_sent
         if logged or self.schedule.aligns(step):  # these passes see the weights from before this batch
             self.stage.settle()
         if logged:  # activity of the held-out images with the weights from before this batch
@@ -104,22 +104,22 @@ class LocalEngine:
         if self.rank == 0:
             x = self.feed.views_at(step).to(self.device, non_blocking=True)  # (2B, C, S, S)
         else:
-            x = self.link.recv(self.shapes.activations[self.rank - 1], self.rank - 1, "activations")
+            x = self.transport.recv(self.shapes.activations[self.rank - 1], self.rank - 1, "activations")
         if self.recording.alignment is not None and self.schedule.aligns(step):
             self._record_pairs(step, self.recording.alignment.forward(x, step))
         out = self.stage.forward(x, step)
         if self.rank < self.top:
-            self.link.send(out, self.rank + 1, "activations")
+            self.transport.send(out, self.rank + 1, "activations")
         else:
             for rank, waits in enumerate(self.schedule.waits_for_feedback):
                 if waits:
-                    self.link.send(self.stage.top_context, rank, "feedback")
+                    self.transport.send(self.stage.top_context, rank, "feedback")
             if self.schedule.sends_token():
-                self.link.send(torch.ones(1, device=self.device), 0, "token")
+                self.transport.send(torch.ones(1, device=self.device), 0, "token")
             if self.recording.alignment is not None:
                 self.recording.alignment.deliver()
         if logged:
-            seconds, sent = time.perf_counter() - began, self.link.bytes_sent - sent
+            seconds, sent = time.perf_counter() - began, self.transport.bytes_sent - sent
             for writer in log.blocks.values():
                 writer.record(step, "forward", step_seconds=seconds, bytes_sent=sent)
 

@@ -23,26 +23,26 @@ from sim.record.logbook import RankLog
 
 class HeldoutPass:
     def __init__(self, blocks: Sequence[Block], kernels: Sequence[int], rank: int, top_rank: int,
-                 link: Transport, input_shape: tuple[int, ...] | None, images: torch.Tensor | None):
+                 transport: Transport, input_shape: tuple[int, ...] | None, images: torch.Tensor | None):
         self.blocks, self.kernels, self.rank, self.top_rank = list(blocks), list(kernels), rank, top_rank
-        self.link, self.input_shape, self.images = link, input_shape, images  # images: rank 0 only
+        self.transport, self.input_shape, self.images = transport, input_shape, images  # images: rank 0 only
 
     @torch.no_grad()
     def run(self) -> dict[int, np.ndarray]:
         """{block: (images, features)} pooled to the probe's grid, with the weights of the moment."""
-        x = self.images if self.rank == 0 else self.link.recv(self.input_shape, self.rank - 1, "heldout")
+        x = self.images if self.rank == 0 else self.transport.recv(self.input_shape, self.rank - 1, "heldout")
         features = {}
         for block, kernel in zip(self.blocks, self.kernels):
             x = block(x)  # (N, C, H, W)
             features[block.index] = F.avg_pool2d(x, kernel).flatten(1).cpu().numpy()
         if self.rank < self.top_rank:
-            self.link.send(x, self.rank + 1, "heldout")
+            self.transport.send(x, self.rank + 1, "heldout")
         return features
 
 
 class AlignmentPass:
-    def __init__(self, blocks: Sequence[Block], rank: int, top_rank: int, link: Transport, seed: int):
-        self.blocks, self.rank, self.top_rank, self.link, self.seed = list(blocks), rank, top_rank, link, seed
+    def __init__(self, blocks: Sequence[Block], rank: int, top_rank: int, transport: Transport, seed: int):
+        self.blocks, self.rank, self.top_rank, self.transport, self.seed = list(blocks), rank, top_rank, transport, seed
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (input, output), graph kept
         self.outgoing: torch.Tensor | None = None  # gradient for the rank below, sent by `deliver`
 
@@ -64,7 +64,7 @@ class AlignmentPass:
     def backward(self, step: int) -> dict[int, np.ndarray]:
         """Receive d(top loss)/d(output) of batch `step` from the rank above and back-propagate it."""
         x, out = self.pending.pop(step)
-        return self._backpropagate(out, self.link.recv(tuple(out.shape), self.rank + 1, "gradient"), x)
+        return self._backpropagate(out, self.transport.recv(tuple(out.shape), self.rank + 1, "gradient"), x)
 
     def _backpropagate(self, output: torch.Tensor, grad_output: torch.Tensor | None,
                        x: torch.Tensor) -> dict[int, np.ndarray]:
@@ -79,7 +79,7 @@ class AlignmentPass:
         """Send the gradient with respect to this rank's input down. The top rank calls it after
         its feedback messages of the same step, the order in which the rank below expects them."""
         if self.outgoing is not None:
-            self.link.send(self.outgoing, self.rank - 1, "gradient")
+            self.transport.send(self.outgoing, self.rank - 1, "gradient")
             self.outgoing = None
 
 

@@ -39,8 +39,8 @@ class GradientAverager:
     optimiser step: the stage's other blocks, and its messages, go on meanwhile). Every replica
     starts its blocks in the same order, which pairs the collectives."""
 
-    def __init__(self, group: dist.ProcessGroup, mesh: Mesh, replica: int, stage: int, link: Distributed):
-        self.group, self.replicas, self.link = group, mesh.replicas, link
+    def __init__(self, group: dist.ProcessGroup, mesh: Mesh, replica: int, stage: int, transport: Distributed):
+        self.group, self.replicas, self.transport = group, mesh.replicas, transport
         others = [mesh.rank(r, stage) for r in range(mesh.replicas) if r != replica]
         self.peers = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
         self.in_flight: dict[int, tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = {}
@@ -51,15 +51,15 @@ class GradientAverager:
                                "laminar")
         gradients = [p.grad for p in block.parameters() if p.grad is not None]
         bucket = torch.cat([g.reshape(-1) for g in gradients])  # (total parameters,)
-        work = self.link.collective("averaging gradients", dist.all_reduce, bucket, dist.ReduceOp.SUM, self.group,
+        work = self.transport.collective("averaging gradients", dist.all_reduce, bucket, dist.ReduceOp.SUM, self.group,
                                     True)
         self.in_flight[block.index] = (work, bucket, gradients)
         # a ring all-reduce sends 2 (R - 1) / R of the bucket from each rank
-        self.link.bytes_sent += 2 * (self.replicas - 1) * bucket.numel() * bucket.element_size() // self.replicas
+        self.transport.bytes_sent += 2 * (self.replicas - 1) * bucket.numel() * bucket.element_size() // self.replicas
 
     def finish(self, block: Block) -> None:
         work, bucket, gradients = self.in_flight.pop(block.index)
-        self.link.wait(work, None, "averaging gradients with", who=self.peers)
+        self.transport.wait(work, None, "averaging gradients with", who=self.peers)
         bucket.div_(self.replicas)  # gloo has no average: the sum, then one division (exact when R is a power of two)
         for gradient, part in zip(gradients, bucket.split([g.numel() for g in gradients])):
             gradient.copy_(part.view_as(gradient))
@@ -67,6 +67,6 @@ class GradientAverager:
     def barrier(self, timeout_s: float) -> None:
         """Wait, up to `timeout_s`, until every replica of this stage is here (after replica 0 wrote a
         checkpoint, which the others do not write)."""
-        with self.link.patience(timeout_s):
-            work = self.link.collective("a checkpoint", dist.barrier, self.group, True)
-            self.link.wait(work, None, "waiting at a checkpoint for", who=self.peers)
+        with self.transport.patience(timeout_s):
+            work = self.transport.collective("a checkpoint", dist.barrier, self.group, True)
+            self.transport.wait(work, None, "waiting at a checkpoint for", who=self.peers)

@@ -13,7 +13,7 @@ Actions (one batch `step` each):
 - `C` checkpoint: everything of batches < `step` is applied; save.
 
 What each action sends and receives, in order, is data too (`Schedule.messages`): the runtime
-checks every message against it (sim.pipeline.transport.Link.expect), `simulate` matches every receive
+checks every message against it (sim.pipeline.transport.Transport.begin), `simulate` matches every receive
 with its send to check that no schedule deadlocks and that both ends agree on each message's
 kind, and `launch.show_schedule` prints it. The kinds:
 - `heldout`: the held-out images' activity, up, at the log's steps (before the batch);

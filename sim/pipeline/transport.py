@@ -5,7 +5,7 @@ sent and seconds spent waiting, and checks every message against the schedule's 
 current action (`begin` / `end`, from `Schedule.messages`): the protocol check lives here, once.
 Two implementations:
 - `InProcess`: every block in this process (K = 1). Its schedule lists no messages, so any send or
-  receive is a protocol error; collectives are the identity. No `None` link anywhere in the engines.
+  receive is a protocol error; collectives are the identity. No `None` transport anywhere in the engines.
 - `Distributed`: torch.distributed point-to-point messages (gloo on CPU, nccl on GPUs).
   Activations travel up (rank r to r + 1) and feedback travels down (the top rank to a lower one),
   always as tensors of shapes both sides computed from the config, so no shape ever travels. Each
@@ -150,7 +150,7 @@ class Distributed(Transport):
         self.store = store
         self.base = base  # global rank of this replica's first stage: peers are named by stage, sent to base + stage
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        self.down_group = dist.new_group()  # every rank builds its Link at the same point: a collective
+        self.down_group = dist.new_group()  # every rank builds its transport at the same point: a collective
         self.max_in_flight = max_in_flight  # sends not yet received: how far this rank may run ahead
         self.in_flight: deque[tuple[dist.Work, torch.Tensor, int]] = deque()
 
@@ -219,20 +219,20 @@ class Distributed(Transport):
         return PeerFailure(f"rank {self.base + self.rank} stops because {reason}")
 
 
-def send_weights(link: Transport, blocks, dst: int) -> None:
+def send_weights(transport: Transport, blocks, dst: int) -> None:
     """Send every tensor of `blocks`' state dicts to rank `dst`, in state-dict order."""
     for block in blocks:
         for tensor in block.state_dict().values():
-            link.send(tensor.to(link.device), dst)
-    link.flush()
+            transport.send(tensor.to(transport.device), dst)
+    transport.flush()
 
 
-def receive_weights(link: Transport, blocks, src: int) -> None:
+def receive_weights(transport: Transport, blocks, src: int) -> None:
     """Fill `blocks` (built identically on this rank) with the tensors `src` sends."""
     with torch.no_grad():
         for block in blocks:
             for tensor in block.state_dict().values():
-                tensor.copy_(link.recv(tuple(tensor.shape), src))
+                tensor.copy_(transport.recv(tuple(tensor.shape), src))
 
 
 def gather_to_first(obj: object) -> list | None:

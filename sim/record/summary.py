@@ -13,9 +13,9 @@ torch) and with which speed-ups in effect (speedups).
 
 Changes from the first format: "engine", "microbatches", "speedups" and "replicas" are new; the BP pipeline's "loss" is
 now loss_per_block[5] and its "step_end_seconds" gave way to images_per_s_steady; every rank has
-"busy_seconds"; the probe's "test_acc" and "per_block_test_acc" are "probe_accuracy" and
-"per_block_probe_accuracy", with "scored_on" saying whether they were measured on test or validation
-images. `RunSummary.read` still reads summaries written before these changes.
+"busy_seconds"; the probe's "test_acc", "per_block_test_acc" and "test_images" are "probe_accuracy",
+"per_block_probe_accuracy" and "scored_images", with "scored_on" saying whether they were measured on
+test or validation images. `RunSummary.read` still reads summaries written before these changes.
 """
 from __future__ import annotations
 
@@ -146,12 +146,13 @@ class RunSummary:
 
 
 def _probe_of(probe: dict | None) -> dict | None:
-    """A summary's probe in today's names: before, `test_acc` and `per_block_test_acc` held the accuracy
-    on whichever images `scored_on` names (the test images when it is absent)."""
+    """A summary's probe in today's names: before, `test_acc`, `per_block_test_acc` and `test_images` held
+    the accuracy on, and the number of, whichever images `scored_on` names (the test images when absent)."""
     if probe is None:
         return None
     probe = dict(probe)
-    for old, new in (("test_acc", "probe_accuracy"), ("per_block_test_acc", "per_block_probe_accuracy")):
+    for old, new in (("test_acc", "probe_accuracy"), ("per_block_test_acc", "per_block_probe_accuracy"),
+                     ("test_images", "scored_images")):
         if old in probe:
             probe.setdefault(new, probe.pop(old))
     probe.setdefault("scored_on", "test")

@@ -113,7 +113,7 @@ def linear_probe(
                                  labels.to(device)).cpu()
     accuracy = (100.0 * correct / len(test_set)).tolist()
     return {"probe_accuracy": accuracy[-1], "per_block_probe_accuracy": accuracy[:-1], "epochs": epochs,
-            "train_images": len(train_set), "test_images": len(test_set)}
+            "train_images": len(train_set), "scored_images": len(test_set)}
 
 
 def probe_encoder(blocks: Sequence[nn.Module], info: DatasetInfo, train_set: ImageSet, scored_set: ImageSet,

@@ -212,7 +212,7 @@ def _run_rank(plan: Plan, out_dir: Path, *, world: World, device: torch.device, 
     rank = RankSetup(plan=plan, out_dir=out_dir, world=world, replica=replica, stage=stage, device=device,
                      transport=transport, averager=averager, blocks=blocks, data=data, start=start, stop=stop,
                      heldout=heldout, heldout_count=heldout_count)
-    engine = local_engine(rank) if plan.pipeline is None else pipeline_engine(rank)
+    engine: Engine = local_engine(rank) if plan.pipeline is None else pipeline_engine(rank)
     transport.barrier("the start barrier", SETUP_TIMEOUT_S)  # every rank built: start the clocks together
     result = engine.run(start, stop, progress=progress and replica == 0, memory=memory)  # one bar: replica 0's
     gathered = _gather(plan, world, device, transport, blocks, result)
@@ -283,20 +283,20 @@ def pipeline_engine(rank: RankSetup) -> BPPipelineEngine:
                             feed=rank.data.feed)
 
 
-def _gather(plan: Plan, world: World, device: torch.device, link: Transport, blocks: list[Block],
+def _gather(plan: Plan, world: World, device: torch.device, transport: Transport, blocks: list[Block],
             result: RankResult) -> tuple[list[Block], list[RankResult]] | None:
     """Every block (weights as trained) and every rank's result, on rank 0; None on the others."""
     replica = plan.mesh.position(world.rank)[0]
-    with link.patience(SETUP_TIMEOUT_S):  # gathering full-width weights may take minutes between machines
-        results = link.gather(result)
+    with transport.patience(SETUP_TIMEOUT_S):  # gathering full-width weights may take minutes between machines
+        results = transport.gather(result)
         if world.rank > 0:
             if replica == 0:  # the first replica's weights: the others' are the same
-                send_weights(link, blocks, 0)
+                send_weights(transport, blocks, 0)
             return None
         own = plan.placement.groups[0]
         rest = plan.build_blocks([i for i in range(NUM_BLOCKS) if i not in own], device)
         for sender in range(1, plan.stages):
-            receive_weights(link, [b for b in rest if b.index in plan.placement.groups[sender]], sender)
+            receive_weights(transport, [b for b in rest if b.index in plan.placement.groups[sender]], sender)
     for number, found in enumerate(results):
         found.rank = number  # engines name their stage; the summary names every process
     return blocks + rest, results
@@ -317,7 +317,7 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
         dataset=plan.info.name, engine="local" if pipeline is None else "bp_pipeline", steps=stop, probe=probe,
         placement=[list(g) for g in plan.placement.groups],
         schedule=plan.schedule.name if pipeline is None else pipeline.schedule,
-        feedback=plan.schedule.feedback if plan.rule.uses_top_context and pipeline is None else None,
+        feedback=plan.schedule.feedback if plan.rule.needs_feedback and pipeline is None else None,
         microbatches=None if pipeline is None else pipeline.microbatches,
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=to_dict(config),
         speedups=speedups(config))

@@ -75,7 +75,7 @@ def start_log(plan: Plan, out_dir: Path, test_set: ImageSet, start: int) -> Imag
     return images
 
 
-def rank_recording(plan: Plan, out_dir: Path, rank: int, blocks: list[Block], start: int, link: Transport,
+def rank_recording(plan: Plan, out_dir: Path, rank: int, blocks: list[Block], start: int, transport: Transport,
                    heldout: ImageSet | None, heldout_count: int, device: torch.device) -> Recording:
     """What this rank records: its blocks' rows of the log, the held-out pass, the alignment pass.
     `heldout` (the images) is rank 0's; every rank knows their number."""
@@ -88,7 +88,7 @@ def rank_recording(plan: Plan, out_dir: Path, rank: int, blocks: list[Block], st
     kernels = [grid_kernels(plan.info.image_size)[i] for i in own]
     top_rank = plan.stages - 1
     below = (heldout_count, *plan.shapes.activations[rank - 1][1:]) if rank > 0 else None  # (N, C, H, W)
-    heldout_pass = HeldoutPass(blocks, kernels, rank, top_rank, link, below, images)
+    heldout_pass = HeldoutPass(blocks, kernels, rank, top_rank, transport, below, images)
     aligns = plan.schedule.align_every > 0
-    alignment = AlignmentPass(blocks, rank, top_rank, link, plan.config.train.seed) if aligns else None
+    alignment = AlignmentPass(blocks, rank, top_rank, transport, plan.config.train.seed) if aligns else None
     return Recording(log, heldout_pass, alignment)

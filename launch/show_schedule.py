@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def show(plan: Plan, steps: int) -> None:
-    feedback = f", {plan.schedule.feedback} feedback" if plan.rule.needs_feedback else ""
+    feedback = f", {plan.feedback_text()}" if plan.rule.needs_feedback else ""
     print(f"{plan.rule.name}: {plan.schedule.name} schedule{feedback} on {plan.stages} process(es), "
           f"blocks per rank {plan.placement}")
     if plan.replicas > 1:

@@ -109,6 +109,7 @@ def test_schedule_command_prints_the_grid(capsys):
     assert schedule_main([CONFIG, "--world-size", "3", "--set", "method=clapp_pp_dfb",
                           "--set", "sim.feedback=delayed"]) == 0
     out = capsys.readouterr().out
-    assert "delayed feedback on 3 process(es)" in out and "feedback delay per rank (steps): [2, 1, 0]" in out
+    assert "delayed feedback (delay in steps per block: [2, 2, 1, 1, 0, 0]) on 3 process(es)" in out
+    assert "feedback delay per rank (steps): [2, 1, 0]" in out
     assert "rank 2 F0    recv heldout from 1, recv activations from 1, send feedback to 0, send feedback to 1" in out
     assert schedule_main([CONFIG, "--world-size", "7"]) == 2

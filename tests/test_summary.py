@@ -8,7 +8,8 @@ from sim.record.summary import RankResult, RunSummary
 def two_ranks() -> list[RankResult]:
     return [RankResult(rank=r, blocks=[3 * r, 3 * r + 1, 3 * r + 2], steps=40, seconds=10.0 + r, busy_seconds=8.0 + r,
                        wait_seconds=2.0, bytes_sent=1000, peak_memory_bytes=2**20, loss_per_block={3 * r: 1.5},
-                       feedback_delay=1 - r, window_seconds=[5.0, 2.0, 4.0]) for r in range(2)]
+                       feedback_delays={3 * r + i: 1 - r for i in range(3)}, window_seconds=[5.0, 2.0, 4.0])
+            for r in range(2)]
 
 
 def test_summary_from_results_round_trips(tmp_path):

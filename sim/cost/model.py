@@ -90,16 +90,22 @@ def step_work(width: float, in_channels: int, input_size: int, rows: int, featur
 
 
 def held_memory(width: float, in_channels: int, input_size: int, rows: int, blocks: Sequence[int],
-                head_params: Sequence[int], all_at_once: bool) -> dict[str, int]:
+                head_params: Sequence[int], all_at_once: bool, *, pending: int = 1,
+                trace_dims: Sequence[int] | None = None) -> dict[str, int]:
     """Bytes that `blocks` hold during a step on `rows` views: `optimizer_state`, their weights,
     gradients and AdamW's two moments (16 bytes per parameter), and `activity`, what a block keeps
     for its backward pass: its input (for the weight gradient), its ReLU output (computed in place
     of the convolution's) and, after a max-pool, the pooled map and its indices (float32, int64).
     `all_at_once`: every block's activity is kept together (backprop; blocks that wait for top-down
     feedback); else a block frees its own after its update, and the largest counts. Temporaries of
-    the backward pass (gradients of those maps, patches) come on top."""
+    the backward pass (gradients of those maps, patches) come on top.
+
+    Blocks that wait for delayed feedback keep `pending` batches at once (their delay + 1): with
+    stashed weights, each batch's activity and `stashed_weights`, a copy of the block's convolution
+    per batch beyond the first; with `trace_dims` (sim.stash = false), only each batch's input and its
+    pooled activity, trace_dims[block] floats a row, and no weights."""
     reports = describe_encoder(width, in_channels, input_size)
-    params, kept = 0, []
+    params, kept, stashed = 0, [], 0
     for index in blocks:
         report = reports[index]
         c, side, _ = report.output_shape
@@ -109,8 +115,13 @@ def held_memory(width: float, in_channels: int, input_size: int, rows: int, bloc
         activity = rows * (c_in * side_in**2 + c * before_pool**2) * 4
         if MAXPOOL[index]:
             activity += rows * c * side**2 * (4 + 8)
-        kept.append(activity)
-    return {"optimizer_state": 16 * params, "activity": sum(kept) if all_at_once else max(kept)}
+        if trace_dims is not None:  # an eligibility trace: the input and the pooled activity
+            activity = rows * (c_in * side_in**2 + trace_dims[index]) * 4
+        else:
+            stashed += (pending - 1) * report.conv_params * 4
+        kept.append(pending * activity)
+    return {"optimizer_state": 16 * params, "activity": sum(kept) if all_at_once else max(kept),
+            "stashed_weights": stashed}
 
 
 @dataclass

@@ -71,7 +71,7 @@ class LocalEngine:
             elif action.kind == "W":
                 self.transport.recv((1,), self.top, "token")
             elif action.kind == "C":
-                self.stage.settle()  # every update of the batches before the checkpoint applied
+                self.stage.apply_pending()  # every update of the batches before the checkpoint applied
                 self._record_updates()
                 self.transport.flush()
                 if self.recording.log is not None:
@@ -89,8 +89,15 @@ class LocalEngine:
             busy_seconds=seconds - wait, wait_seconds=wait,
             bytes_sent=self.transport.bytes_sent, peak_memory_bytes=memory.peak_bytes(),
             loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r},
-            feedback_delay=self.schedule.delay(self.rank), window_seconds=clock.windows,
+            feedback_delays=self._feedback_delays(), window_seconds=clock.windows,
         )
+
+    def _feedback_delays(self) -> dict[int, int]:
+        """Steps from each waiting block's forward pass of a batch to its update: the stage's delay
+        line where the top block is here, else the schedule's."""
+        blocks = [b for b in self.stage.blocks if b.needs_top_context]
+        here = self.top == self.rank
+        return {b.index: self.stage.feedback_delay if here else self.schedule.delay(self.rank) for b in blocks}
 
     def _forward(self, step: int) -> None:
         log = self.recording.log

@@ -84,6 +84,9 @@ class Schedule:
     checkpoint_every: int = 0  # 0: a checkpoint only at the end
     log_every: int = 0  # steps whose F also carries the held-out images up (the log's activity); 0: none
     align_every: int = 0  # steps between diagnostic back-propagations (G actions); 0: none
+    # sim.feedback_delay: every waiting block applies the update of batch s just before it forwards
+    # batch s + d + 1, on every rank alike; -1: the delays `feedback` implies (0, or K - 1 - r on rank r)
+    feedback_delay: int = -1
 
     def __post_init__(self) -> None:
         if self.name not in SIM_SCHEDULES:
@@ -95,16 +98,46 @@ class Schedule:
                              "schedule has every batch's feedback before the next batch")
         if self.waits_for_feedback and self.waits_for_feedback[-1]:
             raise ValueError("the top rank holds the top block: its feedback is immediate")
+        if self.feedback_delay < -1:
+            raise ValueError(f"sim.feedback_delay = {self.feedback_delay}: give a delay in steps >= 0 "
+                             "(or -1: the delay sim.feedback implies)")
+        if self.feedback_delay >= 0 and self.feedback == "delayed":
+            raise ValueError(f"sim.feedback = 'delayed' and sim.feedback_delay = {self.feedback_delay} both set the "
+                             "delay: keep sim.feedback = 'exact' with sim.feedback_delay, or drop sim.feedback_delay")
+        if self.feedback_delay > 0 and self.name == "sequential":
+            raise ValueError(f"sim.feedback_delay = {self.feedback_delay} needs sim.schedule = 'pipelined': a "
+                             "sequential schedule has every batch's feedback before the next batch")
+        needed = self.smallest_delay()
+        if 0 < self.feedback_delay < needed:
+            raise ValueError(f"sim.feedback_delay = {self.feedback_delay} is shorter than the pipeline needs on "
+                             f"{self.world_size} processes: use 0 (exact feedback, with stalls) or at least {needed}")
 
     @property
     def world_size(self) -> int:
         return len(self.waits_for_feedback)
 
+    def smallest_delay(self) -> int:
+        """The shortest delay above 0 that no waiting rank stalls for: the steps a batch takes to reach
+        the top rank and its feedback to come back, K - 1 - r, on the lowest waiting rank r."""
+        return max((self.world_size - 1 - r for r, waits in enumerate(self.waits_for_feedback) if waits), default=0)
+
     def delay(self, rank: int) -> int:
         """Batches rank `rank` forwards between a batch's forward and that batch's update."""
-        if not self.waits_for_feedback[rank] or self.feedback == "exact":
+        if not self.waits_for_feedback[rank]:
             return 0
-        return self.world_size - 1 - rank
+        if self.feedback_delay >= 0:
+            return self.feedback_delay
+        return self.world_size - 1 - rank if self.feedback == "delayed" else 0
+
+    def sends_in_flight(self, rank: int) -> int:
+        """How many of rank `rank`'s sends may be unreceived when it begins an action. A receiver lags
+        its sender by up to the longest feedback delay (it forwards that many batches before it takes
+        a batch's feedback, and its gradient after that), so a rank keeps that many batches' sends (a
+        logged and aligned batch's, the most) in flight, and 2 more: how far a rank that waits for
+        nothing may run ahead of the rank above. `simulate` checks that no schedule deadlocks with it."""
+        lag = max((self.delay(r) for r in range(self.world_size)), default=0)
+        batch = sum(m.sends for kind in "FG" for m in self.messages(rank, Action(kind, 0)))  # step 0 logs and aligns
+        return 2 + (lag + 1) * batch if lag else 2
 
     def sends_token(self) -> bool:
         """Sequential schedules gate rank 0 on the top rank: a token, unless feedback does it."""
@@ -173,13 +206,15 @@ class Schedule:
 def simulate(schedule: Schedule, steps: int) -> list[list[tuple[int, Action]]]:
     """Start tick of every action of every rank, with unit-time F, U and G actions and zero-time W
     and C. An action starts once every message it receives has been sent, by an action that has
-    ended (messages on each directed pair of ranks arrive in the order they were sent). Raises
+    ended (messages on each directed pair of ranks arrive in the order they were sent), and once at
+    most `sends_in_flight` of its rank's sends are unreceived, as the transport waits. Raises
     RuntimeError if the ranks deadlock, if a rank expects another kind of message than the next
     one its peer sends, or if a message is never received."""
     queues = [list(schedule.actions(r, 0, steps)) for r in range(schedule.world_size)]
     in_transit: dict[tuple[int, int], list[tuple[str, int]]] = {}  # (src, dst) -> [(kind, tick sent)]
     timeline: list[list[tuple[int, Action]]] = [[] for _ in queues]
     clock, cursor = [0] * len(queues), [0] * len(queues)
+    bounds = [schedule.sends_in_flight(r) for r in range(len(queues))]
     while any(c < len(q) for c, q in zip(cursor, queues)):
         progressed = False
         for rank, queue in enumerate(queues):
@@ -190,6 +225,8 @@ def simulate(schedule: Schedule, steps: int) -> list[list[tuple[int, Action]]]:
                 if any(len(in_transit.get((m.peer, rank), [])) < sum(r.peer == m.peer for r in receives)
                        for m in receives):
                     break
+                if sum(len(q) for (src, _), q in in_transit.items() if src == rank) > bounds[rank]:
+                    break  # its transport waits until a peer receives
                 begin = clock[rank]
                 for m in receives:
                     kind, sent = in_transit[m.peer, rank].pop(0)

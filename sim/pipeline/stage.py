@@ -11,6 +11,7 @@ they also measure the norm of the weight change and keep the gradient of the blo
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -63,17 +64,35 @@ def _never(step: int) -> tuple[bool, bool]:
 class LocalStage:
     """`stash_weights`: blocks awaiting feedback keep a copy of the weights their forward pass
     used, so that updates of other batches applied meanwhile (delayed feedback) do not invalidate
-    the graph; the update is then the gradient at the weights that produced the activity."""
+    the graph; the update is then the gradient at the weights that produced the activity.
+
+    `trace` (sim.stash = false): blocks awaiting feedback keep no weights and no graph, only the
+    batch's input x and their pooled activity (an eligibility trace). When the feedback arrives, the
+    update is computed with the block's current weights: the loss's error at the kept pooled activity,
+    with the current heads, back-propagated through the block run again on x with its current
+    weights, which gives rho'(a) and x of the three-factor form gamma * (B c) * rho'(a) * x. With no
+    delay the weights are those of the forward pass and the update equals the stashed one, bit for bit.
+
+    `feedback_delay` d: the delay line of a stage that holds the top block. Its waiting blocks apply
+    the update of batch s, with the top block's context of batch s, just before they forward batch
+    s + d + 1 (or at `apply_pending`, before a checkpoint), as blocks on lower ranks do when their
+    schedule delays feedback by d (sim.pipeline.schedule); 0: at once."""
 
     def __init__(self, blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never,
-                 learning_rate: LearningRate | None = None, averager: Averager | None = None, replica: int = 0):
+                 learning_rate: LearningRate | None = None, averager: Averager | None = None, replica: int = 0,
+                 feedback_delay: int = 0, trace: bool = False):
         self.blocks, self.seed, self.stash_weights, self.observe = list(blocks), seed, stash_weights, observe
+        self.trace = trace
         self.learning_rate = learning_rate  # None: each optimiser keeps the rate it was built with
         self.averager, self.replica = averager, replica  # None: one replica, nothing to average
-        self.pending: dict[int, list[tuple[Block, torch.Tensor]]] = {}  # step -> blocks awaiting feedback
+        # step -> blocks awaiting feedback: (block, pooled activity (its graph, or with `trace` none), the input
+        # with `trace`, else None)
+        self.pending: dict[int, list[tuple[Block, torch.Tensor, torch.Tensor | None]]] = {}
         self.averaging: list[_Update] = []  # updates whose gradients are being averaged over the replicas
         self.updates: list[UpdateRecord] = []  # updates since the runtime last read them
         self.top_context: torch.Tensor | None = None  # the top block's pooled activity, if held here
+        self.feedback_delay = feedback_delay
+        self.delay_line: dict[int, torch.Tensor] = {}  # step -> the top block's context, until it is due
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Run batch `step` through this stage's blocks, learning where the signal is local;
@@ -81,24 +100,37 @@ class LocalStage:
         this starts are applied at the stage's next call (or `settle`): their gradients are averaged
         over the replicas while the output travels on."""
         self.settle()
+        for due in [s for s in self.delay_line if s < step - self.feedback_delay]:
+            self._learn_with_feedback(due, self.delay_line.pop(due))
         for block in self.blocks:
-            out = block(x.detach(), self.stash_weights and block.needs_top_context)  # (2B, C, H, W)
-            features = block.features(out)  # (2B, D)
+            traced = self.trace and block.needs_top_context
+            with torch.no_grad() if traced else contextlib.nullcontext():  # a trace keeps no graph
+                out = block(x.detach(), self.stash_weights and block.needs_top_context)  # (2B, C, H, W)
+                features = block.features(out)  # (2B, D)
             if block.is_top:
                 self.top_context = features.detach()
             if block.needs_top_context:
-                self.pending.setdefault(step, []).append((block, features))
+                self.pending.setdefault(step, []).append((block, features, x.detach() if traced else None))
             elif block.has_loss:
                 self._learn(block, features, None, step)
             x = out
-        if self.top_context is not None and step in self.pending:  # the top block is here: no wait
-            self._learn_with_feedback(step, self.top_context)
+        if self.top_context is not None and step in self.pending:  # the top block is here: no message
+            if self.feedback_delay:
+                self.delay_line[step] = self.top_context
+            else:
+                self._learn_with_feedback(step, self.top_context)
         return x.detach()
 
     def apply_feedback(self, step: int, top_context: torch.Tensor) -> None:
         """The top block's context for batch `step` has arrived: the waiting blocks learn."""
         self.settle()
         self._learn_with_feedback(step, top_context)
+
+    def apply_pending(self) -> None:
+        """Before a checkpoint: every update still in the delay line, in the order of its batches."""
+        self.settle()
+        for due in sorted(self.delay_line):
+            self._learn_with_feedback(due, self.delay_line.pop(due))
 
     def settle(self) -> None:
         """Apply every update whose gradients are still being averaged over the replicas (before a
@@ -109,10 +141,15 @@ class LocalStage:
         self.averaging.clear()
 
     def _learn_with_feedback(self, step: int, top_context: torch.Tensor) -> None:
-        for block, features in self.pending.pop(step, []):
-            self._learn(block, features, top_context, step)
+        for block, features, trace_input in self.pending.pop(step, []):
+            self._learn(block, features, top_context, step, trace_input)
 
-    def _learn(self, block: Block, features: torch.Tensor, top_context: torch.Tensor | None, step: int) -> None:
+    def _learn(self, block: Block, features: torch.Tensor, top_context: torch.Tensor | None, step: int,
+               trace_input: torch.Tensor | None = None) -> None:
+        """Block `block` learns from batch `step`; with a `trace_input`, `features` is the kept pooled
+        activity of that input, without a graph (`trace`)."""
+        if trace_input is not None:
+            features.requires_grad_()  # the error of the loss stops here; the block is run again below
         loss, stats = block.loss(features, top_context, negatives_generator(block, self.seed, step, self.replica))
         check_finite(stats.loss, block.index, step)
         measure, keep_gradient = self.observe(step)
@@ -122,6 +159,8 @@ class LocalStage:
             update.record.feedback_norm = top_context.norm().item()
         block.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if trace_input is not None:  # rho'(a) and x with today's weights, the error from the kept activity
+            block.features(block(trace_input)).backward(features.grad)
         if keep_gradient:  # this replica's own gradient, before averaging
             update.record.gradient = block.conv_weight.grad.detach().flatten().clone()
         if self.averager is None:
@@ -187,6 +226,9 @@ class EndToEndStage:
     def settle(self) -> None:
         """Nothing waits between calls: each call applies its own updates."""
 
+    def apply_pending(self) -> None:
+        """No delay line: nothing is pending."""
+
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         for countdown in self.countdowns:
             countdown.reset()
@@ -227,9 +269,9 @@ def check_finite(loss: torch.Tensor, block: int, step: int) -> None:
 
 def make_stage(blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never,
                learning_rate: LearningRate | None = None, averager: Averager | None = None,
-               replica: int = 0) -> LocalStage | EndToEndStage:
+               replica: int = 0, feedback_delay: int = 0, trace: bool = False) -> LocalStage | EndToEndStage:
     if blocks[0].rule.end_to_end:
         if len(blocks) != blocks[-1].index + 1 or not blocks[-1].is_top:
             raise ValueError("end-to-end (BP-SSL) methods need all six blocks in one process")
         return EndToEndStage(blocks, seed, observe, learning_rate, averager, replica)
-    return LocalStage(blocks, seed, stash_weights, observe, learning_rate, averager, replica)
+    return LocalStage(blocks, seed, stash_weights, observe, learning_rate, averager, replica, feedback_delay, trace)

@@ -151,12 +151,24 @@ class Distributed(Transport):
         self.base = base  # global rank of this replica's first stage: peers are named by stage, sent to base + stage
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.down_group = dist.new_group()  # every rank builds its transport at the same point: a collective
-        self.max_in_flight = max_in_flight  # sends not yet received: how far this rank may run ahead
+        # sends not yet received when an action may begin (Schedule.sends_in_flight): how far this rank runs ahead
+        self.max_in_flight = max_in_flight
         self.in_flight: deque[tuple[dist.Work, torch.Tensor, int]] = deque()
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
         work = dist.isend(tensor, self.base + dst, group=self.down_group if dst < self.rank else None)
         self.in_flight.append((work, tensor, dst))
+        if self.expected is None:  # outside a schedule's actions (gathering the weights): the bound at once
+            self._wait_in_flight()
+
+    def begin(self, messages: Sequence[Message]) -> None:
+        """An action begins once at most `max_in_flight` of this rank's sends are unreceived: the rule
+        `simulate` checks schedules against (waiting inside an action could hold back a send that the
+        receiver of the oldest one waits for)."""
+        self._wait_in_flight()
+        super().begin(messages)
+
+    def _wait_in_flight(self) -> None:
         while len(self.in_flight) > self.max_in_flight:
             self._wait_oldest_send()
 

@@ -43,7 +43,7 @@ class RankResult:
     bytes_sent: int
     peak_memory_bytes: int
     loss_per_block: dict[int, float] = field(default_factory=dict)  # mean of the last LOSS_WINDOW losses
-    feedback_delay: int = 0  # steps between a batch's forward and its update on this rank
+    feedback_delays: dict[int, int] = field(default_factory=dict)  # block -> steps from a forward to its update
     window_seconds: list[float] = field(default_factory=list)  # duration of each TIMING_WINDOW steps
 
     def steady_steps_per_s(self) -> float | None:
@@ -88,14 +88,14 @@ class RunSummary:
         seconds = max(r.seconds for r in results)  # the run lasts as long as its slowest rank
         trained = results[0].steps
         losses = {b: v for r in reversed(results) for b, v in r.loss_per_block.items()}  # replica 0's, as logged
-        delays = {b: r.feedback_delay for r in results for b in r.blocks}
+        blocks = sorted(b for r in results for b in r.blocks)
+        delays = {b: d for r in results for b, d in r.feedback_delays.items()}  # others learn at once: 0
         rate = results[-1].steady_steps_per_s()  # the last rank: the pipeline's output
-        blocks = sorted(delays)
         return cls(
             world_size=len(results), train_seconds=seconds,
             images_per_s=trained * batch_size / seconds if trained else 0.0,
             images_per_s_steady=None if rate is None else rate * batch_size,
-            loss_per_block=[losses.get(b) for b in blocks], feedback_delay_steps=[delays[b] for b in blocks],
+            loss_per_block=[losses.get(b) for b in blocks], feedback_delay_steps=[delays.get(b, 0) for b in blocks],
             peak_memory_bytes=[r.peak_memory_bytes for r in results],
             ranks=[{"rank": r.rank, "blocks": r.blocks, "seconds": r.seconds, "busy_seconds": r.busy_seconds,
                     "wait_seconds": r.wait_seconds, "bytes_sent": r.bytes_sent} for r in results],

@@ -83,6 +83,12 @@ class ProbeConfig:
 class SimConfig:
     schedule: str = "pipelined"  # sequential | pipelined (used when there are several processes)
     feedback: str = "exact"  # exact | delayed: when top-down feedback updates are applied
+    # steps d between a batch's forward and its top-down update, the same for every block that waits
+    # (issue 24): 0 is exact feedback; -1 leaves it to sim.feedback (delayed: K - 1 - r on rank r)
+    feedback_delay: int = -1
+    # a block waiting for feedback keeps the weights of its forward pass (true), or only its input and
+    # pooled activity, an eligibility trace, and learns with its current weights when the feedback comes
+    stash: bool = True
     placement: str | list[list[int]] = "auto"  # "auto" or contiguous block groups, one per process
     timeout_s: float = 60.0  # longest wait for a message before the run stops with an error
     # data-parallel replicas R of the whole pipeline: R x K processes, a step takes R x train.batch_size
@@ -220,7 +226,7 @@ def validate(config: Config) -> None:
         raise ConfigError("train.batch_size must be >= 2 (negatives come from other images), "
                           f"got {config.train.batch_size}")
     try:
-        Schedule(config.sim.schedule, config.sim.feedback, ())
+        Schedule(config.sim.schedule, config.sim.feedback, (), feedback_delay=config.sim.feedback_delay)
         if isinstance(config.sim.placement, list):
             check_groups(config.sim.placement, len(config.sim.placement))
         elif config.sim.placement != "auto":

@@ -95,7 +95,8 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
     if world.distributed:
         store = connect(world, device, SETUP_TIMEOUT_S)
         timeout = plan.config.sim.timeout_s
-        transport = Distributed(stage, device, store, timeout, base=plan.mesh.rank(replica, 0))
+        transport = Distributed(stage, device, store, timeout, max_in_flight=plan.schedule.sends_in_flight(stage),
+                                base=plan.mesh.rank(replica, 0))
         if plan.replicas > 1:
             averager = GradientAverager(replica_group(plan.mesh, stage), plan.mesh, replica, stage, transport)
     elif plan.pipeline is not None:
@@ -258,9 +259,12 @@ def local_engine(rank: RankSetup) -> LocalEngine:
                                    rank.heldout_count, rank.device)
     else:
         recording, schedule = Recording(), dataclasses.replace(schedule, log_every=0, align_every=0)
-    stage = make_stage(blocks, plan.config.train.seed, stash_weights=plan.config.sim.feedback == "delayed",
+    stage = make_stage(blocks, plan.config.train.seed, stash_weights=plan.stashes_weights,
+                       feedback_delay=plan.top_stage_delay if rank.stage == plan.stages - 1 else 0,
+                       trace=plan.keeps_traces,
                        observe=recording.wants, learning_rate=plan.learning_rate(rank.stop), averager=rank.averager,
                        replica=rank.replica)
+
     def checkpoint(step: int) -> None:
         if rank.replica == 0:  # the weights are the same in every replica: written once
             save_checkpoint(rank.out_dir, step, blocks)

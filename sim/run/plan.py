@@ -74,6 +74,34 @@ class Plan:
                             weight_decay=c.optim.weight_decay, fused_optimizer=c.optim.fused, indices=indices,
                             device=device)
 
+    @property
+    def top_stage_delay(self) -> int:
+        """The delay line of the stage that holds the top block: its own waiting blocks (all of them on
+        one process) apply the update of batch s before they forward batch s + d + 1 (sim.feedback_delay)."""
+        return max(self.config.sim.feedback_delay, 0) if self.rule.needs_feedback else 0
+
+    def feedback_delays(self) -> list[int]:
+        """Per block, the steps between its forward pass of a batch and its update with that batch's
+        top-down context; 0 for blocks that learn at once (lateral context, the top block, BP-SSL)."""
+        top = self.stages - 1
+        delays = []
+        for rank, group in enumerate(self.placement.groups):
+            for block in group:
+                waits = self.rule.needs_feedback and block < NUM_BLOCKS - 1
+                delays.append(0 if not waits else self.top_stage_delay if rank == top else self.schedule.delay(rank))
+        return delays
+
+    @property
+    def stashes_weights(self) -> bool:
+        """Whether a waiting block keeps the weights its forward pass used until its update: when any
+        update comes after other updates of the same block (a delay above 0), unless sim.stash = false."""
+        return any(self.feedback_delays()) and self.config.sim.stash
+
+    @property
+    def keeps_traces(self) -> bool:
+        """sim.stash = false: waiting blocks keep their input and pooled activity, learn with today's weights."""
+        return self.rule.needs_feedback and not self.config.sim.stash
+
     def learning_rate(self, total_steps: int) -> LearningRate:
         """Every block's rate at each step of a run of `total_steps` steps."""
         o = self.config.optim
@@ -97,8 +125,10 @@ class Plan:
         c, rule = self.config, self.rule
         dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
         head_params = [sum(d * h for h in hs) for d, hs in zip(dims, self.head_dims())]
+        waits = rule.needs_feedback
         return held_memory(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, blocks,
-                           head_params, rule.end_to_end or rule.needs_feedback)
+                           head_params, rule.end_to_end or waits, pending=max(self.feedback_delays()) + 1,
+                           trace_dims=dims if waits and not c.sim.stash else None)
 
     def microbatch_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """BP pipeline: (input, output) shape of one micro-batch on `rank`, rows first."""
@@ -118,14 +148,24 @@ class Plan:
         if self.replicas > 1:
             text += (f"\n{self.mesh} = {self.world_size} processes: each replica takes {c.train.batch_size} of the "
                      f"step's {self.replicas * c.train.batch_size} images, gradients averaged over the replicas")
+        feedback = self.feedback_text()
         if self.stages > 1:
-            delays = [self.schedule.delay(r) for r in range(self.stages)]
             per = " per replica" if self.replicas > 1 else ""
             text += (f"\n{self.stages} processes{per}, blocks per rank {self.placement}, "
                      f"schedule {self.schedule.name}")
-            if self.rule.needs_feedback:
-                text += f", {self.schedule.feedback} feedback (delay in steps per rank: {delays})"
+            text += f", {feedback}" if feedback else ""
+        elif feedback:
+            text += f"\n{feedback}"
         return text
+
+    def feedback_text(self) -> str:
+        """How top-down feedback is timed, with each block's delay; "" for rules without feedback."""
+        if not self.rule.needs_feedback:
+            return ""
+        delay = self.config.sim.feedback_delay
+        kind = (f"feedback delayed {delay} steps" if delay > 0 else "exact feedback" if delay == 0 else
+                f"{self.schedule.feedback} feedback")
+        return f"{kind} (delay in steps per block: {self.feedback_delays()})"
 
     def encoder_table(self) -> str:
         """Each block's output shape, parameters, cost, pooling and loss, as a table."""
@@ -167,8 +207,15 @@ def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | N
     placement = _placement(config, rule, info, dims, stages)
     waits = tuple(rule.needs_feedback and r < stages - 1 for r in range(stages))
     aligns = config.log.every > 0 and not rule.end_to_end  # BP-SSL's update is the BP gradient itself
-    schedule = Schedule(config.sim.schedule, config.sim.feedback, waits, config.train.checkpoint_every,
-                        config.log.every if pipeline is None else 0, config.log.align_every if aligns else 0)
+    if config.sim.feedback_delay > 0 and not rule.needs_feedback:
+        raise ConfigError(f"sim.feedback_delay = {config.sim.feedback_delay}: {rule.name} has no top-down feedback to "
+                          "delay; use a rule with a top context (clapp_pp_dfb, clapp_pp_both), or leave it at -1")
+    try:
+        schedule = Schedule(config.sim.schedule, config.sim.feedback, waits, config.train.checkpoint_every,
+                            config.log.every if pipeline is None else 0, config.log.align_every if aligns else 0,
+                            feedback_delay=config.sim.feedback_delay)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     rows = 2 * config.train.batch_size
     channels, sizes = block_channels(config.model.width), map_sizes(info.image_size)
     activations = tuple((rows, channels[g[-1]], sizes[g[-1]], sizes[g[-1]]) for g in placement.groups)

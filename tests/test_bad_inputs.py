@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.io import encode_jpeg
 
 import sim.run.checkpoint
 from launch.train import main
@@ -66,6 +67,33 @@ def test_a_truncated_cifar_shard_is_named(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:1000])
     fails_with(capsys, args("data.name=cifar10", f"data.root={shards}", out=tmp_path / "run"), 2, str(shard),
                "corrupt or truncated", "cifar-10-python.tar.gz")
+
+
+def test_fashion_mnist_labels_past_the_classes_stop_the_run_before_training(tmp_path, capsys):
+    fake_fashion_mnist(tmp_path / "fm")
+    labels = tmp_path / "fm" / "train-labels-idx1-ubyte.gz"
+    with gzip.open(labels, "wb") as file:  # a valid gzip whose labels 200 would break only the final probe
+        values = bytes([200 if i % 7 == 3 else i % 10 for i in range(64)])
+        file.write(bytes([0, 0, 8, 1]) + (64).to_bytes(4, "big") + values)
+    fails_with(capsys, args(*fashion(tmp_path / "fm"), out=tmp_path / "run"), 2, str(labels), "label 200 at row 3",
+               "outside 0..9", "apt-get install --reinstall dataset-fashion-mnist")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cifar_offsets_out_of_order_name_the_offsets_file(tmp_path, capsys):
+    shards = tmp_path / "cifar10"
+    shards.mkdir()
+    blob = encode_jpeg(torch.full((3, 32, 32), 90, dtype=torch.uint8)).numpy()
+    for part in ("train", "test"):
+        np.save(shards / f"{part}_jpeg.npy", np.tile(blob, 40))
+        np.save(shards / f"{part}_offsets.npy", np.arange(41) * len(blob))
+        np.save(shards / f"{part}_labels.npy", np.arange(40) % 10)
+    offsets = np.load(shards / "train_offsets.npy")
+    offsets[[5, 6]] = offsets[[6, 5]]  # the right length, out of order
+    np.save(shards / "train_offsets.npy", offsets)
+    error = fails_with(capsys, args("data.name=cifar10", f"data.root={shards}", out=tmp_path / "run"), 2,
+                       str(shards / "train_offsets.npy"), "do not increase", "cifar-10-python.tar.gz")
+    assert "train_jpeg.npy" not in error
 
 
 @pytest.mark.parametrize("override, words", [

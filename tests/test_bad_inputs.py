@@ -17,7 +17,8 @@ from torchvision.io import encode_jpeg
 import sim.run.checkpoint
 from launch.train import main
 from sim.run.checkpoint import completed_steps, step_folder, unreadable_file
-from tests.helpers import ROOT, args, assert_same_weights, final_weights, single_process, summary
+from sim.run.evaluation import probe_sets
+from tests.helpers import ROOT, args, assert_same_weights, final_weights, run_config, single_process, summary
 
 
 def fails_with(capsys, argv: list[str], code: int, *words: str) -> str:
@@ -156,6 +157,18 @@ def test_more_heldout_images_than_the_test_set_are_clamped_before_training(tmp_p
 
     log = zarr.open_group(str(tmp_path / "run" / "log.zarr"), mode="r")
     assert log["heldout_labels"].shape == (1000,) and log["block0"]["activations"].shape[1] == 1000
+
+
+def test_probe_limits_above_the_images_there_are_said_before_training(capsys):
+    train, scored = probe_sets(run_config("probe.epochs=1", "probe.train_limit=6000", "probe.test_limit=100"))
+    assert (len(train), len(scored)) == (5000, 100)  # synthetic: 5000 training images, 1000 test images
+    out = capsys.readouterr().out
+    assert out == "note: probe.train_limit = 6000 is more than the 5000 training images: the probe uses all 5000\n"
+    probe_sets(run_config("probe.epochs=1", "probe.validation=1000", "probe.train_limit=4500", "probe.test_limit=2000"))
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["note: probe.train_limit = 4500 is more than the 4000 training images left by probe.validation: "
+                   "the probe uses all 4000",
+                   "note: probe.test_limit = 2000 is more than the 1000 validation images: the probe uses all 1000"]
 
 
 def test_resume_passes_over_a_truncated_newest_checkpoint(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gzip
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,28 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
     assert len(error.strip().splitlines()) == 1
     assert completed_steps(run) == [2] and unreadable_file(run, 2) is None
     assert not list(run.rglob("*.tmp")) and not list(step_folder(run, 4).glob("*.pt"))  # nothing partial left
+
+
+def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_not_resume(tmp_path, capsys, monkeypatch):
+    save = torch.save
+
+    def full_disk_at_step_2(state: dict, file) -> None:
+        if state.get("step") == 2 and Path(file.name).name.startswith("block3"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(state, file)
+
+    monkeypatch.setattr(sim.run.checkpoint.torch, "save", full_disk_at_step_2)
+    run = tmp_path / "run"
+    command = args("train.checkpoint_every=2", "log.every=0", out=run)
+    error = fails_with(capsys, command, 1, "No space left on device", "no earlier checkpoint exists",
+                       f"start the run again: the same command after removing {run}, or with another --out")
+    assert "--resume" not in error  # it would refuse: there is no complete checkpoint to resume from
+    monkeypatch.setattr(sim.run.checkpoint.torch, "save", save)  # space freed
+    step_folder(run, 2).mkdir(parents=True, exist_ok=True)
+    (step_folder(run, 2) / "block0.pt").write_bytes(b"")  # as another rank that wrote its blocks leaves them
+    fails_with(capsys, command, 2, f"{run} holds checkpoints of an unfinished run but none complete",
+               f"remove {run}, or choose another --out")
+    fails_with(capsys, ["--resume", str(run)], 2, f"{run} holds no complete checkpoint",
+               f"start the run again from its config, e.g. python -m launch.train {run / 'config.toml'} --out")
+    shutil.rmtree(run)
+    assert main(command + ["--no-progress"]) == 0  # the advice works

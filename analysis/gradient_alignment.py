@@ -73,10 +73,8 @@ def block_alignment(run: RunLog) -> list[BlockAlignment]:
         if len(steps):
             out.append(BlockAlignment(b, steps, np.concatenate([cosines(p[1], p[2]) for p in parts if len(p[0])])))
     if not out:
+        run.require_undamaged("gradient pair", lambda path: f"/{ALIGN_GROUP}/" in path, "log.align_every")
         store = run.run_dir / STORE_NAME
-        if any(f"/{ALIGN_GROUP}/" in d.path for d in run.damage):
-            raise LogError(f"{store} holds no readable gradient pair: every logged pair is in a damaged part of the "
-                           "store; rerun with `--set log.align_every=N` to log them again")
         why = ("align_every = 0" if not run.attrs["align_every"]
                else "no pair logged yet, or the method is end to end (its blocks have no local loss to compare)")
         raise LogError(f"{store} holds no gradient pairs ({why}); rerun with "

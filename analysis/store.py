@@ -19,6 +19,7 @@ A damaged root zarr.json is a LogError: nothing in the store can be found withou
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -46,7 +47,7 @@ from sim.record.log_format import (
     align_group,
     block_group,
 )
-from sim.record.summary import RunSummary, finished
+from sim.record.summary import SUMMARY_NAME, RunSummary, finished
 
 __all__ = ["AlignLog", "BlockLog", "LogError", "RunLog", "Unreadable", "open_run", "read_summary"]
 
@@ -262,10 +263,22 @@ class RunLog:
         return list(dict.fromkeys(d.line(store) for d in self.damage))
 
     def require_rows(self) -> None:
-        """Stop with a clear message when no block has logged a step yet."""
-        if not any(len(b.steps) for b in self.blocks.values()):
-            raise LogError(f"{self.run_dir / STORE_NAME} holds no logged steps yet (log_every = "
-                           f"{self.attrs['log_every']}): wait until the run logs its first step, or {ENABLE_HINT}")
+        """Stop with a clear message when no block has a logged step to analyse: every one damaged, or none
+        logged yet."""
+        if any(len(b.steps) for b in self.blocks.values()):
+            return
+        groups = [block_group(b) for b in range(int(self.attrs["num_blocks"]))]
+        steps = {*groups, *(f"{g}/{STEP.name}" for g in groups)}  # a block left out, or its steps unreadable
+        self.require_undamaged("step", lambda path: path in steps, "log.every")
+        raise LogError(f"{self.run_dir / STORE_NAME} holds no logged steps yet (log_every = "
+                       f"{self.attrs['log_every']}): wait until the run logs its first step, or {ENABLE_HINT}")
+
+    def require_undamaged(self, what: str, holds: Callable[[str], bool], setting: str) -> None:
+        """For a command left with no `what` to analyse: a LogError saying that damage took them all when a
+        damaged part of the store (a path for which `holds` is true) held them; else nothing."""
+        if any(holds(d.path) for d in self.damage):  # the part itself: a warning, and on the error's line
+            raise LogError(f"{self.run_dir / STORE_NAME} holds no readable logged {what}: every one is in a damaged "
+                           f"part of the store; rerun with `--set {setting}=N` to log them again")
 
     def common_steps(self) -> np.ndarray:
         """Steps logged by every block present (blocks on different ranks may be at different steps)."""
@@ -324,12 +337,25 @@ def read_summary(run_dir: Path) -> RunSummary | None:
     return RunSummary.read(run_dir) if finished(run_dir) else None
 
 
+def _not_a_run(folder: Path) -> str:
+    """What to pass instead of `folder`, which holds none of a run's files: the runs just below it, if any."""
+    try:
+        runs = sorted(p for p in folder.iterdir() if (p / STORE_NAME).is_dir())
+    except OSError:  # a folder it may not list: the message goes without the runs below
+        runs = []
+    below = f"; the runs in it: {', '.join(map(str, runs[:5]))}{', ...' if len(runs) > 5 else ''}" if runs else ""
+    return (f"{folder} is not a run folder (it holds no {STORE_NAME}, config.toml or {SUMMARY_NAME}); pass "
+            f"the --out folder of launch.train{below}")
+
+
 def open_run(run_dir: str | Path) -> RunLog:
     """Open RUN_DIR/log.zarr read-only, reading metadata only; a LogError says what is missing and how to get it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LogError(f"{run_dir} is not a folder; pass a run folder (the --out of launch.train)")
     path = run_dir / STORE_NAME
+    if not path.exists() and not any((run_dir / name).exists() for name in ("config.toml", SUMMARY_NAME)):
+        raise LogError(_not_a_run(run_dir))
     if not path.exists():
         raise LogError(f"{path} does not exist: the run was made without logging. {ENABLE_HINT[0].upper()}"
                        f"{ENABLE_HINT[1:]}; summary.json and the checkpoints do not hold per-step activations.")

@@ -226,6 +226,14 @@ def test_analysis_imports_no_torch():
 
 
 def test_clear_errors(tmp_path, capsys):
+    (tmp_path / "runs" / "logged" / STORE_NAME).mkdir(parents=True)
+    assert main(["report", str(tmp_path / "runs")]) == 2  # the folder above a run is not one
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'runs'} is not a run folder" in error and "without logging" not in error
+    assert f"the runs in it: {tmp_path / 'runs' / 'logged'}" in error
+    with pytest.raises(LogError, match="not a run folder.*the --out folder of launch.train"):
+        open_run(tmp_path / "runs" / "logged" / STORE_NAME)
+    (tmp_path / "config.toml").write_text("")  # a run, but one made without a log
     with pytest.raises(LogError, match=r"without logging.*--set log.every=N"):
         open_run(tmp_path)
     write_fake_store(tmp_path, rows=0)
@@ -308,6 +316,7 @@ def test_curves_of_two_runs_against_images_and_seconds(tmp_path, capsys):
     assert main(["curves", str(tmp_path / "sep"), str(tmp_path / "other"), "--out", str(out)]) == 0
     assert "logged different held-out images" in capsys.readouterr().err
     (tmp_path / "nolog").mkdir()
+    (tmp_path / "nolog" / "config.toml").write_text("")
     assert main(["curves", str(tmp_path / "sep"), str(tmp_path / "nolog")]) == 2
     assert "was made without logging" in capsys.readouterr().err
 

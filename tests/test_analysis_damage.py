@@ -120,6 +120,17 @@ def test_damaged_step_array(run_dir):
     np.testing.assert_array_equal(block.activations(2), series["activations"][4])
 
 
+def test_every_step_damaged_is_said_as_damage_not_as_a_run_yet_to_log(run_dir):
+    for path in (run_dir / STORE_NAME).glob("block*/step/c/*"):
+        path.write_bytes(GARBAGE)
+    for command in ("probe", "report", "cka"):
+        rc, out, err = analyse(command, str(run_dir))
+        assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "holds no readable logged step: every one is in a damaged part of the store" in err, err
+        assert "no logged steps yet" not in err and "wait until" not in err
+        assert "--set log.every=N" in err and "[unreadable: block0/step: rows 0..1 (chunk c/0: Zstd" in err
+
+
 def test_damaged_array_metadata(run_dir):
     (run_dir / STORE_NAME / "block3/loss/zarr.json").unlink()
     (run_dir / STORE_NAME / "block5/activations/zarr.json").write_text("{not json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gzip
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.io import encode_jpeg
 
 import sim.run.checkpoint
 from launch.train import main
 from sim.run.checkpoint import completed_steps, step_folder, unreadable_file
-from tests.helpers import ROOT, args, assert_same_weights, final_weights, single_process, summary
+from sim.run.evaluation import probe_sets
+from tests.helpers import ROOT, args, assert_same_weights, final_weights, run_config, single_process, summary
 
 
 def fails_with(capsys, argv: list[str], code: int, *words: str) -> str:
@@ -66,6 +69,33 @@ def test_a_truncated_cifar_shard_is_named(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:1000])
     fails_with(capsys, args("data.name=cifar10", f"data.root={shards}", out=tmp_path / "run"), 2, str(shard),
                "corrupt or truncated", "cifar-10-python.tar.gz")
+
+
+def test_fashion_mnist_labels_past_the_classes_stop_the_run_before_training(tmp_path, capsys):
+    fake_fashion_mnist(tmp_path / "fm")
+    labels = tmp_path / "fm" / "train-labels-idx1-ubyte.gz"
+    with gzip.open(labels, "wb") as file:  # a valid gzip whose labels 200 would break only the final probe
+        values = bytes([200 if i % 7 == 3 else i % 10 for i in range(64)])
+        file.write(bytes([0, 0, 8, 1]) + (64).to_bytes(4, "big") + values)
+    fails_with(capsys, args(*fashion(tmp_path / "fm"), out=tmp_path / "run"), 2, str(labels), "label 200 at row 3",
+               "outside 0..9", "apt-get install --reinstall dataset-fashion-mnist")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cifar_offsets_out_of_order_name_the_offsets_file(tmp_path, capsys):
+    shards = tmp_path / "cifar10"
+    shards.mkdir()
+    blob = encode_jpeg(torch.full((3, 32, 32), 90, dtype=torch.uint8)).numpy()
+    for part in ("train", "test"):
+        np.save(shards / f"{part}_jpeg.npy", np.tile(blob, 40))
+        np.save(shards / f"{part}_offsets.npy", np.arange(41) * len(blob))
+        np.save(shards / f"{part}_labels.npy", np.arange(40) % 10)
+    offsets = np.load(shards / "train_offsets.npy")
+    offsets[[5, 6]] = offsets[[6, 5]]  # the right length, out of order
+    np.save(shards / "train_offsets.npy", offsets)
+    error = fails_with(capsys, args("data.name=cifar10", f"data.root={shards}", out=tmp_path / "run"), 2,
+                       str(shards / "train_offsets.npy"), "do not increase", "cifar-10-python.tar.gz")
+    assert "train_jpeg.npy" not in error
 
 
 @pytest.mark.parametrize("override, words", [
@@ -130,6 +160,18 @@ def test_more_heldout_images_than_the_test_set_are_clamped_before_training(tmp_p
     assert log["heldout_labels"].shape == (1000,) and log["block0"]["activations"].shape[1] == 1000
 
 
+def test_probe_limits_above_the_images_there_are_said_before_training(capsys):
+    train, scored = probe_sets(run_config("probe.epochs=1", "probe.train_limit=6000", "probe.test_limit=100"))
+    assert (len(train), len(scored)) == (5000, 100)  # synthetic: 5000 training images, 1000 test images
+    out = capsys.readouterr().out
+    assert out == "note: probe.train_limit = 6000 is more than the 5000 training images: the probe uses all 5000\n"
+    probe_sets(run_config("probe.epochs=1", "probe.validation=1000", "probe.train_limit=4500", "probe.test_limit=2000"))
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["note: probe.train_limit = 4500 is more than the 4000 training images left by probe.validation: "
+                   "the probe uses all 4000",
+                   "note: probe.test_limit = 2000 is more than the 1000 validation images: the probe uses all 1000"]
+
+
 def test_resume_passes_over_a_truncated_newest_checkpoint(tmp_path, capsys):
     settings = ["train.checkpoint_every=2", "log.every=0"]
     uninterrupted = single_process(tmp_path / "whole", *settings)
@@ -166,3 +208,28 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
     assert len(error.strip().splitlines()) == 1
     assert completed_steps(run) == [2] and unreadable_file(run, 2) is None
     assert not list(run.rglob("*.tmp")) and not list(step_folder(run, 4).glob("*.pt"))  # nothing partial left
+
+
+def test_a_full_disk_at_the_first_checkpoint_advises_a_new_start_not_resume(tmp_path, capsys, monkeypatch):
+    save = torch.save
+
+    def full_disk_at_step_2(state: dict, file) -> None:
+        if state.get("step") == 2 and Path(file.name).name.startswith("block3"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(state, file)
+
+    monkeypatch.setattr(sim.run.checkpoint.torch, "save", full_disk_at_step_2)
+    run = tmp_path / "run"
+    command = args("train.checkpoint_every=2", "log.every=0", out=run)
+    error = fails_with(capsys, command, 1, "No space left on device", "no earlier checkpoint exists",
+                       f"start the run again: the same command after removing {run}, or with another --out")
+    assert "--resume" not in error  # it would refuse: there is no complete checkpoint to resume from
+    monkeypatch.setattr(sim.run.checkpoint.torch, "save", save)  # space freed
+    step_folder(run, 2).mkdir(parents=True, exist_ok=True)
+    (step_folder(run, 2) / "block0.pt").write_bytes(b"")  # as another rank that wrote its blocks leaves them
+    fails_with(capsys, command, 2, f"{run} holds checkpoints of an unfinished run but none complete",
+               f"remove {run}, or choose another --out")
+    fails_with(capsys, ["--resume", str(run)], 2, f"{run} holds no complete checkpoint",
+               f"start the run again from its config, e.g. python -m launch.train {run / 'config.toml'} --out")
+    shutil.rmtree(run)
+    assert main(command + ["--no-progress"]) == 0  # the advice works

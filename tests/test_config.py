@@ -99,5 +99,17 @@ def test_unknown_key_in_a_file(tmp_path):
         load_config(tmp_path / "missing.toml")
 
 
+def test_a_folder_as_config_lists_its_toml_files(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(ROOT / "launch/configs")
+    assert all(str(path) in str(caught.value) for path in CONFIGS), caught.value
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(ConfigError, match=f"config {tmp_path} is a folder without .toml files; give a TOML file"):
+        load_config(tmp_path)
+    (tmp_path / "a.toml").write_text("")
+    with pytest.raises(ConfigError, match=f"give one of its TOML files: {tmp_path / 'a.toml'}$"):
+        load_config(tmp_path)
+
+
 def test_parse_override_nests_keys():
     assert parse_override("a.b.c=3") == {"a": {"b": {"c": 3}}}

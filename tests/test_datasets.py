@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg
 
-from sim.data.datasets import DATASETS, DatasetMissing, ImageSet, dataset_info, load_split
+from sim.data.datasets import DATASETS, DatasetCorrupt, DatasetMissing, ImageSet, dataset_info, load_split
 
 FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 CIFAR_SHARDS = Path(os.environ.get("LAMINAR_CIFAR10", "/work/shared/data/cifar10"))
@@ -173,6 +173,68 @@ def test_tiny_imagenet_reads_folders_and_grayscale(tmp_path: Path) -> None:
     assert (grayscale - 90).abs().max() <= 2 and torch.equal(grayscale[0], grayscale[2])
     test = load_split("tiny_imagenet", str(top), "test")
     assert test.labels.tolist() == [1] and test.images.shape == (1, 3, 64, 64)
+
+
+def _fmnist_label_200(root: Path) -> Path:
+    _write_fmnist(root, True, np.random.default_rng(0))
+    (root / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(np.array([3, 1, 200, 1, 200]))))
+    return root / "train-labels-idx1-ubyte.gz"
+
+
+def _cifar_pickle_label_10(root: Path) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [k, 10 if k == 3 else 9]}, f)
+    return folder / "data_batch_4"
+
+
+def _cifar_shard_label_12(root: Path) -> Path:
+    blobs = [encode_jpeg(torch.full((3, 32, 32), 90, dtype=torch.uint8)).numpy() for _ in range(3)]
+    np.save(root / "train_jpeg.npy", np.concatenate(blobs))
+    np.save(root / "train_offsets.npy", np.cumsum([0] + [len(b) for b in blobs]))
+    np.save(root / "train_labels.npy", np.array([0, 12, 1]))
+    return root / "train_labels.npy"
+
+
+def _stl_label_0(root: Path) -> Path:
+    folder = root / "stl10_binary"
+    folder.mkdir()
+    _write_stl_x(folder / "train_X.bin", _stl_images(3, 0))
+    (folder / "train_y.bin").write_bytes(bytes([1, 0, 4]))  # the file counts classes 1..10
+    return folder / "train_y.bin"
+
+
+@pytest.mark.parametrize("name, damage, value", [("fashion_mnist", _fmnist_label_200, "label 200"),
+                                                 ("cifar10", _cifar_pickle_label_10, "label 10"),
+                                                 ("cifar10", _cifar_shard_label_12, "label 12"),
+                                                 ("stl10", _stl_label_0, "label 0")])
+def test_labels_outside_the_classes_are_refused_on_load(tmp_path: Path, name: str, damage, value: str) -> None:
+    path = damage(tmp_path)  # left alone, a label past the classes fails only in the probe, after training
+    with pytest.raises(DatasetCorrupt) as caught:
+        load_split(name, str(tmp_path), "train")
+    message = str(caught.value)
+    assert str(path) in message and value in message and "Get it again" in message, message
+
+
+def test_fashion_mnist_with_fewer_labels_than_images_names_both_files(tmp_path: Path) -> None:
+    _write_fmnist(tmp_path, True, np.random.default_rng(0))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(np.array([3, 1, 4, 1]))))
+    with pytest.raises(DatasetCorrupt, match="train-labels-idx1-ubyte.gz holds 4 labels for the 5 images of .*"
+                                             "train-images-idx3-ubyte.gz. Get both again"):
+        load_split("fashion_mnist", str(tmp_path), "train")
+
+
+def test_tiny_imagenet_with_classes_it_does_not_have(tmp_path: Path) -> None:
+    (tmp_path / "wnids.txt").write_text("".join(f"n{i:03d}\n" for i in range(201)))
+    with pytest.raises(DatasetCorrupt, match="wnids.txt lists 201 classes, tiny_imagenet has 200"):
+        load_split("tiny_imagenet", str(tmp_path), "train")
+    (tmp_path / "wnids.txt").write_text("n001\n")
+    _write_jpeg(tmp_path / "val/images/val_0.JPEG", torch.zeros(3, 64, 64, dtype=torch.uint8))
+    (tmp_path / "val/val_annotations.txt").write_text("val_0.JPEG\tn999\t0\t0\t63\t63\n")
+    with pytest.raises(DatasetCorrupt, match=r"val_annotations.txt names classes absent from wnids.txt: \['n999'\]"):
+        load_split("tiny_imagenet", str(tmp_path), "test")
 
 
 @pytest.mark.parametrize("name, fixes", [

@@ -5,7 +5,8 @@ to `DatasetInfo.image_size` and normalisation happen in `sim.data.views`. Splits
 for self-supervised training (the labeled train set, except STL-10's 100k `unlabeled` images);
 "train" and "test" are the labeled sets of the linear probe. Missing files raise `DatasetMissing`
 at once: there is never a silent fallback to another dataset. A file that cannot be read (truncated,
-garbage) raises `DatasetCorrupt`, naming the file and how to get it again.
+garbage) raises `DatasetCorrupt`, naming the file and how to get it again; so does a label outside the
+dataset's classes, which would otherwise pass unseen until the probe, after the whole training.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from sim.data.synthetic import make_synthetic
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,20 @@ def _reading(name: str, path: Path) -> Iterator[None]:
         detail = (str(error).splitlines() or [""])[0][:200]
         raise DatasetCorrupt(f"dataset {name!r}: {path} is corrupt or truncated ({type(error).__name__}: "
                              f"{detail}). Get it again: {_GET_AGAIN[name]}") from None
+
+
+def _labels(name: str, path: Path, values: np.ndarray, first: int = 0) -> torch.Tensor:
+    """The int64 (N,) labels 0..num_classes-1 of label file `path`, whose classes count from `first`
+    (STL-10's from 1); a value outside them raises DatasetCorrupt naming the file, the value and its row."""
+    classes = dataset_info(name).num_classes
+    labels = np.asarray(values).astype(np.int64) - first  # (N,)
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if len(bad):
+        raise DatasetCorrupt(f"dataset {name!r}: {path} holds label {labels[bad[0]] + first} at row {bad[0]} "
+                             f"({len(bad):,} of its {len(labels):,} labels are outside {first}..{classes - 1 + first}, "
+                             f"the {classes} classes): it is damaged or of another dataset. Get it again: "
+                             f"{_GET_AGAIN[name]}")
+    return torch.from_numpy(labels)
 
 
 @dataclass
@@ -238,8 +255,12 @@ def _read_fashion_mnist(root: Path | None, split: str, download: bool) -> ImageS
                        "sudo apt-get install dataset-fashion-mnist (installs into "
                        f"{_FMNIST_DEFAULT}), or set data.root to a folder holding the four IDX "
                        "files, or set data.download = true with data.root")
-    images, labels = (_read_idx(_idx_path(folder, stem)) for stem in stems)  # (N, 28, 28), (N,)
-    return ImageSet(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+    images_file, labels_file = (_idx_path(folder, stem) for stem in stems)
+    images, labels = _read_idx(images_file), _read_idx(labels_file)  # (N, 28, 28), (N,)
+    if len(labels) != len(images):
+        raise DatasetCorrupt(f"dataset 'fashion_mnist': {labels_file} holds {len(labels):,} labels for the "
+                             f"{len(images):,} images of {images_file}. Get both again: {_GET_AGAIN['fashion_mnist']}")
+    return ImageSet(torch.from_numpy(images).unsqueeze(1), _labels("fashion_mnist", labels_file, labels))
 
 
 # ---------------------------------------------------------------- CIFAR-10 (pickles or JPEG shards)
@@ -270,24 +291,30 @@ def _read_cifar10(root: Path | None, split: str, download: bool) -> ImageSet:
         with _reading("cifar10", folder / file), open(folder / file, "rb") as f:
             batch = pickle.load(f, encoding="bytes")  # the official format; trust only real copies
             images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[b"labels"], np.int64))
-    return ImageSet(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+            labels.append(_labels("cifar10", folder / file, np.asarray(batch[b"labels"])))
+    return ImageSet(torch.from_numpy(np.concatenate(images)), torch.cat(labels))
 
 
 def _read_cifar_shards(folder: Path, part: str) -> ImageSet:
     jpegs, offsets_file, labels_file = (folder / f"{part}_{kind}.npy" for kind in ("jpeg", "offsets", "labels"))
     with _reading("cifar10", offsets_file):
         offsets = np.load(offsets_file)  # (N + 1,) image i is jpegs[o[i]:o[i+1]]
+        if offsets.ndim != 1:
+            raise ValueError(f"its offsets are {offsets.shape}, not one list (N + 1,)")
+        shrinking = np.flatnonzero(np.diff(offsets) <= 0)
+        if len(shrinking):  # checked here, or the empty or negative slice is blamed on the JPEG file
+            raise ValueError(f"its offsets do not increase at entry {shrinking[0]} "
+                             f"({offsets[shrinking[0]:shrinking[0] + 2].tolist()})")
     with _reading("cifar10", labels_file):
-        labels = np.load(labels_file).astype(np.int64)  # (N,)
+        labels = _labels("cifar10", labels_file, np.load(labels_file))  # (N,)
         if labels.shape != (len(offsets) - 1,):
-            raise ValueError(f"{labels.size} labels for {len(offsets) - 1} images")
+            raise ValueError(f"{labels.numel()} labels for {len(offsets) - 1} images")
     with _reading("cifar10", jpegs):
         data = np.load(jpegs, mmap_mode="r")  # (bytes,) all JPEG files concatenated
         if len(offsets) and offsets[-1] > len(data):
             raise ValueError(f"it holds {len(data):,} bytes, its offsets reach {offsets[-1]:,}")
         blobs = [torch.from_numpy(np.array(data[a:b])) for a, b in zip(offsets[:-1], offsets[1:])]
-        return ImageSet(_decode_jpegs(blobs), torch.from_numpy(labels))
+        return ImageSet(_decode_jpegs(blobs), labels)
 
 
 # ---------------------------------------------------------------- STL-10 (column-major binaries)
@@ -317,11 +344,12 @@ def _read_stl10(root: Path | None, split: str, download: bool) -> ImageSet:
     images = torch.from_numpy(raw).transpose(2, 3)  # (N, 3, 96, 96) view: the file is column-major
     if prefix == "unlabeled":
         return ImageSet(images, torch.full((n,), -1, dtype=torch.int64))
-    with _reading("stl10", folder / f"{prefix}_y.bin"):
-        labels = np.fromfile(folder / f"{prefix}_y.bin", np.uint8).astype(np.int64) - 1  # file: 1..10
-        if labels.shape != (n,):
-            raise ValueError(f"it holds {labels.size} labels for {n} images")
-    return ImageSet(images, torch.from_numpy(labels))
+    labels_file = folder / f"{prefix}_y.bin"
+    with _reading("stl10", labels_file):
+        values = np.fromfile(labels_file, np.uint8)
+        if values.shape != (n,):
+            raise ValueError(f"it holds {values.size} labels for {n} images")
+    return ImageSet(images, _labels("stl10", labels_file, values, first=1))  # the file counts classes 1..10
 
 
 # ---------------------------------------------------------------- Tiny ImageNet (JPEG folders)
@@ -332,6 +360,9 @@ def _read_tiny_imagenet(root: Path | None, split: str, download: bool) -> ImageS
     if folder is None:
         raise _missing("tiny_imagenet", tried, "tiny-imagenet-200/wnids.txt", fix)
     wnids = [w.strip() for w in (folder / "wnids.txt").read_text().splitlines() if w.strip()]
+    if len(wnids) > DATASETS["tiny_imagenet"].num_classes:  # a label past the classes would fail only in the probe
+        raise DatasetCorrupt(f"dataset 'tiny_imagenet': {folder / 'wnids.txt'} lists {len(wnids)} classes, "
+                             f"tiny_imagenet has {DATASETS['tiny_imagenet'].num_classes}. To fix: {fix}")
     label_of = {w: i for i, w in enumerate(wnids)}  # class order = line order of wnids.txt
     if split == "test":  # the val folder: the real test split has no labels
         notes = folder / "val" / "val_annotations.txt"
@@ -340,7 +371,8 @@ def _read_tiny_imagenet(root: Path | None, split: str, download: bool) -> ImageS
         rows = [line.split("\t") for line in notes.read_text().splitlines() if line.strip()]
         unknown = {r[1] for r in rows if r[1] not in label_of}
         if unknown:
-            raise ValueError(f"{notes} names classes absent from wnids.txt: {sorted(unknown)[:5]}")
+            raise DatasetCorrupt(f"dataset 'tiny_imagenet': {notes} names classes absent from wnids.txt: "
+                                 f"{sorted(unknown)[:5]}. To fix: {fix}")
         files = [(folder / "val" / "images" / r[0], label_of[r[1]]) for r in rows]
     else:
         files = [(p, label_of[w]) for w in wnids
@@ -351,43 +383,6 @@ def _read_tiny_imagenet(root: Path | None, split: str, download: bool) -> ImageS
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     with _reading("tiny_imagenet", folder / ("val" if split == "test" else "train")):
         return ImageSet(_decode_jpegs(blobs), labels)
-
-
-# ---------------------------------------------------------------- synthetic (procedural)
-_SYNTHETIC = {"ssl": (5000, 0), "train": (5000, 0), "test": (1000, 1)}  # split: (images, seed)
-
-
-def make_synthetic(split: str, channels: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic class-structured images: uint8 (N, channels, size, size), int64 (N,) labels.
-
-    Class k is a grating at k * 18 degrees with its own frequency (2 + 0.5 k cycles per image)
-    and, in colour, its own tint; a random phase, contrast, a bright or dark blob at a random place
-    and pixel noise (the same in every channel) vary within a class. Orientation and frequency
-    survive crops, flips and colour jitter well enough for a learned encoder; the phase jitter
-    spans half a period only, so the class means stay distinct gratings and even a linear
-    classifier on raw pixels beats chance.
-    """
-    n, seed = _SYNTHETIC[split]
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 10  # balanced; row i has class i % 10
-    centres = (torch.arange(size) + 0.5) / size  # pixel centres in (0, 1)
-    y, x = torch.meshgrid(centres, centres, indexing="ij")  # (S, S) each
-    angle = (labels * math.pi / 10)[:, None, None]  # (N, 1, 1)
-    freq = (2.0 + 0.5 * labels)[:, None, None]
-    phase = torch.rand(n, 1, 1, generator=g) * math.pi
-    contrast = 0.2 + 0.15 * torch.rand(n, 1, 1, generator=g)
-    along = x * torch.cos(angle) + y * torch.sin(angle)  # (N, S, S) distance along the wave
-    img = 0.5 + contrast * torch.cos(2 * math.pi * freq * along + phase)  # (N, S, S)
-    spot = torch.rand(n, 2, 1, 1, generator=g)  # blob centre (y, x)
-    sign = torch.where(torch.rand(n, 1, 1, generator=g) < 0.5, -1.0, 1.0)
-    blob = torch.exp(-((y - spot[:, 0]) ** 2 + (x - spot[:, 1]) ** 2) / (2 * 0.08**2))  # (N, S, S)
-    img += 0.25 * sign * blob + 0.04 * torch.randn(img.shape, generator=g)  # noise shared by channels
-    img = img.unsqueeze(1)  # (N, 1, S, S)
-    if channels == 3:  # tint: three cosines a third of a turn apart, so hue differs per class
-        turn = labels[:, None] / 10 + torch.arange(3) / 3  # (N, 3)
-        img = img + 0.12 * torch.cos(2 * math.pi * turn)[:, :, None, None]  # (N, 3, S, S)
-    # In place from here on: at 3 channels these full passes are most of the time.
-    return img.clamp_(0, 1).mul_(255).round_().to(torch.uint8), labels.to(torch.int64)
 
 
 _READERS: dict[str, Callable[[Path | None, str, bool], ImageSet]] = {

@@ -88,8 +88,10 @@ def save_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
             for done in written:  # a step this rank could not finish holds nothing of it
                 done.unlink(missing_ok=True)
             earlier = completed_steps(run_dir)
-            kept = f"the checkpoint of step {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
-            raise CheckpointWriteError(f"{error}; {kept}. Free space, then continue with --resume {run_dir}") from None
+            then = (f"the checkpoint of step {earlier[-1]} is intact. Free space, then continue with --resume {run_dir}"
+                    if earlier else "no earlier checkpoint exists, so there is nothing to resume from. Free space, "
+                    f"then start the run again: the same command after removing {run_dir}, or with another --out")
+            raise CheckpointWriteError(f"{error}; {then}") from None
         written.append(path)
     complete = completed_steps(run_dir)
     if len(complete) < KEEP:

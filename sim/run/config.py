@@ -180,7 +180,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         path = Path(path)
         if path.is_dir():
-            raise ConfigError(f"config {path} is a folder; give a TOML file, e.g. {path / 'fashion_mnist.toml'}")
+            raise ConfigError(_folder_given(path))
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; shipped configs are in launch/configs/")
         try:
@@ -191,6 +191,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         _fill(config, parse_override(text))
     validate(config)
     return config
+
+
+def _folder_given(folder: Path) -> str:
+    """What to give instead of a folder: the TOML files it holds, by name, or where the shipped ones are."""
+    found = sorted(folder.glob("*.toml"))
+    if not found:
+        return (f"config {folder} is a folder without .toml files; give a TOML file (the shipped configs are in "
+                "launch/configs/)")
+    more = f", and {len(found) - 8} more" if len(found) > 8 else ""
+    return f"config {folder} is a folder; give one of its TOML files: {', '.join(map(str, found[:8]))}{more}"
 
 
 MIN_CHANNELS = 4  # fewer channels in a block and its contrast has almost nothing to work with

@@ -50,8 +50,19 @@ def probe_sets(config: Config, test_set: ImageSet | None = None) -> tuple[ImageS
         train_set, scored = hold_out(train_set, probe.validation)
     else:
         scored = test_set if test_set is not None else load_split(name, root, "test", download)
-    return (sample_images(train_set, probe.train_limit, config.train.seed),
-            sample_images(scored, probe.test_limit, config.train.seed))
+    train_images = "training images left by probe.validation" if probe.validation else "training images"
+    return (_limited(train_set, probe.train_limit, "probe.train_limit", train_images, config.train.seed),
+            _limited(scored, probe.test_limit, "probe.test_limit",
+                     "validation images" if probe.validation else "test images", config.train.seed))
+
+
+def _limited(images: ImageSet, limit: int, key: str, what: str, seed: int) -> ImageSet:
+    """`sample_images`, saying so when the limit `key` asks for more than the `what` there are: a number the
+    probe cannot honour is said before the work (as log.heldout's), not changed unseen."""
+    if limit > len(images):
+        print(f"note: {key} = {limit} is more than the {len(images)} {what}: the probe uses all {len(images)}",
+              flush=True)
+    return sample_images(images, limit, seed)
 
 
 def linear_probe(

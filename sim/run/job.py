@@ -135,6 +135,9 @@ def check_run_folder(out_dir: Path, resume: bool, attempt: int, rank: int = 0) -
     if finished(out_dir):
         raise ConfigError(f"{out_dir} already holds a finished run; choose another --out or remove it")
     if not resume and not attempt and has_checkpoints(out_dir):
+        if not completed_steps(out_dir):  # a run stopped while writing its first: --resume would refuse
+            raise ConfigError(f"{out_dir} holds checkpoints of an unfinished run but none complete, so nothing to "
+                              f"resume from; remove {out_dir}, or choose another --out")
         raise ConfigError(f"{out_dir} holds checkpoints of an unfinished run: continue it with "
                           f"--resume {out_dir}, or choose another --out")
     if rank > 0:  # rank 0 makes the folder: one rank's test of it is enough
@@ -162,7 +165,8 @@ def resume_point(out_dir: Path, resume: bool, restarted: bool) -> int:
             print(f"the checkpoint of step {step} does not read ({reason}): set aside in {moved}; "
                   "trying the one before", flush=True)
     if resume:
-        raise ConfigError(f"{out_dir} holds no complete checkpoint that reads to resume from; start a new run")
+        raise ConfigError(f"{out_dir} holds no complete checkpoint that reads to resume from; start the run again "
+                          f"from its config, e.g. python -m launch.train {out_dir / 'config.toml'} --out OTHER_FOLDER")
     if restarted:
         print(f"restarted, but {out_dir} holds no complete checkpoint: training again from step 0", flush=True)
     return 0

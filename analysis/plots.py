@@ -169,7 +169,8 @@ def plot_probe_curves(curves: Sequence[Curve], path: Path, title: str = "", untr
     fig, axes = _figure(2, 2, figsize=(12, 8), sharey="row")
     for row, (field, name) in enumerate((("all_blocks", "all blocks"), ("last_block", "last block"))):
         untrained = [100 * getattr(c, field)[0] for c in curves if c.steps[0] == 0] if untrained_line else []
-        for column, (clock, xlabel) in enumerate((("images", "images seen"), ("seconds", "wall-clock seconds"))):
+        clocks = (("images", "images seen"), ("seconds", "seconds (step x mean time per step)"))
+        for column, (clock, xlabel) in enumerate(clocks):
             ax = axes[row, column]
             for i, curve in enumerate(curves):
                 x = getattr(curve, clock)

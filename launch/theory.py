@@ -29,6 +29,7 @@ from layers.seeding import keyed_generator
 from layers.theory.figures import FIGURES, FrozenCurve, TrainingSetup, frozen_figure, run_fig3b, run_frozen
 from sim.data.datasets import DatasetInfo, DatasetMissing, ImageSet, dataset_info, load_split
 from sim.data.views import SimCLRViews
+from sim.record.progress import progress_bar
 
 PATCH, CROP = 14, 16
 _STREAM_CROPS, _STREAM_ORDER = 21, 22  # seeding streams: fig4's crops, fig3b's data order
@@ -193,9 +194,10 @@ def _log(line: str) -> None:
 
 
 def _progress(iterable: Iterable, total: int, label: str) -> Iterable:
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=label, leave=False, dynamic_ncols=True)
+    with progress_bar(total, 0, True, desc=label, unit="it", leave=False) as bar:
+        for item in iterable:
+            yield item
+            bar.update()
 
 
 # ---------------------------------------------------------------- output

@@ -148,3 +148,16 @@ def test_non_finite_loss_names_block_and_step():
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLoss, match="block 0 at step 3"):
         LocalStage(blocks, seed=0).forward(x, step=3)
+
+
+def test_progress_bars_in_a_log_file_refresh_rarely(tmp_path):
+    """In a pipe or a file every refresh of a bar is a line: training's and the probe's bars write their
+    first and last state (and one line every 30 s), not one line per batch."""
+    import subprocess
+    import sys
+    command = [sys.executable, "-m", "launch.train", str(TINY_CONFIG), "--set", "train.steps=20", "--set",
+               "probe.epochs=3", "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    updates = {bar: done.stderr.count(f"{bar}:") for bar in ("train", "probe")}
+    assert 1 <= updates["train"] <= 3 and 1 <= updates["probe"] <= 3, (updates, done.stderr[-2000:])

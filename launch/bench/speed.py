@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from launch.bench.predictions import plan_block_times, plan_data_seconds
-from launch.machine import describe_machine, write_figures
+from launch.machine import code_version, describe_machine, write_figures
 from launch.program import ProgramErrors, run_program
 from launch.runner import bench_run, positive
 from sim.cost.measure import measure_link, measure_peak_rates
@@ -137,7 +137,8 @@ def markdown(result: dict) -> str:
     machine = result["machine"]
     lines = [f"Width {result['width']}, 32 px, batch {BATCH} ({2 * BATCH} views), CPU: {machine['cpu']}, "
              f"torch {machine['torch']}; "
-             f"baseline {result['baseline']}. Measured {rates['flop_per_s'] / 1e9:.1f} GFLOP/s (1 thread), "
+             f"this code {result.get('code_version', 'unrecorded')[:12]}, baseline {result['baseline']}. "
+             f"Measured {rates['flop_per_s'] / 1e9:.1f} GFLOP/s (1 thread), "
              f"{rates['bytes_per_s'] / 1e9:.1f} GB/s.", "",
              "| run | code | processes x threads | s/step | images/s | speed-up | GFLOP/step | floor (s) | "
              "of floor | predicted s/step | peak memory (MiB) |", "|---|---|---|" + "---:|" * 8]
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rates = add_floor_and_model(runs, args.width)
         command = " ".join(["python -m launch.bench.speed", *(argv if argv is not None else sys.argv[1:])])
         result = {"machine": describe_machine(), "date": time.strftime("%Y-%m-%d"), "baseline": args.baseline,
-                  "width": args.width, "command": command,
+                  "code_version": code_version(), "width": args.width, "command": command,
                   "machine_rates": rates, "runs": runs, "ratios": ratios(runs)}
         write_figures(args.out, "speed", result, markdown(result))
     return errors.exit_code

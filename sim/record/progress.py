@@ -1,4 +1,5 @@
-"""What both engines show and time while they train: the progress bar and the steady-state clock."""
+"""What long work shows and times while it runs: the progress bars of training, the probe and the theory
+figures, and the engines' steady-state clock."""
 from __future__ import annotations
 
 import sys
@@ -9,10 +10,12 @@ from tqdm import tqdm
 from sim.record.summary import TIMING_WINDOW
 
 
-def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
-    """The training bar of rank 0: refreshed often on a terminal, rarely in a log file."""
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=not enabled,
-                mininterval=0.5 if sys.stderr.isatty() else 30)
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train", unit: str = "step",
+                 leave: bool = True) -> tqdm:
+    """A bar on stderr: refreshed often on a terminal, every 30 s in a log file or a pipe (where every
+    refresh is a line: a probe's hundreds of batches a second would flood the log of launch.compare)."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled,
+                leave=leave, mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 class WindowClock:

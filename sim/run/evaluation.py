@@ -6,13 +6,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from layers.linear_probe import LinearProbe, probe_features
 from layers.model import grid_kernels
 from layers.seeding import STREAM_PROBE, STREAM_VALIDATION, keyed_generator
 from sim.data.datasets import DatasetInfo, ImageSet, load_split
 from sim.data.views import plain_views, probe_views
+from sim.record.progress import progress_bar
 from sim.run.config import Config, ProbeConfig
 
 
@@ -107,7 +107,7 @@ def linear_probe(
                 yield [f[index] for f in all_features], all_labels[index]
 
     total = epochs * -(-len(train_set) // batch_size)
-    with tqdm(total=total, desc="probe", unit="batch", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total, 0, progress, desc="probe", unit="batch") as bar:
         for epoch in range(epochs):
             for features, labels in epoch_batches(keyed_generator(seed, STREAM_PROBE, epoch)):
                 if len(labels) < 2:  # batch statistics need two rows: a last batch of one image is skipped

@@ -188,3 +188,16 @@ def test_every_scale_of_the_table_has_its_markers_in_benchmarks():
     page = BENCHMARKS.read_text()
     for scale in SCALES.values():
         assert page.count(scale.start) == 1 and page.count(scale.end) == 1, scale.marker
+
+
+def test_gpu_benchmark_runs_end_to_end_on_the_cpu(tmp_path, capsys):
+    """`launch.bench.gpu --dry-run`: the program a lent GPU will run, exercised here at width 1/16."""
+    from launch.bench.gpu import main as gpu_bench
+    assert gpu_bench(["--dry-run", "--methods", "clapp_pp,bp_infonce", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert [r["method"] for r in result["runs"]] == ["clapp_pp", "bp_infonce"] and result["dry_run"]
+    assert all(r["images_per_s"] > 0 and r["peak_memory_bytes"] > 0 and r["steady"] for r in result["runs"])
+    table = (tmp_path / "gpu.md").read_text()
+    assert "| bp_infonce |" in table and "| 1.00x | 1.00x |" in table and "a dry run, not a measurement" in table
+    assert gpu_bench(["--dry-run", "--methods", "clapp,nope", "--out", str(tmp_path / "bad")]) == 2
+    assert "--methods clapp,nope: nope; choose among clapp" in capsys.readouterr().err

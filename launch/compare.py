@@ -8,7 +8,10 @@ each); `random` probes the untrained encoder. Each run is its own process (launc
 so its peak memory is its own. A run whose folder already holds a summary.json is not trained
 again: an interrupted comparison continues where it stopped. With `random` among the runs, the
 table says of each trained run whether it beats the untrained encoder by more than the seed spread
-(with one seed, that the spread is unknown). Writes compare.json, compare.md and compare.png into DIR.
+(with one seed, that the spread is unknown). A one-process run of a method that also runs as METHOD@K
+is its reference: it runs with one thread, as each rank does (float sums depend on the thread count),
+and the table says whether the two ended with the same weights, from their final.pt files. Writes
+compare.json, compare.md and compare.png (each trained run's gain over the untrained encoder) into DIR.
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from launch.machine import mean_spread
 from launch.program import add_config_arguments, run_program
@@ -26,6 +32,7 @@ from launch.runner import DEFAULT_CONFIG, launch_run
 from sim.errors import ConfigError
 from sim.pipeline.placement import PlacementError
 from sim.record.summary import RunSummary, finished
+from sim.run.checkpoint import FINAL
 from sim.run.config import load_config
 from sim.run.plan import make_plan
 
@@ -33,18 +40,33 @@ from sim.run.plan import make_plan
 RUN_OVERRIDES = {"random": ["method=clapp_pp", "train.steps=0", "train.epochs=0"]}
 
 
-def run_overrides(name: str) -> list[str]:
+def run_overrides(name: str, names: Sequence[str] = ()) -> list[str]:
+    """The settings of run `name`; one thread per process for METHOD@K and for the one-process run of a
+    method that `names` also runs as METHOD@K (its reference: the same weights, bit for bit)."""
     method, _, processes = name.partition("@")
-    parallel = ["train.threads=1"] if processes else []
-    return RUN_OVERRIDES.get(method, [f"method={method}"]) + parallel
+    reference = any(other.partition("@")[0] == method and other.partition("@")[2] for other in names)
+    one_thread = ["train.threads=1"] if processes or reference else []
+    return RUN_OVERRIDES.get(method, [f"method={method}"]) + one_thread
 
 
-def train_run(name: str, config: Path, overrides: list[str], folder: Path) -> RunSummary:
+def run_folder(out: Path, name: str, seed: int | None, seeds: int) -> Path:
+    """One seed: a folder per run; several: RUN_sSEED."""
+    return out / (name.replace("@", "_x") + (f"_s{seed}" if seeds > 1 else ""))
+
+
+def same_weights(parallel: Path, reference: Path) -> str:
+    """Whether two runs ended with the same weights: 'yes', or 'no, max |dW| = ...'."""
+    a, b = (torch.load(folder / FINAL, weights_only=True) for folder in (parallel, reference))
+    largest = max((x - b[block][key]).abs().max().item() for block, state in a.items() for key, x in state.items())
+    return "yes" if largest == 0 else f"no, max |dW| = {largest:.2g}"
+
+
+def train_run(name: str, names: Sequence[str], config: Path, overrides: list[str], folder: Path) -> RunSummary:
     """Run `name` into `folder`, unless a finished run is there already."""
     if finished(folder):
         return RunSummary.read(folder)
     processes = int(name.partition("@")[2] or 1)
-    return launch_run(config, [*overrides, *run_overrides(name)], folder, processes=processes)
+    return launch_run(config, [*overrides, *run_overrides(name, names)], folder, processes=processes)
 
 
 def accuracies(summaries: list[RunSummary], last_block: bool = False) -> list[float]:
@@ -65,39 +87,55 @@ def verdict(trained: list[float], untrained: list[float]) -> str:
     return f"{difference:+.2f} points: {beats} by more than the seed spread ({spread:.2f})"
 
 
-def markdown_table(rows: list[tuple[str, list[RunSummary]]]) -> str:
+def markdown_table(rows: list[tuple[str, list[RunSummary]]], weights: dict[str, str] | None = None) -> str:
+    """The table; `weights`: per METHOD@K run, whether it ended with its one-process reference's weights."""
     untrained = next((accuracies(found) for name, found in rows if name == "random"), [])
-    lines = ["| run | method | processes | steps | seeds | images/s | peak memory per process (MiB) "
+    weights = weights or {}
+    lines = ["| run | method | processes | threads | steps | seeds | images/s | peak memory per process (MiB) "
              "| probe: all blocks (%) | probe: last block (%) | against the untrained encoder |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for name, found in rows:
         s = found[0]
         speed = f"{statistics.mean(r.images_per_s for r in found):.1f}" if s.steps else "-"
         memory = ", ".join(f"{b / 2**20:.0f}" for b in s.peak_memory_bytes) if s.steps else "-"
         against = verdict(accuracies(found), untrained) if name != "random" else "-"
-        lines.append(f"| {name} | {s.method} | {s.world_size} | {s.steps} | {len(found)} | {speed} | {memory} | "
-                     f"{mean_spread(accuracies(found))} | {mean_spread(accuracies(found, last_block=True))} | "
-                     f"{against} |")
+        lines.append(f"| {name} | {s.method} | {s.world_size} | {s.threads} | {s.steps} | {len(found)} | {speed} | "
+                     f"{memory} | {mean_spread(accuracies(found))} | {mean_spread(accuracies(found, last_block=True))} "
+                     f"| {against} |")
+    lines += [f"\n{name} ends with the weights of {name.partition('@')[0]} in one process (one thread): {answer}"
+              for name, answer in weights.items()]
     return "\n".join(lines)
 
 
 def plot(rows: list[tuple[str, list[RunSummary]]], path: Path, title: str) -> None:
+    """Left: what the table says, each trained run's probe accuracy minus the untrained encoder's (mean
+    over seeds, the seed spread as an error bar), or the accuracy itself without a `random` run; right:
+    throughput."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [name for name, _ in rows]
+    untrained = {last: accuracies(found, last) for name, found in rows if name == "random" for last in (False, True)}
+    trained = [(name, found) for name, found in rows if found[0].steps]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for offset, (label, last_block) in enumerate([("all blocks", False), ("last block", True)]):
-        values = [statistics.mean(accuracies(found, last_block) or [0]) for _, found in rows]
-        bars = left.bar([i + 0.4 * offset for i in range(len(rows))], values, width=0.4, label=label)
-        left.bar_label(bars, fmt="%.1f", fontsize=8)
-    left.set_xticks([i + 0.2 for i in range(len(rows))], names)
-    left.set_ylabel("linear probe test accuracy (%)")
-    left.set_ylim(0, 112)
-    left.legend(loc="upper right", ncol=2, fontsize=8)
-    trained = [(name, found) for name, found in rows if found[0].steps]
+        values, errors = [], []
+        for _, found in trained:
+            found_values = accuracies(found, last_block) or [float("nan")]
+            base = statistics.mean(untrained[last_block]) if untrained else 0.0
+            values.append(statistics.mean(found_values) - base)
+            errors.append(statistics.stdev(found_values) if len(found_values) > 1 else 0.0)
+        bars = left.bar([i + 0.4 * offset for i in range(len(trained))], values, width=0.4, yerr=errors, capsize=3,
+                        label=label)
+        left.bar_label(bars, fmt="%+.2f" if untrained else "%.1f", fontsize=8)
+    left.set_xticks([i + 0.2 for i in range(len(trained))], [name for name, _ in trained])
+    if untrained:
+        left.axhline(0, color="black", linewidth=0.8)
+        left.set_ylabel("probe accuracy - untrained encoder's (points)")
+    else:
+        left.set_ylabel("linear probe test accuracy (%)")
+    left.legend(fontsize=8)
     bars = right.bar([n for n, _ in trained], [statistics.mean(s.images_per_s for s in found) for _, found in trained],
                      color="tab:gray")
     right.bar_label(bars, fmt="%.0f", fontsize=8)
@@ -133,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if processes and not (processes.isdigit() and int(processes) >= 1):
             parser.error(f"--runs: {name!r}: after @ comes the number of processes, e.g. clapp_pp@2")
     try:  # check every run's config and placement before training anything
-        configs = {name: load_config(args.config, args.overrides + run_overrides(name)) for name in names}
+        configs = {name: load_config(args.config, args.overrides + run_overrides(name, names)) for name in names}
         for name, config in configs.items():
             make_plan(config, int(name.partition("@")[2] or 1))
     except (ConfigError, PlacementError, ValueError) as error:
@@ -141,16 +179,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or Path("runs") / f"compare_{time.strftime('%Y%m%d-%H%M%S')}"
     rows = []
-    for name in names:  # one seed: a folder per run; several: RUN_sSEED
+    for name in names:
         found = []
         for seed in seeds:
-            folder = out / (name.replace("@", "_x") + (f"_s{seed}" if len(seeds) > 1 else ""))
             seeded = args.overrides + ([] if seed is None else [f"train.seed={seed}"])
-            found.append(train_run(name, args.config, seeded, folder))
+            found.append(train_run(name, names, args.config, seeded, run_folder(out, name, seed, len(seeds))))
         rows.append((name, found))
+    references = {name: name.partition("@")[0] for name in names if "@" in name and name.partition("@")[0] in names}
+    weights = {name: ", ".join(same_weights(run_folder(out, name, seed, len(seeds)),
+                                            run_folder(out, reference, seed, len(seeds))) for seed in seeds)
+               for name, reference in references.items()}
     first = configs[names[0]]
     title = f"{first.data.name}, width {first.model.width}, batch {first.train.batch_size}"
-    table = markdown_table(rows)
+    table = markdown_table(rows, weights)
     (out / "compare.md").write_text(f"# {title}\n\n{table}\n")
     runs = {name: [dataclasses.asdict(s) for s in found] for name, found in rows}
     (out / "compare.json").write_text(json.dumps({"title": title, "runs": runs}, indent=2) + "\n")

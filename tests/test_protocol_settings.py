@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import launch.bench.protocol_search as search
-from launch.compare import verdict
+from launch.compare import run_overrides, same_weights, verdict
 from launch.probe import probe_finished_run
 from layers.learning_rate import LearningRate
 from sim.data.datasets import ImageSet, dataset_info, load_split
@@ -125,3 +125,18 @@ def test_the_main_job_says_whether_a_run_beats_the_untrained_encoder():
     assert verdict([60.0, 62.0], [55.0, 55.5]).endswith("beats it by more than the seed spread (1.41)")
     assert "does not beat it" in verdict([56.0, 58.0], [55.5, 56.0])  # +1.25 against a spread of 1.41
     assert verdict([], [55.0]) == "-"
+
+
+def test_the_main_job_checks_the_weights_of_its_layer_parallel_run(tmp_path):
+    """The one-process reference of METHOD@K runs with one thread, as each rank does, and the table says
+    from the two final.pt files whether they are the same, instead of assuming it."""
+    names = ["random", "clapp_pp", "clapp_pp@2", "bp_infonce"]
+    assert "train.threads=1" in run_overrides("clapp_pp", names) and "train.threads=1" in run_overrides("clapp_pp@2")
+    assert "train.threads=1" not in run_overrides("bp_infonce", names)
+    weights = {block: {"conv.weight": torch.full((2, 2), float(block))} for block in range(6)}
+    for name, change in (("a", 0.0), ("b", 0.0), ("c", 0.5)):
+        (tmp_path / name).mkdir()
+        torch.save({b: {k: v + (change if b == 3 else 0.0) for k, v in s.items()} for b, s in weights.items()},
+                   tmp_path / name / "final.pt")
+    assert same_weights(tmp_path / "a", tmp_path / "b") == "yes"
+    assert same_weights(tmp_path / "a", tmp_path / "c") == "no, max |dW| = 0.5"

@@ -100,8 +100,7 @@ class LocalStage:
         this starts are applied at the stage's next call (or `settle`): their gradients are averaged
         over the replicas while the output travels on."""
         self.settle()
-        for due in [s for s in self.delay_line if s < step - self.feedback_delay]:
-            self._learn_with_feedback(due, self.delay_line.pop(due))
+        self._apply_delayed(before=step - self.feedback_delay)
         for block in self.blocks:
             traced = self.trace and block.needs_top_context
             with torch.no_grad() if traced else contextlib.nullcontext():  # a trace keeps no graph
@@ -129,7 +128,11 @@ class LocalStage:
     def apply_pending(self) -> None:
         """Before a checkpoint: every update still in the delay line, in the order of its batches."""
         self.settle()
-        for due in sorted(self.delay_line):
+        self._apply_delayed()
+
+    def _apply_delayed(self, before: int | None = None) -> None:
+        """The delay line's updates of the batches before `before` (all of them: None), oldest first."""
+        for due in sorted(s for s in self.delay_line if before is None or s < before):
             self._learn_with_feedback(due, self.delay_line.pop(due))
 
     def settle(self) -> None:

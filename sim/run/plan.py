@@ -125,10 +125,9 @@ class Plan:
         c, rule = self.config, self.rule
         dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
         head_params = [sum(d * h for h in hs) for d, hs in zip(dims, self.head_dims())]
-        waits = rule.needs_feedback
         return held_memory(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, blocks,
-                           head_params, rule.end_to_end or waits, pending=max(self.feedback_delays()) + 1,
-                           trace_dims=dims if waits and not c.sim.stash else None)
+                           head_params, rule.end_to_end or rule.needs_feedback, pending=max(self.feedback_delays()) + 1,
+                           trace_dims=dims if self.keeps_traces else None)
 
     def microbatch_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """BP pipeline: (input, output) shape of one micro-batch on `rank`, rows first."""

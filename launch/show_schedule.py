@@ -9,13 +9,19 @@ batch 3 at the log's alignment steps, `.` a rank waiting. Below the grid, the me
 action sends and receives, in order: the list every rank's messages are checked against. With
 sim.replicas = R, the world is R replicas of the grid's K ranks (global rank = replica x K + rank),
 and every update also averages the block's gradients over the replicas.
+
+With sim.schedule = "async" (one process, --world-size 1) it prints the simulated timeline instead:
+which block group learns from which batch when on the virtual clock, and each update's ages.
 """
 from __future__ import annotations
 
 import argparse
 
+import torch
+
 from launch.program import ProgramErrors, add_config_arguments, run_program
 from launch.runner import positive
+from sim.pipeline.free_running import render_timeline
 from sim.pipeline.schedule import render_grid, render_messages
 from sim.run.config import load_config
 from sim.run.plan import Plan, make_plan
@@ -35,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def show(plan: Plan, steps: int) -> None:
+    if plan.free_running is not None:
+        print(plan.describe(steps, torch.device("cpu"), 0).split("\n", 1)[1])
+        print(render_timeline(plan.free_running, steps))
+        return
     feedback = f", {plan.feedback_text()}" if plan.rule.needs_feedback else ""
     print(f"{plan.rule.name}: {plan.schedule.name} schedule{feedback} on {plan.stages} process(es), "
           f"blocks per rank {plan.placement}")

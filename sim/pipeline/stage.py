@@ -125,6 +125,11 @@ class LocalStage:
         self.settle()
         self._learn_with_feedback(step, top_context)
 
+    def forget(self, step: int) -> None:
+        """Batch `step`'s top-down context will never come (free-running blocks: the top group never saw
+        the batch): its waiting blocks drop what they kept, without learning."""
+        self.pending.pop(step, None)
+
     def apply_pending(self) -> None:
         """Before a checkpoint: every update still in the delay line, in the order of its batches."""
         self.settle()
@@ -228,6 +233,11 @@ class EndToEndStage:
 
     def settle(self) -> None:
         """Nothing waits between calls: each call applies its own updates."""
+
+    def forget(self, step: int) -> None:
+        """Batch `step`'s top-down context will never come (free-running blocks: the top group never saw
+        the batch): its waiting blocks drop what they kept, without learning."""
+        self.pending.pop(step, None)
 
     def apply_pending(self) -> None:
         """No delay line: nothing is pending."""

@@ -45,6 +45,7 @@ class RankResult:
     loss_per_block: dict[int, float] = field(default_factory=dict)  # mean of the last LOSS_WINDOW losses
     feedback_delays: dict[int, int] = field(default_factory=dict)  # block -> steps from a forward to its update
     window_seconds: list[float] = field(default_factory=list)  # duration of each TIMING_WINDOW steps
+    free_running: dict | None = None  # async: sim.pipeline.free_running.dynamics, the ages and the virtual clock
 
     def steady_steps_per_s(self) -> float | None:
         """Median rate over timed windows, the first (warm-up) left out; None for short runs."""
@@ -81,6 +82,9 @@ class RunSummary:
     # what made it fast: fused_adamw (optim.fused), freed_memory_kept (sim.run.freed_memory's setting or None),
     # patch_product_weight_gradient_max_pixels and relu_in_place (layers.encoder, always on)
     speedups: dict = field(default_factory=dict)
+    # sim.schedule = "async": the virtual clock against lockstep, and per block the batches learned and the
+    # distributions of input and context ages (sim.pipeline.free_running.dynamics); None otherwise
+    free_running: dict | None = None
 
     @classmethod
     def from_results(cls, results: list[RankResult], batch_size: int, **fields: Any) -> RunSummary:
@@ -97,6 +101,7 @@ class RunSummary:
             images_per_s_steady=None if rate is None else rate * batch_size,
             loss_per_block=[losses.get(b) for b in blocks], feedback_delay_steps=[delays.get(b, 0) for b in blocks],
             peak_memory_bytes=[r.peak_memory_bytes for r in results],
+            free_running=next((r.free_running for r in results if r.free_running is not None), None),
             ranks=[{"rank": r.rank, "blocks": r.blocks, "seconds": r.seconds, "busy_seconds": r.busy_seconds,
                     "wait_seconds": r.wait_seconds, "bytes_sent": r.bytes_sent} for r in results],
             **fields)
@@ -138,11 +143,30 @@ class RunSummary:
         lines = [f"{self.method} on {self.dataset}: {self.steps} steps on {self.world_size} process(es){mesh}, "
                  f"{self.images_per_s:.1f} images/s, peak memory per process (MiB): {memory}",
                  f"loss per block (mean of the last steps): {losses}"]
+        if self.free_running:
+            lines.append(free_running_text(self.free_running))
         if self.probe:
             per_block = " ".join(f"{a:.1f}" for a in self.probe["per_block_probe_accuracy"])
             lines.append(f"linear probe {self.probe['scored_on']} accuracy: {self.probe['probe_accuracy']:.2f}% "
                          f"(per block: {per_block})")
         return "\n".join(lines)
+
+
+def free_running_text(dynamics: dict) -> str:
+    """Two lines on a free-running run: its virtual time against lockstep, what each block learned from."""
+    blocks = dynamics["blocks"]
+
+    def mean(histogram: dict) -> str:
+        count = sum(histogram.values())
+        return "-" if not count else f"{sum(int(a) * n for a, n in histogram.items()) / count:.1f}"
+
+    learned = " ".join(str(blocks[b]["batches"]) for b in sorted(blocks, key=int))
+    inputs = " ".join(mean(blocks[b]["input_age"]) for b in sorted(blocks, key=int))
+    contexts = " ".join(mean(blocks[b]["context_age"]) for b in sorted(blocks, key=int))
+    return (f"free-running ({dynamics['mailbox']} mailbox, depth {dynamics['mailbox_depth']}): virtual time "
+            f"{dynamics['virtual_time']:.4g} against {dynamics['lockstep_virtual_time']:.4g} in lockstep "
+            f"({dynamics['speedup_over_lockstep']:.2f}x)\nbatches learned per block: {learned}; mean input age: "
+            f"{inputs}; mean context age: {contexts}")
 
 
 def _probe_of(probe: dict | None) -> dict | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layers.encoder import CHANNELS
+from layers.encoder import CHANNELS, NUM_BLOCKS
 from layers.learning_rate import LR_SCHEDULES
 from layers.losses import CONTRAST_MODES, NEGATIVE_MODES
 from layers.model import pool_kernels
@@ -26,6 +26,7 @@ from layers.rules import get_rule
 from layers.rules.rule import RuleSettings
 from sim.data.datasets import dataset_info
 from sim.errors import ConfigError
+from sim.pipeline.free_running import ASYNC, FreeRunning
 from sim.pipeline.placement import check_groups
 from sim.pipeline.schedule import Schedule
 from sim.record.log_format import ACTIVATIONS
@@ -81,7 +82,9 @@ class ProbeConfig:
 
 @dataclass
 class SimConfig:
-    schedule: str = "pipelined"  # sequential | pipelined (used when there are several processes)
+    # sequential | pipelined (used when there are several processes) | async: free-running block groups,
+    # simulated on a virtual clock in one process (sim.pipeline.free_running)
+    schedule: str = "pipelined"
     feedback: str = "exact"  # exact | delayed: when top-down feedback updates are applied
     # steps d between a batch's forward and its top-down update, the same for every block that waits
     # (issue 24): 0 is exact feedback; -1 leaves it to sim.feedback (delayed: K - 1 - r on rank r)
@@ -90,6 +93,13 @@ class SimConfig:
     # pooled activity, an eligibility trace, and learns with its current weights when the feedback comes
     stash: bool = True
     placement: str | list[list[int]] = "auto"  # "auto" or contiguous block groups, one per process
+    # async: the mailbox of each link holds sim.mailbox_depth messages; newest: the receiver takes the newest
+    # (older ones dropped), fifo: the oldest, and a sender waits while the mailbox is full
+    mailbox: str = "newest"
+    mailbox_depth: int = 1
+    block_speed: list[float] = field(default_factory=list)  # async: per block, 0.25 = 4x slower; []: all 1
+    block_time: list[float] = field(default_factory=list)  # async: per block time per batch; []: the cost model's
+    speed_jitter: float = 0.0  # async: sd of the log of each group's time per batch (seeded)
     timeout_s: float = 60.0  # longest wait for a message before the run stops with an error
     # data-parallel replicas R of the whole pipeline: R x K processes, a step takes R x train.batch_size
     # images (each replica train.batch_size of them), gradients averaged over the replicas (sim.pipeline.replicas)
@@ -236,7 +246,10 @@ def validate(config: Config) -> None:
         raise ConfigError("train.batch_size must be >= 2 (negatives come from other images), "
                           f"got {config.train.batch_size}")
     try:
-        Schedule(config.sim.schedule, config.sim.feedback, (), feedback_delay=config.sim.feedback_delay)
+        if config.sim.schedule == ASYNC:
+            check_free_running(config.sim)
+        else:
+            Schedule(config.sim.schedule, config.sim.feedback, (), feedback_delay=config.sim.feedback_delay)
         if isinstance(config.sim.placement, list):
             check_groups(config.sim.placement, len(config.sim.placement))
         elif config.sim.placement != "auto":
@@ -258,6 +271,20 @@ def validate(config: Config) -> None:
                 "train.checkpoint_every", "probe.epochs", "probe.train_limit", "probe.test_limit", "probe.validation"):
         if getattr_path(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr_path(config, key)}")
+
+
+def check_free_running(sim: SimConfig) -> None:
+    """The async keys, before any plan (the plan checks them against the blocks and the rule)."""
+    if sim.feedback != "exact" or sim.feedback_delay != -1:
+        raise ValueError("sim.feedback and sim.feedback_delay do not apply to sim.schedule = 'async': feedback "
+                         "arrives when the top group sends it; leave them at 'exact' and -1")
+    FreeRunning(((0,),), (1.0,), (1.0,), (False,), sim.mailbox_depth, sim.mailbox, sim.speed_jitter)
+    for key, values in (("sim.block_speed", sim.block_speed), ("sim.block_time", sim.block_time)):
+        if values and len(values) != NUM_BLOCKS:
+            raise ValueError(f"{key} has {len(values)} values; give one per block ({NUM_BLOCKS}), or [] for the "
+                             "default")
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"{key} = {values}: every value must be a number > 0")
 
 
 def check_width(width: float) -> None:

@@ -28,7 +28,9 @@ from sim.data.datasets import ImageSet, load_split
 from sim.data.feed import ViewFeed
 from sim.data.views import SimCLRViews
 from sim.errors import ConfigError
+from sim.pipeline.async_engine import AsyncEngine
 from sim.pipeline.bp_engine import BPPipelineEngine, pipeline_group
+from sim.pipeline.free_running import ASYNC
 from sim.pipeline.local_engine import LocalEngine
 from sim.pipeline.recording import Recording
 from sim.pipeline.replicas import GradientAverager, replica_group
@@ -217,7 +219,8 @@ def _run_rank(plan: Plan, out_dir: Path, *, world: World, device: torch.device, 
     rank = RankSetup(plan=plan, out_dir=out_dir, world=world, replica=replica, stage=stage, device=device,
                      transport=transport, averager=averager, blocks=blocks, data=data, start=start, stop=stop,
                      heldout=heldout, heldout_count=heldout_count)
-    engine: Engine = local_engine(rank) if plan.pipeline is None else pipeline_engine(rank)
+    engine: Engine = (pipeline_engine(rank) if plan.pipeline is not None else
+                      async_engine(rank) if plan.free_running is not None else local_engine(rank))
     transport.barrier("the start barrier", SETUP_TIMEOUT_S)  # every rank built: start the clocks together
     result = engine.run(start, stop, progress=progress and replica == 0, memory=memory)  # one bar: replica 0's
     gathered = _gather(plan, world, device, transport, blocks, result)
@@ -279,6 +282,19 @@ def local_engine(rank: RankSetup) -> LocalEngine:
                        transport=rank.transport, recording=recording, checkpoint=checkpoint)
 
 
+def async_engine(rank: RankSetup) -> AsyncEngine:
+    """Free-running block groups, simulated in this process (no log, no checkpoint before the end)."""
+    plan, setup = rank.plan, rank.plan.free_running
+    if plan.config.log.every:
+        print("note: free-running runs keep no log.zarr yet (log.every is ignored); the ages of every update are "
+              "summed up in summary.json", flush=True)
+    by_index = {b.index: b for b in rank.blocks}
+    stages = [make_stage([by_index[i] for i in group], plan.config.train.seed, stash_weights=plan.stashes_weights,
+                         trace=plan.keeps_traces, learning_rate=plan.learning_rate(rank.stop))
+              for group in setup.groups]
+    return AsyncEngine(setup, stages, rank.data.feed, rank.device, plan.config.train.batch_size)
+
+
 def pipeline_engine(rank: RankSetup) -> BPPipelineEngine:
     """The BP pipeline engine of this rank (one replica; no log, no checkpoints)."""
     plan, world = rank.plan, rank.world
@@ -324,8 +340,9 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
         results, plan.replicas * config.train.batch_size, replicas=plan.replicas, method=plan.rule.name,
         dataset=plan.info.name, engine="local" if pipeline is None else "bp_pipeline", steps=stop, probe=probe,
         placement=[list(g) for g in plan.placement.groups],
-        schedule=plan.schedule.name if pipeline is None else pipeline.schedule,
-        feedback=plan.schedule.feedback if plan.rule.needs_feedback and pipeline is None else None,
+        schedule=pipeline.schedule if pipeline else ASYNC if plan.free_running else plan.schedule.name,
+        feedback=None if pipeline or not plan.rule.needs_feedback else ASYNC if plan.free_running else
+        plan.schedule.feedback,
         microbatches=None if pipeline is None else pipeline.microbatches,
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=to_dict(config),
         speedups=speedups(config))

@@ -18,6 +18,7 @@ from layers.rules.rule import Rule
 from sim.cost.model import StepWork, estimated_block_costs, held_memory, step_work
 from sim.data.datasets import DatasetInfo, dataset_info
 from sim.errors import ConfigError
+from sim.pipeline.free_running import ASYNC, FreeRunning
 from sim.pipeline.placement import Mesh, Placement, PlacementError, balanced_placement, check_groups, stages_of
 from sim.pipeline.schedule import PIPELINE_SCHEDULES, MessageShapes, PipelineSettings, Schedule
 from sim.run.config import Config, to_toml
@@ -35,6 +36,7 @@ class Plan:
     schedule: Schedule
     shapes: MessageShapes
     pipeline: PipelineSettings | None = None  # set: an end-to-end method trained by the BP pipeline engine
+    free_running: FreeRunning | None = None  # set: sim.schedule = "async", simulated in one process
 
     @property
     def config_toml(self) -> str:
@@ -95,6 +97,8 @@ class Plan:
     def stashes_weights(self) -> bool:
         """Whether a waiting block keeps the weights its forward pass used until its update: when any
         update comes after other updates of the same block (a delay above 0), unless sim.stash = false."""
+        if self.free_running is not None:  # other batches' updates may always come in between
+            return self.rule.needs_feedback and self.config.sim.stash
         return any(self.feedback_delays()) and self.config.sim.stash
 
     @property
@@ -148,6 +152,11 @@ class Plan:
             text += (f"\n{self.mesh} = {self.world_size} processes: each replica takes {c.train.batch_size} of the "
                      f"step's {self.replicas * c.train.batch_size} images, gradients averaged over the replicas")
         feedback = self.feedback_text()
+        if self.free_running is not None:
+            setup = self.free_running
+            return (text + f"\nfree-running block groups {[list(g) for g in setup.groups]} on a virtual clock "
+                    f"(speeds {list(setup.block_speed)}, {setup.policy} mailbox of depth {setup.depth}, jitter "
+                    f"{setup.jitter}), simulated in this process" + (f"; {feedback}" if feedback else ""))
         if self.stages > 1:
             per = " per replica" if self.replicas > 1 else ""
             text += (f"\n{self.stages} processes{per}, blocks per rank {self.placement}, "
@@ -161,6 +170,8 @@ class Plan:
         """How top-down feedback is timed, with each block's delay; "" for rules without feedback."""
         if not self.rule.needs_feedback:
             return ""
+        if self.free_running is not None:
+            return "feedback when the top group sends it (free-running: its delay is recorded, not set)"
         delay = self.config.sim.feedback_delay
         kind = (f"feedback delayed {delay} steps" if delay > 0 else "exact feedback" if delay == 0 else
                 f"{self.schedule.feedback} feedback")
@@ -187,6 +198,8 @@ def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | N
     `pipeline`: an end-to-end method split over the ranks with back-propagation between them (the
     BP pipeline engine); without it end-to-end methods run in one process only."""
     rule, info = get_rule(config.method), dataset_info(config.data.name)
+    if config.sim.schedule == ASYNC:
+        return _free_running_plan(config, rule, info, world_size)
     replicas = config.sim.replicas
     if pipeline is not None and replicas > 1:
         raise ConfigError(f"sim.replicas = {replicas}: the BP pipeline (launch.bp_pipeline) runs one replica; set "
@@ -220,6 +233,40 @@ def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | N
     activations = tuple((rows, channels[g[-1]], sizes[g[-1]], sizes[g[-1]]) for g in placement.groups)
     return Plan(config, rule, info, kernels, placement, schedule,
                 MessageShapes(activations, (rows, dims[NUM_BLOCKS - 1])), pipeline)
+
+
+def _free_running_plan(config: Config, rule: Rule, info: DatasetInfo, world_size: int) -> Plan:
+    """sim.schedule = "async": one process holds every block and simulates the groups of sim.placement
+    (one group per block with "auto") running free on a virtual clock."""
+    if world_size != 1:
+        raise ConfigError(f"sim.schedule = 'async' runs as an exact simulation in one process (python -m "
+                          f"launch.train), not on {world_size}: the async engine over torch.distributed is not "
+                          "built yet; simulate the processes' groups with sim.placement")
+    if rule.end_to_end:
+        raise ConfigError(f"{rule.name} is end-to-end backprop: its blocks cannot run free of each other; "
+                          "sim.schedule = 'async' takes a local rule")
+    if config.sim.replicas > 1 or config.train.checkpoint_every:
+        raise ConfigError("sim.schedule = 'async' keeps no checkpoint before the end and runs one replica: set "
+                          "train.checkpoint_every = 0 and sim.replicas = 1")
+    groups = config.sim.placement if isinstance(config.sim.placement, list) else [[b] for b in range(NUM_BLOCKS)]
+    kernels = pool_kernels(rule, info.image_size, config.rule.pool or None)
+    dims = feature_dims(config.model.width, info.image_size, kernels)
+    check_fits_in_memory(config, rule, info, dims)
+    times = config.sim.block_time or _block_costs(config, rule, info, dims)
+    try:
+        check_groups(groups, len(groups))
+        setup = FreeRunning(tuple(map(tuple, groups)), tuple(t / sum(times) for t in times),
+                            tuple(config.sim.block_speed or [1.0] * NUM_BLOCKS),
+                            tuple(rule.needs_feedback and g < len(groups) - 1 for g in range(len(groups))),
+                            config.sim.mailbox_depth, config.sim.mailbox, config.sim.speed_jitter, config.train.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    schedule = Schedule("sequential", "exact", (False,))  # the one process's own grid: no message, no log
+    rows = 2 * config.train.batch_size
+    channels, sizes = block_channels(config.model.width), map_sizes(info.image_size)
+    shapes = MessageShapes(((rows, channels[-1], sizes[-1], sizes[-1]),), (rows, dims[NUM_BLOCKS - 1]))
+    return Plan(config, rule, info, kernels, check_groups([list(range(NUM_BLOCKS))], 1), schedule, shapes,
+                free_running=setup)
 
 
 def check_pipeline(config: Config, rule: Rule, pipeline: PipelineSettings, world_size: int) -> None:
@@ -277,6 +324,10 @@ def _placement(config: Config, rule: Rule, info: DatasetInfo, dims: list[int], w
                              "sim.placement = \"auto\"")
     if isinstance(groups, list):
         return check_groups(groups, world_size)
+    return balanced_placement(_block_costs(config, rule, info, dims), world_size)
+
+
+def _block_costs(config: Config, rule: Rule, info: DatasetInfo, dims: list[int]) -> list[float]:
+    """The cost model's estimate of each block's training step (sim.cost.model.estimated_block_costs)."""
     contexts = [[] if rule.end_to_end else rule.context_dims(dim, dims[-1]) for dim in dims]
-    costs = estimated_block_costs(config.model.width, info.channels, info.image_size, dims, contexts)
-    return balanced_placement(costs, world_size)
+    return estimated_block_costs(config.model.width, info.channels, info.image_size, dims, contexts)

@@ -1,0 +1,144 @@
+"""Free-running block groups (sim.schedule = "async", issue 24): the virtual-clock simulation's
+semantics (pure), and the one-process engine that executes it: reproducible bit for bit, equal to the
+pipelined schedule with delayed feedback when every group takes the same time, and different, as it
+should be, with a straggler."""
+import pytest
+
+from launch.show_schedule import main as schedule_main
+from sim.errors import ConfigError
+from sim.pipeline.free_running import FreeRunning, lockstep_duration, timeline
+from sim.pipeline.schedule import Schedule
+from sim.run.plan import make_plan
+from tests.helpers import (
+    assert_same_weights,
+    batches_of,
+    differing_tensors,
+    run_config,
+    single_process,
+    summary,
+    threads_of,
+    trained_with_delays,
+)
+
+THREE = ((0, 1), (2, 3), (4, 5))
+WAITS = (True, True, False)
+DFB_ASYNC = ["method=clapp_pp_dfb", "sim.schedule=async", "sim.placement=[[0,1],[2,3],[4,5]]",
+             "sim.block_time=[1,1,1,1,1,1]"]
+
+
+def setup(speeds=(1,) * 6, **options) -> FreeRunning:
+    return FreeRunning(THREE, (1.0,) * 6, tuple(map(float, speeds)), WAITS, **options)
+
+
+def actions(events, group):
+    return [str(e) for e in events if e.group == group]
+
+
+@pytest.mark.parametrize("policy", ["newest", "fifo"])
+def test_equal_speeds_and_depth_one_is_the_pipelined_schedule_with_delayed_feedback(policy):
+    events = timeline(setup(policy=policy), 0, 12)
+    pipelined = Schedule("pipelined", "delayed", WAITS)
+    for group in range(3):
+        expected = [str(a) for a in pipelined.actions(group, 0, 12) if a.kind in "FU"]
+        assert actions(events, group) == expected
+        forwards = [e for e in events if e.group == group and e.kind == "F"]
+        assert [e.begin for e in forwards] == [2.0 * (b + group) for b in range(12)]  # one tick behind the group below
+    for group, delay in ((0, 2), (1, 1)):  # K - 1 - g, the delayed schedule's delay; less for the run's last batches
+        ages = [e.age for e in events if e.group == group and e.kind == "U"]
+        assert ages == [delay] * (12 - delay) + list(range(delay - 1, -1, -1))
+    assert lockstep_duration(setup(), 0, 12) == max(e.end for e in events)
+
+
+def test_the_simulation_is_reproducible_and_its_jitter_is_seeded():
+    jittery = setup(jitter=0.5, seed=3)
+    assert timeline(jittery, 0, 40) == timeline(jittery, 0, 40)
+    assert timeline(jittery, 0, 40) != timeline(setup(jitter=0.5, seed=4), 0, 40)
+
+
+def test_newest_lets_a_straggler_drop_batches_and_the_others_run_at_their_pace():
+    slow = setup(speeds=(1, 1, 1, 0.25, 1, 1))  # group 1 takes 5 ticks, the others 2
+    events = timeline(slow, 0, 40)
+    taken = [sorted(e.batch for e in events if e.group == g and e.kind == "F") for g in range(3)]
+    assert taken[0] == list(range(40))
+    assert 8 <= len(taken[1]) < 20 and taken[1][-1] == 39  # the newest each time, the last batch always
+    assert taken[2] == taken[1]  # the top group learns from what the straggler passes on
+    assert all(e.age == 0 for e in events if e.kind == "F")  # newest: always the freshest there was
+    for g in (0, 1):  # every batch a waiting group forwarded is updated with its context, or forgotten
+        settled = sorted(e.batch for e in events if e.group == g and e.kind in "UX")
+        assert settled == taken[g]
+        assert {e.batch for e in events if e.group == g and e.kind == "U"} == set(taken[2])
+    assert max(e.end for e in events) < lockstep_duration(slow, 0, 40) / 1.8
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_fifo_learns_every_batch_and_never_holds_more_than_its_depth(depth):
+    slow = setup(speeds=(1, 1, 1, 0.25, 1, 1), policy="fifo", depth=depth)
+    events = timeline(slow, 0, 30)
+    for g in range(3):
+        assert sorted(e.batch for e in events if e.group == g and e.kind == "F") == list(range(30))
+    for g in (1, 2):  # outputs made below and not yet taken, whenever a group takes one: the mailbox's
+        made = [e.end for e in events if e.group == g - 1 and e.kind == "F"]  # depth, plus the one output
+        taken = [e.begin for e in events if e.group == g and e.kind == "F"]  # its blocked sender holds
+        held = max(sum(m <= when for m in made) - sum(t < when for t in taken) for when in taken)
+        assert held == depth + 1 if g == 1 else held <= depth + 1  # full below the straggler only
+    last = next(e for e in events if e.group == 0 and e.batch == 29)
+    assert last.begin > 29 * 5 - 5 * (depth + 2)  # group 0 (2 ticks a batch) was held to the straggler's 5
+    ages = [e.age for e in events if e.group == 1 and e.kind == "F"]
+    assert max(ages) == depth  # a full queue ahead of the straggler: its inputs are that many batches old
+
+
+def test_the_engine_equals_the_delayed_pipeline_when_groups_are_equal(tmp_path):
+    alone = single_process(tmp_path / "async", *DFB_ASYNC)
+    assert_same_weights(alone, single_process(tmp_path / "again", *DFB_ASYNC))  # reproducible bit for bit
+    config = run_config(*DFB_ASYNC)
+    with threads_of(config):
+        batches = batches_of(config)
+        assert_same_weights(trained_with_delays(config, batches, [2, 2, 1, 1, 0, 0]), alone)
+    found = summary(tmp_path / "async")
+    assert found["schedule"] == "async"
+    blocks = found["free_running"]["blocks"]
+    assert blocks["0"]["context_age"] == {"0": 1, "1": 1, "2": 4} and blocks["2"]["context_age"] == {"0": 1, "1": 5}
+    assert found["free_running"]["speedup_over_lockstep"] == 1.0
+
+
+def test_a_straggler_changes_what_is_learned_reproducibly(tmp_path):
+    slow = [*DFB_ASYNC, "sim.block_speed=[1,1,1,0.25,1,1]", "train.steps=12"]
+    once = single_process(tmp_path / "slow", *slow)
+    assert_same_weights(once, single_process(tmp_path / "slow_again", *slow))
+    assert differing_tensors(once, single_process(tmp_path / "equal", *DFB_ASYNC, "train.steps=12"))
+    blocks = summary(tmp_path / "slow")["free_running"]["blocks"]
+    assert blocks["0"]["batches"] == 12 and blocks["2"]["batches"] < 12
+    traced = single_process(tmp_path / "trace", *slow, "sim.stash=false")  # the eligibility trace runs free too
+    assert differing_tensors(once, traced)
+
+
+def test_show_schedule_draws_the_timeline(capsys):
+    assert schedule_main(["launch/configs/tiny.toml", "--world-size", "1", "--steps", "8", "--set",
+                          "sim.schedule=async", "--set", "method=clapp_pp_dfb", "--set",
+                          "sim.block_speed=[1,1,1,0.5,1,1]"]) == 0
+    out = capsys.readouterr().out
+    assert "group 3 (3)" in out and "F0" in out and "lockstep (pipelined) would take" in out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sim.mailbox=lifo"], "sim.mailbox = 'lifo' is not one of newest, fifo"),
+    (["sim.mailbox_depth=0"], "a mailbox holds at least 1 message"),
+    (["sim.block_speed=[1,1,0.5]"], "sim.block_speed has 3 values; give one per block"),
+    (["sim.block_speed=[1,1,1,0,1,1]"], "every value must be a number > 0"),
+    (["sim.block_time=[1,1,1,-1,1,1]"], "every value must be a number > 0"),
+    (["sim.speed_jitter=-0.1"], "give a number >= 0"),
+    (["sim.feedback_delay=2"], "do not apply to sim.schedule = 'async'"),
+    (["sim.placement=[[0,1],[3,4,5]]"], "block"),
+])
+def test_bad_async_settings_are_refused_before_any_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_plan(run_config("sim.schedule=async", *overrides), 1)
+
+
+def test_async_refuses_what_it_cannot_run():
+    with pytest.raises(ConfigError, match="not built yet"):
+        make_plan(run_config("sim.schedule=async"), 3)
+    with pytest.raises(ConfigError, match="end-to-end backprop"):
+        make_plan(run_config("sim.schedule=async", "method=bp_infonce"), 1)
+    with pytest.raises(ConfigError, match="train.checkpoint_every = 0"):
+        make_plan(run_config("sim.schedule=async", "train.checkpoint_every=2"), 1)

@@ -11,19 +11,21 @@ protocol's (10 epochs on all 50,000 training images, scored on the 10,000 test i
 encoder's level is the protocol table's `random` row (launch/results/table_protocol.json): the probe
 of an untrained encoder does not depend on the number of training steps.
 
-Cells, in the order they run: each rule at each delay with stashed weights (seed 0), then with the
-eligibility trace (`sim.stash = false`; at d = 0 the two are equal bit for bit, tested, so d = 0 runs
-once), then seed 1 at d = 0 and the largest d. Each finished cell goes into DYNAMICS_JSON at once.
+Delay cells, in the order they run: each rule at each delay with stashed weights (seed 0), then with
+the eligibility trace (`sim.stash = false`; at d = 0 the two are equal bit for bit, tested, so d = 0 runs
+once), then seed 1 at d = 0 and the largest d. Async cells: free-running groups with one block slowed
+2x or 4x, against lockstep (`async_runs`). Each finished cell goes into DYNAMICS_JSON at once; two
+invocations (`--reverse` for the second) share the cells.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shutil
 import statistics
 import time
 from pathlib import Path
-from threading import Lock
 
 from launch.bench.table import SCALES, run_at_most
 from launch.machine import available_cores, code_version, cpu_name, mean_spread, replace_between_markers
@@ -36,6 +38,7 @@ CONFIG = ROOT / "configs" / "protocol_cpu.toml"
 DYNAMICS_JSON = ROOT / "results" / "dynamics.json"
 DELAY_FIGURE = ROOT / "results" / "dynamics_delay.png"
 MARKERS = ("<!-- dynamics-delay:start -->", "<!-- dynamics-delay:end -->")
+ASYNC_MARKERS = ("<!-- dynamics-async:start -->", "<!-- dynamics-async:end -->")
 STEPS = 2000
 RULES = ("clapp_pp_dfb", "clapp_pp_both")
 DELAYS = (0, 1, 2, 4, 8, 16, 32)
@@ -59,25 +62,38 @@ def load() -> dict:
     return json.loads(DYNAMICS_JSON.read_text()) if DYNAMICS_JSON.exists() else {"cells": {}}
 
 
-def save(results: dict) -> None:
+def save_cell(key: str, cell: dict) -> None:
+    """Add one finished cell to DYNAMICS_JSON, as the file holds it now: several invocations (one per
+    core, from both ends of the list) may fill it at once."""
     DYNAMICS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    temporary = DYNAMICS_JSON.with_suffix(".tmp")
-    temporary.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    temporary.replace(DYNAMICS_JSON)
+    with open(DYNAMICS_JSON.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load()
+        results["cells"][key] = cell
+        temporary = DYNAMICS_JSON.with_suffix(".tmp")
+        temporary.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        temporary.replace(DYNAMICS_JSON)
 
 
-def run_delay_cell(root: str, rule: str, delay: int, mode: str, seed: int, out: Path) -> dict:
+def run_cell(root: str, overrides: list[str], out: Path) -> dict:
+    """One run of the protocol, STEPS steps, with `overrides`; what the tables need of it."""
     shutil.rmtree(out, ignore_errors=True)
-    sets = ["data.name=cifar10", f"data.root={root}", f"method={rule}", f"train.seed={seed}",
-            f"train.steps={STEPS}", f"sim.feedback_delay={delay}", MODES[mode]]
+    sets = ["data.name=cifar10", f"data.root={root}", f"train.steps={STEPS}", *overrides]
     began = time.monotonic()
     summary = launch_run(CONFIG, sets, out, progress=False)
     probe = summary.probe
-    return {"rule": rule, "delay": delay, "mode": mode, "seed": seed, "steps": summary.steps,
-            "probe_accuracy": probe["probe_accuracy"], "last_block_accuracy": probe["per_block_probe_accuracy"][-1],
+    return {"steps": summary.steps, "probe_accuracy": probe["probe_accuracy"],
+            "last_block_accuracy": probe["per_block_probe_accuracy"][-1],
             "per_block_probe_accuracy": probe["per_block_probe_accuracy"], "images_per_s": summary.images_per_s,
-            "run": str(out), "wall_s": round(time.monotonic() - began, 1), "code_version": code_version(),
-            "date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_name()} ({available_cores()} cores)"}
+            "free_running": summary.free_running, "run": str(out), "wall_s": round(time.monotonic() - began, 1),
+            "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{cpu_name()} ({available_cores()} cores)"}
+
+
+def delay_runs() -> list[tuple[str, list[str], dict]]:
+    return [(delay_key(rule, d, mode, seed),
+             [f"method={rule}", f"train.seed={seed}", f"sim.feedback_delay={d}", MODES[mode]],
+             {"rule": rule, "delay": d, "mode": mode, "seed": seed}) for rule, d, mode, seed in delay_cells()]
 
 
 def untrained_level() -> tuple[list[float], list[float]]:
@@ -146,40 +162,105 @@ def draw_delay(cells: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_delays(root: str, jobs: int, runs: Path, redo: bool) -> None:
-    results, lock = load(), Lock()
-    todo = [c for c in delay_cells() if redo or delay_key(*c) not in results["cells"]]
+def run_cells(cells: list[tuple[str, list[str], dict]], root: str, jobs: int, runs: Path, redo: bool) -> None:
+    """Run (key, overrides, fields) cells not yet in the results (checked again before each starts)."""
+    todo = [c for c in cells if redo or c[0] not in load()["cells"]]
 
-    def one(number: int, rule: str, delay: int, mode: str, seed: int) -> None:
-        print(f"\n== [{number}/{len(todo)}] {rule} d={delay} {mode} seed {seed}", flush=True)
-        cell = run_delay_cell(root, rule, delay, mode, seed, runs / f"{rule}_d{delay}_{mode}_s{seed}")
-        with lock:
-            results["cells"][delay_key(rule, delay, mode, seed)] = cell
-            save(results)  # each finished cell is kept, whatever happens next
+    def one(number: int, key: str, sets: list[str], fields: dict) -> None:
+        if not redo and key in load()["cells"]:
+            return  # another invocation did it meanwhile
+        print(f"\n== [{number}/{len(todo)}] {key}", flush=True)
+        save_cell(key, {**fields, **run_cell(root, sets, runs / key.replace("/", "_"))})
 
     run_at_most(jobs, one, [(n, *c) for n, c in enumerate(todo, 1)])
 
 
+# Async against lockstep: one group per block, every block the same time per batch (sim.block_time), block
+# STRAGGLER SLOWED times slower. Lockstep learns every batch in the same order whatever the speeds (its
+# weights are those of the equal-speed run, which is the pipelined schedule with delayed feedback, bit for
+# bit); only its time changes, which the virtual clock gives.
+STRAGGLER = 3
+ASYNC_BASE = ["sim.schedule=async", "sim.block_time=[1,1,1,1,1,1]"]
+
+
+def straggler(slowed: int) -> str:
+    return "sim.block_speed=[" + ",".join("1" if b != STRAGGLER else str(1 / slowed) for b in range(6)) + "]"
+
+
+def async_runs() -> list[tuple[str, list[str], dict]]:
+    cells = []
+    for rule in ("clapp_pp_dfb", "clapp_pp"):
+        for mailbox, slowed in (("lockstep", 1), ("newest", 2), ("newest", 4), ("fifo", 4)):
+            if rule == "clapp_pp" and mailbox == "fifo":
+                continue  # without feedback, fifo learns exactly what lockstep learns
+            sets = [f"method={rule}", *ASYNC_BASE, f"sim.mailbox={'newest' if mailbox == 'lockstep' else mailbox}"]
+            if slowed > 1:
+                sets.append(straggler(slowed))
+            cells.append((f"async/{rule}/{mailbox}/x{slowed}/s0", sets,
+                          {"rule": rule, "mailbox": mailbox, "slowed": slowed, "seed": 0}))
+    return cells
+
+
+def render_async(cells: dict) -> str:
+    """The straggler table: time, what each block learned from, ages, accuracy."""
+    lines = [f"Block {STRAGGLER} slowed 2x or 4x; one group per block, equal times per batch otherwise. Time: the "
+             "virtual clock's, relative to lockstep with the same straggler (lockstep: every group waits for the "
+             "slowest at every step). CIFAR-10 (JPEG q75), {STEPS} steps of the CPU protocol, seed 0.".replace(
+                 "{STEPS}", str(STEPS)), "",
+             "| rule | mailbox | block 3 | time vs lockstep | batches learned per block | mean input age | "
+             "mean context age per block | probe, all / last block (%) |", "|---|---|---:|---:|---|---|---|---:|"]
+    for key in sorted(cells):
+        c = cells[key]
+        dynamics = c["free_running"]
+        blocks = dynamics["blocks"]
+        order = sorted(blocks, key=int)
+        lockstep = c["mailbox"] == "lockstep"
+
+        def mean(histogram: dict) -> str:
+            n = sum(histogram.values())
+            return "-" if not n else f"{sum(int(a) * k for a, k in histogram.items()) / n:.1f}"
+
+        time_text = "1.00" if lockstep else f"{1 / dynamics['speedup_over_lockstep']:.2f}"
+        learned = " ".join(str(blocks[b]["batches"]) for b in order)
+        inputs = max((mean(blocks[b]["input_age"]) for b in order), key=lambda t: -1 if t == "-" else float(t))
+        contexts = " ".join(mean(blocks[b]["context_age"]) for b in order)
+        lines.append(f"| {c['rule']} | {c['mailbox']} | {c['slowed']}x slower{' (any)' if lockstep else ''} | "
+                     f"{time_text} | {learned} | {inputs} (most of any block) | {contexts} | "
+                     f"{c['probe_accuracy']:.2f} / {c['last_block_accuracy']:.2f} |")
+    return "\n".join(lines)
+
+
 def render(results: dict) -> str:
-    cells = {k: c for k, c in results["cells"].items() if k.startswith("delay/")}
-    if not cells:
-        return "no delay cells yet"
-    draw_delay(cells, DELAY_FIGURE)
-    table = render_delay(cells)
-    replace_between_markers(BENCHMARKS, *MARKERS, table)
-    return table
+    parts = []
+    delays = {k: c for k, c in results["cells"].items() if k.startswith("delay/")}
+    if delays:
+        draw_delay(delays, DELAY_FIGURE)
+        parts.append(render_delay(delays))
+        replace_between_markers(BENCHMARKS, *MARKERS, parts[-1])
+    free = {k: c for k, c in results["cells"].items() if k.startswith("async/")}
+    if free:
+        parts.append(render_async(free))
+        replace_between_markers(BENCHMARKS, *ASYNC_MARKERS, parts[-1])
+    return "\n\n".join(parts) or "no cells yet"
+
+
+PARTS = {"delay": delay_runs, "async": async_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.bench.dynamics", description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="", help="folder of CIFAR-10 (data.root)")
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all", help="which cells to run")
+    parser.add_argument("--reverse", action="store_true",
+                        help="run the cells from the last: a second invocation beside a first one shares the work")
     parser.add_argument("--jobs", type=positive, default=1, help="cells at once, one thread each (2 on 2 cores)")
-    parser.add_argument("--render", action="store_true", help="only render the table and figure from the results")
+    parser.add_argument("--render", action="store_true", help="only render the tables and figure from the results")
     parser.add_argument("--redo", action="store_true", help="run every cell again, even those the results have")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "dynamics", help="where the run folders go")
     args = parser.parse_args(argv)
     if not args.render:
-        run_delays(args.data_root, args.jobs, args.runs / "delay", args.redo)
+        cells = [c for name, make in PARTS.items() if args.part in (name, "all") for c in make()]
+        run_cells(cells[::-1] if args.reverse else cells, args.data_root, args.jobs, args.runs, args.redo)
     print(render(load()))
     print(f"\nresults: {DYNAMICS_JSON}; figure: {DELAY_FIGURE}")
     return 0

@@ -10,6 +10,7 @@ from sim.pipeline.free_running import FreeRunning, lockstep_duration, timeline
 from sim.pipeline.schedule import Schedule
 from sim.run.plan import make_plan
 from tests.helpers import (
+    args,
     assert_same_weights,
     batches_of,
     differing_tensors,
@@ -19,6 +20,7 @@ from tests.helpers import (
     threads_of,
     trained_with_delays,
 )
+from tests.ranks import run_ranks
 
 THREE = ((0, 1), (2, 3), (4, 5))
 WAITS = (True, True, False)
@@ -136,9 +138,53 @@ def test_bad_async_settings_are_refused_before_any_work(overrides, message):
 
 
 def test_async_refuses_what_it_cannot_run():
-    with pytest.raises(ConfigError, match="not built yet"):
-        make_plan(run_config("sim.schedule=async"), 3)
+    with pytest.raises(ConfigError, match="paces real processes"):
+        make_plan(run_config("sim.schedule=async", "sim.pace_s=0.1"), 1)
     with pytest.raises(ConfigError, match="end-to-end backprop"):
         make_plan(run_config("sim.schedule=async", "method=bp_infonce"), 1)
     with pytest.raises(ConfigError, match="train.checkpoint_every = 0"):
         make_plan(run_config("sim.schedule=async", "train.checkpoint_every=2"), 1)
+
+
+PACED = ["method=clapp_pp_dfb", "sim.schedule=async", "sim.placement=[[0,1],[2,3],[4,5]]",
+         "sim.block_time=[1,1,1,1,1,1]", "sim.block_speed=[1,1,1,0.25,1,1]", "sim.pace_s=0.05", "train.steps=40"]
+
+
+def mean_age(histogram: dict) -> float:
+    return sum(int(a) * n for a, n in histogram.items()) / sum(histogram.values())
+
+
+def test_three_processes_run_free_and_the_simulation_predicts_their_ages(tmp_path):
+    outcomes = run_ranks(3, args(*PACED, out=tmp_path / "run"), tmp_path / "logs")
+    assert [o.exitcode for o in outcomes] == [0, 0, 0], outcomes[1].log[-2000:]
+    found = summary(tmp_path / "run")["free_running"]
+    assert found["engine"] == "processes" and found["most_in_mailbox"][1:] == [1, 1]  # newest holds one
+    measured, predicted = found["blocks"], found["predicted_blocks"]
+    assert measured["0"]["batches"] == 40 and measured["2"]["batches"] < 30  # the straggler skips batches
+    for block in ("0", "2"):  # every batch a waiting block forwarded was updated or forgotten
+        assert measured[block]["updates_with_feedback"] + measured[block]["forgotten"] == measured[block]["batches"]
+    # Fed the seconds per batch each process measured, the simulation predicts what the processes did, within
+    # 30 % of the batches learned and max(1.5, 30 %) of the mean context age (timing on a loaded machine).
+    for block in ("2", "4"):
+        assert abs(measured[block]["batches"] - predicted[block]["batches"]) <= 0.3 * predicted[block]["batches"]
+    for block in ("0", "2"):
+        expected = mean_age(predicted[block]["context_age"])
+        assert abs(mean_age(measured[block]["context_age"]) - expected) <= max(1.5, 0.3 * expected), found
+
+
+def test_fifo_processes_learn_every_batch_within_their_mailboxes(tmp_path):
+    run = [*PACED, "sim.mailbox=fifo", "sim.mailbox_depth=2", "train.steps=24"]
+    outcomes = run_ranks(3, args(*run, out=tmp_path / "run"), tmp_path / "logs")
+    assert [o.exitcode for o in outcomes] == [0, 0, 0], outcomes[1].log[-2000:]
+    found = summary(tmp_path / "run")["free_running"]
+    assert all(block["batches"] == 24 and block["forgotten"] == 0 for block in found["blocks"].values())
+    assert all(most <= 2 for most in found["most_in_mailbox"][1:])
+    assert max(int(a) for a in found["blocks"]["2"]["input_age"]) <= 2
+
+
+def test_a_failing_free_running_rank_stops_the_others_naming_it(tmp_path):
+    run = [*PACED, "sim.mailbox=fifo", "train.steps=30"]
+    outcomes = run_ranks(3, args(*run, out=tmp_path / "run"), tmp_path / "logs", fault=(2, 3))
+    assert all(o.exitcode not in (0, None) for o in outcomes), [o.exitcode for o in outcomes]
+    for outcome in (outcomes[0], outcomes[1]):  # one waits for a credit, one for input or feedback
+        assert "rank 2 failed: NonFiniteLoss" in outcome.log, outcome.log[-1500:]

@@ -222,11 +222,30 @@ def dynamics(setup: FreeRunning, events: Sequence[Event], start: int, stop: int,
                 "input_age": {str(a): n for a, n in sorted(inputs.items())},
                 "context_age": {str(a): n for a, n in sorted(contexts.items())}}
     lockstep = lockstep_duration(setup, start, stop)
-    return {"groups": [list(g) for g in setup.groups], "block_speed": list(setup.block_speed),
+    return {"engine": "simulation", "groups": [list(g) for g in setup.groups], "block_speed": list(setup.block_speed),
             "mailbox": setup.policy, "mailbox_depth": setup.depth, "speed_jitter": setup.jitter,
             "virtual_time": duration, "lockstep_virtual_time": lockstep,
             "virtual_images_per_time": (stop - start) * batch_size / duration if duration else None,
             "speedup_over_lockstep": lockstep / duration if duration else None, "blocks": per_block}
+
+
+def measured_dynamics(setup: FreeRunning, ranks: Sequence[dict], start: int, stop: int, batch_size: int) -> dict:
+    """summary.json's free_running for K processes: each rank's measured ages and seconds per batch
+    (sim.pipeline.async_ranks), and what the simulation predicts when each group takes the seconds
+    per batch its rank measured."""
+    seconds = [r["seconds_per_batch"] for r in ranks]
+    measured = [0.0] * len(setup.block_seconds)
+    for group, blocks in enumerate(setup.groups):
+        share = sum(setup.block_seconds[b] for b in blocks)
+        for b in blocks:  # each block its part of its group's measured time, as the cost model splits it
+            measured[b] = seconds[group] * setup.block_seconds[b] / share
+    fed = FreeRunning(setup.groups, tuple(measured), (1.0,) * len(measured), setup.waits_for_feedback,
+                      setup.depth, setup.policy)
+    predicted = dynamics(fed, timeline(fed, start, stop), start, stop, batch_size)
+    return {"engine": "processes", "groups": [list(g) for g in setup.groups], "block_speed": list(setup.block_speed),
+            "mailbox": setup.policy, "mailbox_depth": setup.depth, "seconds_per_batch": seconds,
+            "most_in_mailbox": [r["most_in_mailbox"] for r in ranks],
+            "blocks": {b: v for r in ranks for b, v in r["blocks"].items()}, "predicted_blocks": predicted["blocks"]}
 
 
 def render_timeline(setup: FreeRunning, steps: int, width: int = 100) -> str:

@@ -95,13 +95,13 @@ class RunSummary:
         blocks = sorted(b for r in results for b in r.blocks)
         delays = {b: d for r in results for b, d in r.feedback_delays.items()}  # others learn at once: 0
         rate = results[-1].steady_steps_per_s()  # the last rank: the pipeline's output
+        fields.setdefault("free_running", next((r.free_running for r in results if r.free_running is not None), None))
         return cls(
             world_size=len(results), train_seconds=seconds,
             images_per_s=trained * batch_size / seconds if trained else 0.0,
             images_per_s_steady=None if rate is None else rate * batch_size,
             loss_per_block=[losses.get(b) for b in blocks], feedback_delay_steps=[delays.get(b, 0) for b in blocks],
             peak_memory_bytes=[r.peak_memory_bytes for r in results],
-            free_running=next((r.free_running for r in results if r.free_running is not None), None),
             ranks=[{"rank": r.rank, "blocks": r.blocks, "seconds": r.seconds, "busy_seconds": r.busy_seconds,
                     "wait_seconds": r.wait_seconds, "bytes_sent": r.bytes_sent} for r in results],
             **fields)
@@ -163,10 +163,16 @@ def free_running_text(dynamics: dict) -> str:
     learned = " ".join(str(blocks[b]["batches"]) for b in sorted(blocks, key=int))
     inputs = " ".join(mean(blocks[b]["input_age"]) for b in sorted(blocks, key=int))
     contexts = " ".join(mean(blocks[b]["context_age"]) for b in sorted(blocks, key=int))
-    return (f"free-running ({dynamics['mailbox']} mailbox, depth {dynamics['mailbox_depth']}): virtual time "
-            f"{dynamics['virtual_time']:.4g} against {dynamics['lockstep_virtual_time']:.4g} in lockstep "
-            f"({dynamics['speedup_over_lockstep']:.2f}x)\nbatches learned per block: {learned}; mean input age: "
-            f"{inputs}; mean context age: {contexts}")
+    how = f"{dynamics['mailbox']} mailbox, depth {dynamics['mailbox_depth']}"
+    ages = f"batches learned per block: {learned}; mean input age: {inputs}; mean context age: {contexts}"
+    if dynamics.get("engine") == "processes":
+        seconds = " ".join(f"{s:.3f}" for s in dynamics["seconds_per_batch"])
+        predicted = dynamics["predicted_blocks"]
+        guess = " ".join(mean(predicted[b]["context_age"]) for b in sorted(predicted, key=int))
+        return (f"free-running on {len(dynamics['groups'])} processes ({how}): seconds per batch per process "
+                f"{seconds}\n{ages} (the simulation fed these speeds: {guess})")
+    return (f"free-running ({how}): virtual time {dynamics['virtual_time']:.4g} against "
+            f"{dynamics['lockstep_virtual_time']:.4g} in lockstep ({dynamics['speedup_over_lockstep']:.2f}x)\n{ages}")
 
 
 def _probe_of(probe: dict | None) -> dict | None:

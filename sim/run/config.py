@@ -100,6 +100,10 @@ class SimConfig:
     block_speed: list[float] = field(default_factory=list)  # async: per block, 0.25 = 4x slower; []: all 1
     block_time: list[float] = field(default_factory=list)  # async: per block time per batch; []: the cost model's
     speed_jitter: float = 0.0  # async: sd of the log of each group's time per batch (seeded)
+    # async on K processes: each group's forward lasts at least pace_s x its time on the virtual clock (a
+    # one-process step at speed 1 takes 1), sleeping the rest; 0: as fast as it computes (a block_speed < 1
+    # then sleeps in proportion to the measured compute)
+    pace_s: float = 0.0
     timeout_s: float = 60.0  # longest wait for a message before the run stops with an error
     # data-parallel replicas R of the whole pipeline: R x K processes, a step takes R x train.batch_size
     # images (each replica train.batch_size of them), gradients averaged over the replicas (sim.pipeline.replicas)
@@ -279,6 +283,8 @@ def check_free_running(sim: SimConfig) -> None:
         raise ValueError("sim.feedback and sim.feedback_delay do not apply to sim.schedule = 'async': feedback "
                          "arrives when the top group sends it; leave them at 'exact' and -1")
     FreeRunning(((0,),), (1.0,), (1.0,), (False,), sim.mailbox_depth, sim.mailbox, sim.speed_jitter)
+    if not (math.isfinite(sim.pace_s) and sim.pace_s >= 0):
+        raise ValueError(f"sim.pace_s = {sim.pace_s}: give seconds >= 0 (0: as fast as it computes)")
     for key, values in (("sim.block_speed", sim.block_speed), ("sim.block_time", sim.block_time)):
         if values and len(values) != NUM_BLOCKS:
             raise ValueError(f"{key} has {len(values)} values; give one per block ({NUM_BLOCKS}), or [] for the "

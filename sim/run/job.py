@@ -29,12 +29,13 @@ from sim.data.feed import ViewFeed
 from sim.data.views import SimCLRViews
 from sim.errors import ConfigError
 from sim.pipeline.async_engine import AsyncEngine
+from sim.pipeline.async_ranks import AsyncRank
 from sim.pipeline.bp_engine import BPPipelineEngine, pipeline_group
-from sim.pipeline.free_running import ASYNC
+from sim.pipeline.free_running import ASYNC, measured_dynamics
 from sim.pipeline.local_engine import LocalEngine
 from sim.pipeline.recording import Recording
 from sim.pipeline.replicas import GradientAverager, replica_group
-from sim.pipeline.stage import make_stage
+from sim.pipeline.stage import LocalStage, make_stage
 from sim.pipeline.transport import (
     Distributed,
     InProcess,
@@ -282,17 +283,24 @@ def local_engine(rank: RankSetup) -> LocalEngine:
                        transport=rank.transport, recording=recording, checkpoint=checkpoint)
 
 
-def async_engine(rank: RankSetup) -> AsyncEngine:
-    """Free-running block groups, simulated in this process (no log, no checkpoint before the end)."""
+def async_engine(rank: RankSetup) -> AsyncEngine | AsyncRank:
+    """Free-running block groups: simulated in one process, or one group per process (no log, no
+    checkpoint before the end)."""
     plan, setup = rank.plan, rank.plan.free_running
-    if plan.config.log.every:
+    if plan.config.log.every and rank.world.rank == 0:
         print("note: free-running runs keep no log.zarr yet (log.every is ignored); the ages of every update are "
               "summed up in summary.json", flush=True)
+
+    def stage(blocks: list[Block]) -> LocalStage:
+        return make_stage(blocks, plan.config.train.seed, stash_weights=plan.stashes_weights, trace=plan.keeps_traces,
+                          learning_rate=plan.learning_rate(rank.stop))
+
+    if plan.stages > 1:
+        return AsyncRank(rank.stage, setup, stage(rank.blocks), rank.device, transport=rank.transport,
+                         shapes=plan.shapes, feed=rank.data.feed, pace_s=plan.config.sim.pace_s)
     by_index = {b.index: b for b in rank.blocks}
-    stages = [make_stage([by_index[i] for i in group], plan.config.train.seed, stash_weights=plan.stashes_weights,
-                         trace=plan.keeps_traces, learning_rate=plan.learning_rate(rank.stop))
-              for group in setup.groups]
-    return AsyncEngine(setup, stages, rank.data.feed, rank.device, plan.config.train.batch_size)
+    return AsyncEngine(setup, [stage([by_index[i] for i in group]) for group in setup.groups], rank.data.feed,
+                       rank.device, plan.config.train.batch_size)
 
 
 def pipeline_engine(rank: RankSetup) -> BPPipelineEngine:
@@ -326,6 +334,17 @@ def _gather(plan: Plan, world: World, device: torch.device, transport: Transport
     return blocks + rest, results
 
 
+def _free_running_record(plan: Plan, results: list[RankResult], stop: int) -> dict | None:
+    """summary.json's free_running: the simulation's record, or the ranks' merged with its prediction."""
+    if plan.free_running is None:
+        return None
+    if plan.stages == 1:
+        return results[0].free_running
+    start = stop - results[0].steps
+    return measured_dynamics(plan.free_running, [r.free_running for r in results], start, stop,
+                             plan.config.train.batch_size)
+
+
 def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankResult],
             probe_sets: tuple[ImageSet, ImageSet] | None, device: torch.device, progress: bool,
             stop: int) -> RunSummary:
@@ -345,6 +364,6 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
         plan.schedule.feedback,
         microbatches=None if pipeline is None else pipeline.microbatches,
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=to_dict(config),
-        speedups=speedups(config))
+        speedups=speedups(config), free_running=_free_running_record(plan, results, stop))
     summary.write(out_dir)
     return summary

@@ -154,9 +154,10 @@ class Plan:
         feedback = self.feedback_text()
         if self.free_running is not None:
             setup = self.free_running
-            return (text + f"\nfree-running block groups {[list(g) for g in setup.groups]} on a virtual clock "
-                    f"(speeds {list(setup.block_speed)}, {setup.policy} mailbox of depth {setup.depth}, jitter "
-                    f"{setup.jitter}), simulated in this process" + (f"; {feedback}" if feedback else ""))
+            where = "simulated in this process" if self.stages == 1 else "one group per process"
+            return (text + f"\nfree-running block groups {[list(g) for g in setup.groups]} (speeds "
+                    f"{list(setup.block_speed)}, {setup.policy} mailbox of depth {setup.depth}, jitter "
+                    f"{setup.jitter}), {where}" + (f"; {feedback}" if feedback else ""))
         if self.stages > 1:
             per = " per replica" if self.replicas > 1 else ""
             text += (f"\n{self.stages} processes{per}, blocks per rank {self.placement}, "
@@ -236,23 +237,28 @@ def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | N
 
 
 def _free_running_plan(config: Config, rule: Rule, info: DatasetInfo, world_size: int) -> Plan:
-    """sim.schedule = "async": one process holds every block and simulates the groups of sim.placement
-    (one group per block with "auto") running free on a virtual clock."""
-    if world_size != 1:
-        raise ConfigError(f"sim.schedule = 'async' runs as an exact simulation in one process (python -m "
-                          f"launch.train), not on {world_size}: the async engine over torch.distributed is not "
-                          "built yet; simulate the processes' groups with sim.placement")
+    """sim.schedule = "async": on one process, every block here and the groups of sim.placement (one
+    group per block with "auto") simulated on a virtual clock; on K processes, one group per process."""
     if rule.end_to_end:
         raise ConfigError(f"{rule.name} is end-to-end backprop: its blocks cannot run free of each other; "
                           "sim.schedule = 'async' takes a local rule")
     if config.sim.replicas > 1 or config.train.checkpoint_every:
         raise ConfigError("sim.schedule = 'async' keeps no checkpoint before the end and runs one replica: set "
                           "train.checkpoint_every = 0 and sim.replicas = 1")
-    groups = config.sim.placement if isinstance(config.sim.placement, list) else [[b] for b in range(NUM_BLOCKS)]
     kernels = pool_kernels(rule, info.image_size, config.rule.pool or None)
     dims = feature_dims(config.model.width, info.image_size, kernels)
     check_fits_in_memory(config, rule, info, dims)
-    times = config.sim.block_time or _block_costs(config, rule, info, dims)
+    costs = _block_costs(config, rule, info, dims)
+    times = config.sim.block_time or costs
+    if world_size > 1:
+        placement = _placement(config, rule, info, dims, world_size)
+        groups = [list(g) for g in placement.groups]
+    else:
+        if config.sim.pace_s:
+            raise ConfigError(f"sim.pace_s = {config.sim.pace_s} paces real processes; one process simulates the "
+                              "groups on a virtual clock: leave it at 0, or launch one process per group")
+        placement = check_groups([list(range(NUM_BLOCKS))], 1)
+        groups = config.sim.placement if isinstance(config.sim.placement, list) else [[b] for b in range(NUM_BLOCKS)]
     try:
         check_groups(groups, len(groups))
         setup = FreeRunning(tuple(map(tuple, groups)), tuple(t / sum(times) for t in times),
@@ -261,12 +267,12 @@ def _free_running_plan(config: Config, rule: Rule, info: DatasetInfo, world_size
                             config.sim.mailbox_depth, config.sim.mailbox, config.sim.speed_jitter, config.train.seed)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    schedule = Schedule("sequential", "exact", (False,))  # the one process's own grid: no message, no log
+    schedule = Schedule("pipelined", "exact", (False,) * world_size)  # no grid: the engines send what they send
     rows = 2 * config.train.batch_size
     channels, sizes = block_channels(config.model.width), map_sizes(info.image_size)
-    shapes = MessageShapes(((rows, channels[-1], sizes[-1], sizes[-1]),), (rows, dims[NUM_BLOCKS - 1]))
-    return Plan(config, rule, info, kernels, check_groups([list(range(NUM_BLOCKS))], 1), schedule, shapes,
-                free_running=setup)
+    shapes = MessageShapes(tuple((rows, channels[g[-1]], sizes[g[-1]], sizes[g[-1]]) for g in placement.groups),
+                           (rows, dims[NUM_BLOCKS - 1]))
+    return Plan(config, rule, info, kernels, placement, schedule, shapes, free_running=setup)
 
 
 def check_pipeline(config: Config, rule: Rule, pipeline: PipelineSettings, world_size: int) -> None:

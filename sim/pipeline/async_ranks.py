@@ -1,0 +1,149 @@
+"""Free-running blocks for real: one block group per process over torch.distributed, the semantics of
+sim.pipeline.free_running without its virtual clock. Each rank, as fast as it can: takes the next
+input (rank 0: the views of its next batch; the others: from the mailbox of the link below, which
+receives in the background), applies the top-down updates whose context has arrived, forwards and
+learns, and sends its output up (the top rank: its context down to every waiting rank). No step
+barrier; ranks stop after the run's last batch, waiting ranks once every batch they forwarded has
+been updated or forgotten, and every message sent has been received.
+
+`sim.block_speed` below 1 is emulated: after each forward, a rank sleeps until the forward has lasted
+its group's slowdown (sim.pipeline.free_running.FreeRunning.duration over the speed-1 time) times its
+compute; with `sim.pace_s`, until it has lasted pace_s times its duration on the virtual clock.
+
+Each rank records what the simulation records: input ages (newer messages that had come when it took
+one), context ages (its forwards between a batch's forward and its update), the batches it learned
+from and forgot, and its own seconds per batch (waits for input left out), which the run's summary
+feeds to the simulation to predict the same ages.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+
+import torch
+
+from sim.data.feed import ViewFeed
+from sim.pipeline.free_running import FreeRunning
+from sim.pipeline.mailbox import Inbox, Outbox
+from sim.pipeline.schedule import MessageShapes
+from sim.pipeline.stage import LocalStage
+from sim.pipeline.transport import Distributed
+from sim.record.peak_memory import PeakMemory
+from sim.record.progress import WindowClock, progress_bar
+from sim.record.summary import LOSS_WINDOW, RankResult
+
+
+class AsyncRank:
+    """Rank `rank`'s group of `setup` on `stage`; `feed` on rank 0."""
+
+    def __init__(self, rank: int, setup: FreeRunning, stage: LocalStage, device: torch.device, *,
+                 transport: Distributed, shapes: MessageShapes, feed: ViewFeed | None, pace_s: float = 0.0):
+        self.rank, self.setup, self.stage, self.device, self.pace_s = rank, setup, stage, device, pace_s
+        self.transport, self.shapes, self.feed = transport, shapes, feed
+        self.top = len(setup.groups) - 1
+        self.waits = setup.waits_for_feedback[rank]
+        self.recent = {b.index: deque(maxlen=LOSS_WINDOW) for b in stage.blocks}
+        self.forwards = 0
+        self.pending: dict[int, int] = {}  # batch -> forwards before it, awaiting its context
+        self.input_ages: Counter = Counter()
+        self.context_ages: Counter = Counter()
+        self.forgotten = 0
+        self.busy = 0.0  # seconds of forward passes, emulated slowness included
+        self.own_seconds = 0.0  # of the loop over batches, waits for input and credits left out
+
+    def run(self, start: int, stop: int, *, progress: bool = True, memory: PeakMemory | None = None) -> RankResult:
+        if memory is None:
+            memory = PeakMemory(self.device)
+            memory.start()
+        last, policy = stop - 1, self.setup.policy
+        inbox = (Inbox(self.transport, self.rank - 1, "activations", self.shapes.activations[self.rank - 1], last,
+                       depth=self.setup.depth, newest=policy == "newest") if self.rank > 0 else None)
+        feedback = Inbox(self.transport, self.top, "feedback", self.shapes.feedback, last) if self.waits else None
+        if self.rank < self.top:
+            outboxes = [Outbox(self.transport, self.rank + 1, "activations",
+                               self.setup.depth if policy == "fifo" else None)]
+        else:
+            outboxes = [Outbox(self.transport, r, "feedback") for r, w in enumerate(self.setup.waits_for_feedback) if w]
+        bar = progress_bar(stop, start, progress and self.rank == 0)
+        began, clock, batch = time.perf_counter(), WindowClock(), start - 1
+        while batch < last:
+            if inbox is None:
+                batch, age, x = batch + 1, 0, self.feed.views_at(batch + 1).to(self.device, non_blocking=True)
+            else:
+                batch, age, x = inbox.take()
+            if feedback is not None:
+                self._settle(feedback.arrived())
+            self._forward(batch, age, x, outboxes)
+            bar.update()
+            clock.tick()
+        # its own time per batch: the loop's, but for the waits for input and credits (views, sends included)
+        self.own_seconds = time.perf_counter() - began - self.transport.wait_seconds
+        while self.pending:  # forwarded everything: the contexts still to come
+            feedback.wait()
+            self._settle(feedback.arrived())
+        for box in [inbox, feedback, *outboxes]:
+            if box is not None:
+                box.close()
+        self.stage.settle()
+        seconds = time.perf_counter() - began
+        bar.close()
+        return RankResult(
+            rank=self.rank, blocks=[b.index for b in self.stage.blocks], steps=stop - start, seconds=seconds,
+            busy_seconds=self.busy, wait_seconds=self.transport.wait_seconds, bytes_sent=self.transport.bytes_sent,
+            peak_memory_bytes=memory.peak_bytes(), window_seconds=clock.windows,
+            loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r},
+            free_running=self._record(inbox))
+
+    def _forward(self, batch: int, age: int, x: torch.Tensor, outboxes: list[Outbox]) -> None:
+        began = time.perf_counter()
+        out = self.stage.forward(x, batch)
+        self._read_updates()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        compute = time.perf_counter() - began
+        if self.pace_s:  # hardware of a chosen speed
+            target = self.pace_s * self.setup.duration(self.rank, batch)
+        else:  # this machine, with the slow blocks slowed
+            target = compute * self.setup.duration(self.rank, batch) / self._speed_one_time()
+        if target > compute:
+            time.sleep(target - compute)
+        self.busy += time.perf_counter() - began
+        self.input_ages[age] += 1
+        if self.waits:
+            self.pending[batch] = self.forwards
+        self.forwards += 1
+        payload = out if self.rank < self.top else self.stage.top_context
+        for box in outboxes:
+            box.send(batch, self.forwards - 1, payload)
+
+    def _speed_one_time(self) -> float:
+        return sum(self.setup.block_seconds[b] for b in self.setup.groups[self.rank])
+
+    def _settle(self, contexts: list[tuple[int, torch.Tensor]]) -> None:
+        """Apply the updates whose context came; forget the batches older than it that never will."""
+        for batch, context in contexts:
+            for lost in sorted(b for b in self.pending if b < batch):
+                del self.pending[lost]
+                self.stage.forget(lost)
+                self.forgotten += 1
+            before = self.pending.pop(batch)
+            self.context_ages[self.forwards - before - 1] += 1
+            self.stage.apply_feedback(batch, context)
+            self._read_updates()
+
+    def _read_updates(self) -> None:
+        for update in self.stage.updates:
+            if update.stats is not None:
+                self.recent[update.block].append(update.stats.loss.item())
+        self.stage.updates.clear()
+
+    def _record(self, inbox: Inbox | None) -> dict:
+        """This rank's part of summary.json's free_running (sim.pipeline.free_running.dynamics' per block)."""
+        per_block = {str(b.index): {
+            "group": self.rank, "batches": self.forwards,
+            "updates_with_feedback": sum(self.context_ages.values()) if self.waits else None,
+            "forgotten": self.forgotten,
+            "input_age": {str(a): n for a, n in sorted(self.input_ages.items())},
+            "context_age": {str(a): n for a, n in sorted(self.context_ages.items())}} for b in self.stage.blocks}
+        return {"blocks": per_block, "seconds_per_batch": self.own_seconds / max(self.forwards, 1),
+                "most_in_mailbox": None if inbox is None else inbox.most}

@@ -1,0 +1,157 @@
+"""Mailboxes of free-running ranks (sim.schedule = "async" on K processes): messages that carry the
+batch they came from, received in the background while the rank computes.
+
+A message is a header (int64: batch, the sender's forward count when it made it) and a payload, both
+sent non-blocking on one tag per kind, so each (sender, kind) is one ordered stream. An `Inbox` runs
+a thread that receives one stream as fast as it comes (gloo and NCCL receives release the GIL) and
+keeps at most `depth` messages: `newest` drops the oldest when full, `fifo` never needs to, because
+its sender spends a credit per message and waits for one when it has none (`Outbox`); the receiver
+gives a credit back each time it takes a message. Nothing waits without a bound: a receive that
+takes longer than the timeout, or a peer that fails, raises the transport's PeerFailure.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from sim.pipeline.transport import Distributed
+
+TAGS = {"activations": 10, "feedback": 11, "credit": 12}
+HEADER = 2  # batch, the sender's forward count
+
+
+class Inbox:
+    """The stream of `kind` messages from stage `src`, up to (and including) batch `last`."""
+
+    def __init__(self, transport: Distributed, src: int, kind: str, shape: tuple[int, ...], last: int, *,
+                 depth: int = 0, newest: bool = False):
+        self.transport, self.src, self.kind, self.shape, self.last = transport, src, kind, shape, last
+        self.depth, self.newest = depth, newest  # depth 0: unbounded (feedback)
+        self.messages: deque[tuple[int, int, torch.Tensor]] = deque()
+        self.most = 0  # the most messages it ever held
+        self.made = -1  # the sender's forward count of the newest message received, dropped or not
+        self.error: BaseException | None = None
+        self.done = False
+        self.credits_given: list[dist.Work] = []  # fifo: one per message taken, back to the sender
+        self.ready = threading.Condition()
+        self.thread = threading.Thread(target=self._receive, name=f"inbox-{kind}-{src}", daemon=True)
+        self.thread.start()
+
+    def _group(self):
+        return self.transport.down_group if self.src > self.transport.rank else None
+
+    def _receive(self) -> None:
+        try:
+            peer, group, tag = self.transport.base + self.src, self._group(), TAGS[self.kind]
+            while True:
+                header = torch.empty(HEADER, dtype=torch.int64)
+                dist.recv(header, peer, group=group, tag=tag)
+                payload = torch.empty(self.shape, device=self.transport.device)
+                dist.recv(payload, peer, group=group, tag=tag)
+                batch, made = header.tolist()
+                with self.ready:
+                    self.messages.append((batch, made, payload))
+                    self.made = made
+                    if self.newest and len(self.messages) > self.depth:
+                        self.messages.popleft()
+                    self.most = max(self.most, len(self.messages))
+                    self.ready.notify()
+                if batch >= self.last:
+                    break
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which names the peer
+            with self.ready:
+                self.error = error
+                self.ready.notify()
+        finally:
+            with self.ready:
+                self.done = True
+                self.ready.notify()
+
+    def wait(self) -> None:
+        """Until a message is there (or the stream failed, or ended without one)."""
+        began = time.perf_counter()
+        with self.ready:
+            while not self.messages and self.error is None and not self.done:
+                if not self.ready.wait(self.transport.timeout.total_seconds()):
+                    self.error = TimeoutError(f"no {self.kind} message for {self.transport.timeout}")
+        self.transport.wait_seconds += time.perf_counter() - began
+        if self.error is not None and not self.messages:
+            raise self.transport.diagnose(self.src, f"receiving {self.kind} from", self.error)
+
+    def take(self) -> tuple[int, int, torch.Tensor]:
+        """The next message, waiting for one: (batch, input age, payload). `newest` takes the newest and
+        drops the rest; fifo the oldest (and gives its sender a credit back). The input age: how many
+        newer messages had come when it was taken."""
+        self.wait()
+        with self.ready:
+            batch, made, payload = self.messages.pop() if self.newest else self.messages.popleft()
+            if self.newest:
+                self.messages.clear()
+            age = self.made - made
+        if not self.newest:
+            credit = torch.tensor([batch, 0], dtype=torch.int64)
+            self.transport.bytes_sent += credit.numel() * credit.element_size()
+            self.credits_given.append(dist.isend(credit, self.transport.base + self.src,
+                                                 group=self.transport.down_group, tag=TAGS["credit"]))
+        return batch, age, payload
+
+    def arrived(self) -> list[tuple[int, torch.Tensor]]:
+        """Every message there now, oldest first, without waiting: (batch, payload)."""
+        with self.ready:
+            found = [(batch, payload) for batch, _, payload in self.messages]
+            self.messages.clear()
+            failed = self.error
+        if failed is not None and not found:
+            raise self.transport.diagnose(self.src, f"receiving {self.kind} from", failed)
+        return found
+
+    def close(self) -> None:
+        """After the last message: the thread has ended, and the credits given have been received."""
+        self.thread.join(self.transport.timeout.total_seconds())
+        for work in self.credits_given:
+            self.transport.wait(work, self.src, "giving a credit to")
+
+
+class Outbox:
+    """Sends of `kind` messages to stage `dst`, non-blocking; with `credits` (fifo), at most that many
+    not yet taken by the receiver."""
+
+    def __init__(self, transport: Distributed, dst: int, kind: str, credits: int | None = None):
+        self.transport, self.dst, self.kind, self.credits = transport, dst, kind, credits
+        self.in_flight: deque[dist.Work] = deque()
+        self.sent = 0
+        self.received = 0  # credits back
+
+    def send(self, batch: int, made: int, payload: torch.Tensor) -> None:
+        if self.credits is not None:
+            if self.sent - self.received >= self.credits:
+                self._receive_credit()
+        group = self.transport.down_group if self.dst < self.transport.rank else None
+        peer, tag = self.transport.base + self.dst, TAGS[self.kind]
+        header = torch.tensor([batch, made], dtype=torch.int64)
+        payload = payload.detach().contiguous()
+        for tensor in (header, payload):
+            self.in_flight.append(dist.isend(tensor, peer, group=group, tag=tag))
+            self.transport.bytes_sent += tensor.numel() * tensor.element_size()
+        self.sent += 1
+        while len(self.in_flight) > 64:  # a receiver this far behind is stuck: wait, with the timeout
+            self.transport.wait(self.in_flight.popleft(), self.dst, f"sending {self.kind} to")
+
+    def _receive_credit(self) -> None:
+        credit = torch.empty(HEADER, dtype=torch.int64)
+        work = dist.irecv(credit, self.transport.base + self.dst, group=self.transport.down_group,
+                          tag=TAGS["credit"])
+        self.transport.wait(work, self.dst, "waiting for a credit from")
+        self.received += 1
+
+    def close(self) -> None:
+        """Every message received; with credits, every credit taken back."""
+        if self.credits is not None:
+            while self.received < self.sent:
+                self._receive_credit()
+        while self.in_flight:
+            self.transport.wait(self.in_flight.popleft(), self.dst, f"sending {self.kind} to")

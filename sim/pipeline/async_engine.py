@@ -6,17 +6,23 @@ in causal order gives what concurrent groups would compute.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
 from sim.data.feed import ViewFeed
-from sim.pipeline.free_running import Event, FreeRunning, dynamics, timeline
+from sim.pipeline.free_running import Event, FreeRunning, dynamics, segments, timeline
 from sim.pipeline.stage import LocalStage
 from sim.record.peak_memory import PeakMemory
 from sim.record.progress import WindowClock, progress_bar
 from sim.record.summary import LOSS_WINDOW, RankResult
+
+
+def _no_checkpoint(step: int) -> None:
+    """Checkpoints off."""
 
 
 class AsyncEngine:
@@ -24,22 +30,44 @@ class AsyncEngine:
     the others wait for `apply_feedback`); `feed` builds each batch's views."""
 
     def __init__(self, setup: FreeRunning, stages: list[LocalStage], feed: ViewFeed, device: torch.device,
-                 batch_size: int):
+                 batch_size: int, *, checkpoint_every: int = 0, checkpoint: Callable[[int], None] = _no_checkpoint):
         self.setup, self.stages, self.feed, self.device, self.batch_size = setup, stages, feed, device, batch_size
+        self.checkpoint_every, self.checkpoint = checkpoint_every, checkpoint
         self.recent = {b.index: deque(maxlen=LOSS_WINDOW) for s in stages for b in s.blocks}
 
     def run(self, start: int, stop: int, *, progress: bool = True, memory: PeakMemory | None = None) -> RankResult:
         if memory is None:
             memory = PeakMemory(self.device)
             memory.start()
-        events = timeline(self.setup, start, stop)
+        events: list[Event] = []
+        bar = progress_bar(stop, start, progress)
+        began, clock = time.perf_counter(), WindowClock()
+        for first, end in segments(start, stop, self.checkpoint_every):
+            offset = events[-1].end if events else 0.0  # the virtual clock runs on across checkpoints
+            stretch = [dataclasses.replace(e, begin=e.begin + offset, end=e.end + offset)
+                       for e in timeline(self.setup, first, end)]
+            self._execute(stretch, bar, clock)
+            events += stretch
+            for stage in self.stages:
+                stage.settle()
+            self.checkpoint(end)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - began
+        bar.close()
+        return RankResult(
+            rank=0, blocks=[b.index for s in self.stages for b in s.blocks], steps=stop - start, seconds=seconds,
+            busy_seconds=seconds, wait_seconds=0.0, bytes_sent=0, peak_memory_bytes=memory.peak_bytes(),
+            loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r}, window_seconds=clock.windows,
+            free_running=dynamics(self.setup, events, start, stop, self.batch_size))
+
+    def _execute(self, events: list[Event], bar, clock: WindowClock) -> None:
+        """One stretch's events, in order."""
         top = len(self.stages) - 1
         outputs: dict[tuple[int, int], torch.Tensor] = {}  # (group, batch) -> its output, in the mailbox above
         contexts: dict[int, torch.Tensor] = {}  # batch -> the top block's context, until every waiting group used it
         readers = sum(self.setup.waits_for_feedback)
         uses: dict[int, int] = {}
-        bar = progress_bar(stop, start, progress)
-        began, clock = time.perf_counter(), WindowClock()
         for event in events:
             stage = self.stages[event.group]
             if event.kind == "F":
@@ -57,17 +85,6 @@ class AsyncEngine:
                     contexts.pop(event.batch, None)
                     del uses[event.batch]
             self._record_updates(stage)
-        for stage in self.stages:
-            stage.settle()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - began
-        bar.close()
-        return RankResult(
-            rank=0, blocks=[b.index for s in self.stages for b in s.blocks], steps=stop - start, seconds=seconds,
-            busy_seconds=seconds, wait_seconds=0.0, bytes_sent=0, peak_memory_bytes=memory.peak_bytes(),
-            loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r}, window_seconds=clock.windows,
-            free_running=dynamics(self.setup, events, start, stop, self.batch_size))
 
     def _forward(self, event: Event, stage: LocalStage, outputs: dict, contexts: dict, top: int) -> None:
         g, batch = event.group, event.batch

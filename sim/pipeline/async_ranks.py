@@ -4,7 +4,8 @@ input (rank 0: the views of its next batch; the others: from the mailbox of the 
 receives in the background), applies the top-down updates whose context has arrived, forwards and
 learns, and sends its output up (the top rank: its context down to every waiting rank). No step
 barrier; ranks stop after the run's last batch, waiting ranks once every batch they forwarded has
-been updated or forgotten, and every message sent has been received.
+been updated or forgotten, and every message sent has been received. A checkpoint is such an end too
+(sim.pipeline.free_running.segments): a consistent cut, from which a resumed run goes on.
 
 `sim.block_speed` below 1 is emulated: after each forward, a rank sleeps until the forward has lasted
 its group's slowdown (sim.pipeline.free_running.FreeRunning.duration over the speed-1 time) times its
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 
 import torch
 
 from sim.data.feed import ViewFeed
-from sim.pipeline.free_running import FreeRunning
+from sim.pipeline.free_running import FreeRunning, segments
 from sim.pipeline.mailbox import Inbox, Outbox
 from sim.pipeline.schedule import MessageShapes
 from sim.pipeline.stage import LocalStage
@@ -33,12 +35,19 @@ from sim.record.progress import WindowClock, progress_bar
 from sim.record.summary import LOSS_WINDOW, RankResult
 
 
+def _no_checkpoint(step: int) -> None:
+    """Checkpoints off."""
+
+
 class AsyncRank:
     """Rank `rank`'s group of `setup` on `stage`; `feed` on rank 0."""
 
     def __init__(self, rank: int, setup: FreeRunning, stage: LocalStage, device: torch.device, *,
-                 transport: Distributed, shapes: MessageShapes, feed: ViewFeed | None, pace_s: float = 0.0):
+                 transport: Distributed, shapes: MessageShapes, feed: ViewFeed | None, pace_s: float = 0.0,
+                 checkpoint_every: int = 0, checkpoint: Callable[[int], None] = _no_checkpoint):
         self.rank, self.setup, self.stage, self.device, self.pace_s = rank, setup, stage, device, pace_s
+        self.checkpoint_every, self.checkpoint = checkpoint_every, checkpoint
+        self.most_in_mailbox = 0
         self.transport, self.shapes, self.feed = transport, shapes, feed
         self.top = len(setup.groups) - 1
         self.waits = setup.waits_for_feedback[rank]
@@ -55,7 +64,23 @@ class AsyncRank:
         if memory is None:
             memory = PeakMemory(self.device)
             memory.start()
-        last, policy = stop - 1, self.setup.policy
+        bar = progress_bar(stop, start, progress and self.rank == 0)
+        began, clock = time.perf_counter(), WindowClock()
+        for first, end in segments(start, stop, self.checkpoint_every):
+            self._stretch(first, end, bar, clock)
+            self.checkpoint(end)  # a consistent cut: mailboxes empty, every update settled, on every rank
+        seconds = time.perf_counter() - began
+        bar.close()
+        return RankResult(
+            rank=self.rank, blocks=[b.index for b in self.stage.blocks], steps=stop - start, seconds=seconds,
+            busy_seconds=self.busy, wait_seconds=self.transport.wait_seconds, bytes_sent=self.transport.bytes_sent,
+            peak_memory_bytes=memory.peak_bytes(), window_seconds=clock.windows,
+            loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r},
+            free_running=self._record())
+
+    def _stretch(self, first: int, end: int, bar, clock: WindowClock) -> None:
+        """Batches first..end-1, free-running, then every message received and every update settled."""
+        last, policy = end - 1, self.setup.policy
         inbox = (Inbox(self.transport, self.rank - 1, "activations", self.shapes.activations[self.rank - 1], last,
                        depth=self.setup.depth, newest=policy == "newest") if self.rank > 0 else None)
         feedback = Inbox(self.transport, self.top, "feedback", self.shapes.feedback, last) if self.waits else None
@@ -64,8 +89,7 @@ class AsyncRank:
                                self.setup.depth if policy == "fifo" else None)]
         else:
             outboxes = [Outbox(self.transport, r, "feedback") for r, w in enumerate(self.setup.waits_for_feedback) if w]
-        bar = progress_bar(stop, start, progress and self.rank == 0)
-        began, clock, batch = time.perf_counter(), WindowClock(), start - 1
+        began, waited, batch = time.perf_counter(), self.transport.wait_seconds, first - 1
         while batch < last:
             if inbox is None:
                 batch, age, x = batch + 1, 0, self.feed.views_at(batch + 1).to(self.device, non_blocking=True)
@@ -76,23 +100,16 @@ class AsyncRank:
             self._forward(batch, age, x, outboxes)
             bar.update()
             clock.tick()
-        # its own time per batch: the loop's, but for the waits for input and credits (views, sends included)
-        self.own_seconds = time.perf_counter() - began - self.transport.wait_seconds
+        # its own time: the loop's, but for the waits for input and credits (views and sends included)
+        self.own_seconds += time.perf_counter() - began - (self.transport.wait_seconds - waited)
         while self.pending:  # forwarded everything: the contexts still to come
             feedback.wait()
             self._settle(feedback.arrived())
         for box in [inbox, feedback, *outboxes]:
             if box is not None:
                 box.close()
+        self.most_in_mailbox = max(self.most_in_mailbox, inbox.most if inbox is not None else 0)
         self.stage.settle()
-        seconds = time.perf_counter() - began
-        bar.close()
-        return RankResult(
-            rank=self.rank, blocks=[b.index for b in self.stage.blocks], steps=stop - start, seconds=seconds,
-            busy_seconds=self.busy, wait_seconds=self.transport.wait_seconds, bytes_sent=self.transport.bytes_sent,
-            peak_memory_bytes=memory.peak_bytes(), window_seconds=clock.windows,
-            loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r},
-            free_running=self._record(inbox))
 
     def _forward(self, batch: int, age: int, x: torch.Tensor, outboxes: list[Outbox]) -> None:
         began = time.perf_counter()
@@ -137,7 +154,7 @@ class AsyncRank:
                 self.recent[update.block].append(update.stats.loss.item())
         self.stage.updates.clear()
 
-    def _record(self, inbox: Inbox | None) -> dict:
+    def _record(self) -> dict:
         """This rank's part of summary.json's free_running (sim.pipeline.free_running.dynamics' per block)."""
         per_block = {str(b.index): {
             "group": self.rank, "batches": self.forwards,
@@ -146,4 +163,4 @@ class AsyncRank:
             "input_age": {str(a): n for a, n in sorted(self.input_ages.items())},
             "context_age": {str(a): n for a, n in sorted(self.context_ages.items())}} for b in self.stage.blocks}
         return {"blocks": per_block, "seconds_per_batch": self.own_seconds / max(self.forwards, 1),
-                "most_in_mailbox": None if inbox is None else inbox.most}
+                "most_in_mailbox": self.most_in_mailbox if self.rank > 0 else None}

@@ -19,6 +19,9 @@ from the cost model) divided by their speed (`sim.block_speed`), times exp(jitte
 from (seed, group, batch); `U` and `X` take no time (the time of an update is in the `F` of its
 batch). Ties go to the lower group; a message that arrives at t is there for a take at t.
 
+Checkpoints (train.checkpoint_every) cut the run into stretches (`segments`) that each end with every
+mailbox empty and every update settled, so a resumed run repeats an uninterrupted one.
+
 Each event records ages: an `F`'s input age is how many newer batches the group below had already
 sent when this one was taken (0: the freshest there was; with `fifo`, the queue ahead); a `U`'s
 context age is how many batches the group forwarded between this batch's `F` and the update (the
@@ -191,6 +194,14 @@ def _send(group: _Group, above: _Group, batch: int, end: float, setup: FreeRunni
         group.blocked = (batch, end)
     else:
         above.mailbox.append((batch, end))
+
+
+def segments(start: int, stop: int, checkpoint_every: int) -> list[tuple[int, int]]:
+    """The stretches of batches between checkpoints. A checkpoint is a consistent cut: every group
+    takes the stretch's batches, every waiting update is settled, the mailboxes are empty; then the next
+    stretch starts from the saved weights, as a resumed run does."""
+    ends = [b for b in range(start + 1, stop) if checkpoint_every and b % checkpoint_every == 0] + [stop]
+    return list(zip([start, *ends[:-1]], ends))
 
 
 def lockstep_duration(setup: FreeRunning, start: int, stop: int) -> float:

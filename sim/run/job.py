@@ -284,8 +284,8 @@ def local_engine(rank: RankSetup) -> LocalEngine:
 
 
 def async_engine(rank: RankSetup) -> AsyncEngine | AsyncRank:
-    """Free-running block groups: simulated in one process, or one group per process (no log, no
-    checkpoint before the end)."""
+    """Free-running block groups: simulated in one process, or one group per process (no log;
+    checkpoints at consistent cuts)."""
     plan, setup = rank.plan, rank.plan.free_running
     if plan.config.log.every and rank.world.rank == 0:
         print("note: free-running runs keep no log.zarr yet (log.every is ignored); the ages of every update are "
@@ -295,12 +295,17 @@ def async_engine(rank: RankSetup) -> AsyncEngine | AsyncRank:
         return make_stage(blocks, plan.config.train.seed, stash_weights=plan.stashes_weights, trace=plan.keeps_traces,
                           learning_rate=plan.learning_rate(rank.stop))
 
+    def checkpoint(step: int) -> None:
+        save_checkpoint(rank.out_dir, step, rank.blocks)
+
+    every = plan.config.train.checkpoint_every
     if plan.stages > 1:
         return AsyncRank(rank.stage, setup, stage(rank.blocks), rank.device, transport=rank.transport,
-                         shapes=plan.shapes, feed=rank.data.feed, pace_s=plan.config.sim.pace_s)
+                         shapes=plan.shapes, feed=rank.data.feed, pace_s=plan.config.sim.pace_s,
+                         checkpoint_every=every, checkpoint=checkpoint)
     by_index = {b.index: b for b in rank.blocks}
     return AsyncEngine(setup, [stage([by_index[i] for i in group]) for group in setup.groups], rank.data.feed,
-                       rank.device, plan.config.train.batch_size)
+                       rank.device, plan.config.train.batch_size, checkpoint_every=every, checkpoint=checkpoint)
 
 
 def pipeline_engine(rank: RankSetup) -> BPPipelineEngine:

@@ -242,9 +242,8 @@ def _free_running_plan(config: Config, rule: Rule, info: DatasetInfo, world_size
     if rule.end_to_end:
         raise ConfigError(f"{rule.name} is end-to-end backprop: its blocks cannot run free of each other; "
                           "sim.schedule = 'async' takes a local rule")
-    if config.sim.replicas > 1 or config.train.checkpoint_every:
-        raise ConfigError("sim.schedule = 'async' keeps no checkpoint before the end and runs one replica: set "
-                          "train.checkpoint_every = 0 and sim.replicas = 1")
+    if config.sim.replicas > 1:
+        raise ConfigError("sim.schedule = 'async' runs one replica: set sim.replicas = 1")
     kernels = pool_kernels(rule, info.image_size, config.rule.pool or None)
     dims = feature_dims(config.model.width, info.image_size, kernels)
     check_fits_in_memory(config, rule, info, dims)

@@ -6,7 +6,6 @@ in causal order gives what concurrent groups would compute.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
@@ -14,15 +13,12 @@ from collections.abc import Callable
 import torch
 
 from sim.data.feed import ViewFeed
-from sim.pipeline.free_running import Event, FreeRunning, dynamics, segments, timeline
+from sim.pipeline.free_running import Event, FreeRunning, dynamics, segmented_timeline, segments
+from sim.pipeline.local_engine import no_checkpoint
 from sim.pipeline.stage import LocalStage
 from sim.record.peak_memory import PeakMemory
 from sim.record.progress import WindowClock, progress_bar
 from sim.record.summary import LOSS_WINDOW, RankResult
-
-
-def _no_checkpoint(step: int) -> None:
-    """Checkpoints off."""
 
 
 class AsyncEngine:
@@ -30,7 +26,7 @@ class AsyncEngine:
     the others wait for `apply_feedback`); `feed` builds each batch's views."""
 
     def __init__(self, setup: FreeRunning, stages: list[LocalStage], feed: ViewFeed, device: torch.device,
-                 batch_size: int, *, checkpoint_every: int = 0, checkpoint: Callable[[int], None] = _no_checkpoint):
+                 batch_size: int, *, checkpoint_every: int = 0, checkpoint: Callable[[int], None] = no_checkpoint):
         self.setup, self.stages, self.feed, self.device, self.batch_size = setup, stages, feed, device, batch_size
         self.checkpoint_every, self.checkpoint = checkpoint_every, checkpoint
         self.recent = {b.index: deque(maxlen=LOSS_WINDOW) for s in stages for b in s.blocks}
@@ -39,15 +35,11 @@ class AsyncEngine:
         if memory is None:
             memory = PeakMemory(self.device)
             memory.start()
-        events: list[Event] = []
+        events = segmented_timeline(self.setup, start, stop, self.checkpoint_every)
         bar = progress_bar(stop, start, progress)
         began, clock = time.perf_counter(), WindowClock()
         for first, end in segments(start, stop, self.checkpoint_every):
-            offset = events[-1].end if events else 0.0  # the virtual clock runs on across checkpoints
-            stretch = [dataclasses.replace(e, begin=e.begin + offset, end=e.end + offset)
-                       for e in timeline(self.setup, first, end)]
-            self._execute(stretch, bar, clock)
-            events += stretch
+            self._execute([e for e in events if first <= e.batch < end], bar, clock)
             for stage in self.stages:
                 stage.settle()
             self.checkpoint(end)
@@ -76,14 +68,13 @@ class AsyncEngine:
                     bar.update()
                     clock.tick()
             else:  # U or X: the waiting group settles a batch
-                if event.kind == "U":
-                    stage.apply_feedback(event.batch, contexts[event.batch])
-                else:
+                if event.kind == "X":
                     stage.forget(event.batch)
-                uses[event.batch] = uses.get(event.batch, 0) + 1
-                if uses[event.batch] == readers:
-                    contexts.pop(event.batch, None)
-                    del uses[event.batch]
+                else:
+                    stage.apply_feedback(event.batch, contexts[event.batch])
+                    uses[event.batch] = uses.get(event.batch, 0) + 1
+                    if uses[event.batch] == readers:  # every waiting group forwarded what the top saw
+                        del contexts[event.batch], uses[event.batch]
             self._record_updates(stage)
 
     def _forward(self, event: Event, stage: LocalStage, outputs: dict, contexts: dict, top: int) -> None:

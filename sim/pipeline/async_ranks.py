@@ -26,6 +26,7 @@ import torch
 
 from sim.data.feed import ViewFeed
 from sim.pipeline.free_running import FreeRunning, segments
+from sim.pipeline.local_engine import no_checkpoint
 from sim.pipeline.mailbox import Inbox, Outbox
 from sim.pipeline.schedule import MessageShapes
 from sim.pipeline.stage import LocalStage
@@ -35,16 +36,12 @@ from sim.record.progress import WindowClock, progress_bar
 from sim.record.summary import LOSS_WINDOW, RankResult
 
 
-def _no_checkpoint(step: int) -> None:
-    """Checkpoints off."""
-
-
 class AsyncRank:
     """Rank `rank`'s group of `setup` on `stage`; `feed` on rank 0."""
 
     def __init__(self, rank: int, setup: FreeRunning, stage: LocalStage, device: torch.device, *,
                  transport: Distributed, shapes: MessageShapes, feed: ViewFeed | None, pace_s: float = 0.0,
-                 checkpoint_every: int = 0, checkpoint: Callable[[int], None] = _no_checkpoint):
+                 checkpoint_every: int = 0, checkpoint: Callable[[int], None] = no_checkpoint):
         self.rank, self.setup, self.stage, self.device, self.pace_s = rank, setup, stage, device, pace_s
         self.checkpoint_every, self.checkpoint = checkpoint_every, checkpoint
         self.most_in_mailbox = 0

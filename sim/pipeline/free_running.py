@@ -6,9 +6,10 @@ other group takes its next input from the mailbox of the link below it. Each gro
 takes a batch (`F`): runs it through its blocks, the blocks with a lateral context learn, the output
 goes into the mailbox of the group above; the top group sends the top block's context of the batch
 down to every group that waits for feedback. A waiting group applies each context that has arrived
-at the start of its next `F` (`U`: the update of that batch, with its own stashed weights or its
-eligibility trace), and forgets (`X`) the batches the top group never saw (dropped on the way up):
-their context will never come, since the top group takes batches in the order they were made.
+before its next `F` (`U`: the update of that batch, with its own stashed weights or its eligibility
+trace; a group that waits for input applies them as they come, which learns the same), and forgets
+(`X`) the batches the top group never saw (dropped on the way up): their context will never come,
+since the top group takes batches in the order they were made.
 
 Mailboxes hold at most `depth` messages. `newest`: the sender never waits; a full mailbox drops its
 oldest message; the receiver takes the newest and drops the rest (so only `depth` = 1 matters for
@@ -23,15 +24,17 @@ Checkpoints (train.checkpoint_every) cut the run into stretches (`segments`) tha
 mailbox empty and every update settled, so a resumed run repeats an uninterrupted one.
 
 Each event records ages: an `F`'s input age is how many newer batches the group below had already
-sent when this one was taken (0: the freshest there was; with `fifo`, the queue ahead); a `U`'s
-context age is how many batches the group forwarded between this batch's `F` and the update (the
-feedback delay, in the group's own steps). With equal speeds, no jitter and depth 1, every group
-takes every batch exactly one tick after the group below, and feedback arrives K - 1 - g steps after
-a batch's forward: the pipelined schedule with delayed feedback (sim.pipeline.schedule).
+sent when this one was taken (an output its sender holds back for want of room is not sent yet; 0:
+the freshest there was; with `fifo`, the queue ahead); a `U`'s context age is how many batches the
+group forwarded between this batch's `F` and the update (the feedback delay, in the group's own
+steps). With equal speeds, no jitter and depth 1, every group takes every batch exactly one tick after
+the group below, and feedback arrives K - 1 - g steps after a batch's forward: the pipelined schedule
+with delayed feedback (sim.pipeline.schedule).
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import random
 from collections import Counter
@@ -115,7 +118,7 @@ def timeline(setup: FreeRunning, start: int, stop: int) -> list[Event]:
     while True:
         candidates = []
         for group in groups:
-            when = _ready_at(group, next_batch, stop, top)
+            when = _ready_at(group, next_batch, stop)
             if when is not None:
                 candidates.append((when, group.index))
         if not candidates:
@@ -148,7 +151,7 @@ def timeline(setup: FreeRunning, start: int, stop: int) -> list[Event]:
     return events
 
 
-def _ready_at(group: _Group, next_batch: int, stop: int, top: int) -> float | None:
+def _ready_at(group: _Group, next_batch: int, stop: int) -> float | None:
     """When `group` can next do something (an F, or an update once it has forwarded everything)."""
     if group.blocked is not None:
         return None  # fifo: waits for room above
@@ -178,13 +181,15 @@ def _take(group: _Group, below: _Group, now: float, policy: str) -> tuple[int, i
     """The batch `group` takes from its mailbox at `now`, and its input age."""
     arrived = [m for m in group.mailbox if m[1] <= now]
     taken = arrived[-1] if policy == "newest" else arrived[0]
+    sent_by_now = bisect.bisect_right(below.sent, now)
+    if below.blocked is not None and below.blocked[1] <= now:
+        sent_by_now -= 1  # made, but held by its sender until there is room: not sent
     group.mailbox = [m for m in group.mailbox if m[0] > taken[0]]  # newest: the older ones are dropped
     if below.blocked is not None:  # fifo: there is room now (the output arrives once it is made)
         batch, made = below.blocked
         group.mailbox.append((batch, max(made, now)))
         below.free_at, below.blocked = max(below.free_at, now), None
-    made_by_now = bisect.bisect_right(below.sent, now)
-    return taken[0], made_by_now - below.position[taken[0]] - 1
+    return taken[0], sent_by_now - below.position[taken[0]] - 1
 
 
 def _send(group: _Group, above: _Group, batch: int, end: float, setup: FreeRunning) -> None:
@@ -202,6 +207,16 @@ def segments(start: int, stop: int, checkpoint_every: int) -> list[tuple[int, in
     stretch starts from the saved weights, as a resumed run does."""
     ends = [b for b in range(start + 1, stop) if checkpoint_every and b % checkpoint_every == 0] + [stop]
     return list(zip([start, *ends[:-1]], ends))
+
+
+def segmented_timeline(setup: FreeRunning, start: int, stop: int, checkpoint_every: int) -> list[Event]:
+    """`timeline` stretch by stretch (`segments`), the virtual clock running on across the cuts."""
+    events: list[Event] = []
+    for first, end in segments(start, stop, checkpoint_every):
+        offset = events[-1].end if events else 0.0
+        events += [dataclasses.replace(e, begin=e.begin + offset, end=e.end + offset)
+                   for e in timeline(setup, first, end)]
+    return events
 
 
 def lockstep_duration(setup: FreeRunning, start: int, stop: int) -> float:
@@ -240,7 +255,8 @@ def dynamics(setup: FreeRunning, events: Sequence[Event], start: int, stop: int,
             "speedup_over_lockstep": lockstep / duration if duration else None, "blocks": per_block}
 
 
-def measured_dynamics(setup: FreeRunning, ranks: Sequence[dict], start: int, stop: int, batch_size: int) -> dict:
+def measured_dynamics(setup: FreeRunning, ranks: Sequence[dict], start: int, stop: int, batch_size: int,
+                      checkpoint_every: int = 0) -> dict:
     """summary.json's free_running for K processes: each rank's measured ages and seconds per batch
     (sim.pipeline.async_ranks), and what the simulation predicts when each group takes the seconds
     per batch its rank measured."""
@@ -252,7 +268,7 @@ def measured_dynamics(setup: FreeRunning, ranks: Sequence[dict], start: int, sto
             measured[b] = seconds[group] * setup.block_seconds[b] / share
     fed = FreeRunning(setup.groups, tuple(measured), (1.0,) * len(measured), setup.waits_for_feedback,
                       setup.depth, setup.policy)
-    predicted = dynamics(fed, timeline(fed, start, stop), start, stop, batch_size)
+    predicted = dynamics(fed, segmented_timeline(fed, start, stop, checkpoint_every), start, stop, batch_size)
     return {"engine": "processes", "groups": [list(g) for g in setup.groups], "block_speed": list(setup.block_speed),
             "mailbox": setup.policy, "mailbox_depth": setup.depth, "seconds_per_batch": seconds,
             "most_in_mailbox": [r["most_in_mailbox"] for r in ranks],

@@ -25,7 +25,7 @@ from sim.record.progress import WindowClock, progress_bar
 from sim.record.summary import LOSS_WINDOW, RankResult
 
 
-def _no_checkpoint(step: int) -> None:
+def no_checkpoint(step: int) -> None:
     """Checkpoints off: the engine still settles every update at a `C` action."""
 
 
@@ -37,7 +37,7 @@ class LocalEngine:
     def __init__(self, rank: int, schedule: Schedule, stage: LocalStage | EndToEndStage, device: torch.device, *,
                  shapes: MessageShapes | None = None, feed: ViewFeed | None = None,
                  transport: Transport | None = None, recording: Recording | None = None,
-                 checkpoint: Callable[[int], None] = _no_checkpoint):
+                 checkpoint: Callable[[int], None] = no_checkpoint):
         self.rank, self.schedule, self.stage, self.device = rank, schedule, stage, device
         self.shapes, self.feed, self.checkpoint = shapes, feed, checkpoint
         self.transport = transport or InProcess(device)

@@ -6,8 +6,9 @@ sent non-blocking on one tag per kind, so each (sender, kind) is one ordered str
 a thread that receives one stream as fast as it comes (gloo and NCCL receives release the GIL) and
 keeps at most `depth` messages: `newest` drops the oldest when full, `fifo` never needs to, because
 its sender spends a credit per message and waits for one when it has none (`Outbox`); the receiver
-gives a credit back each time it takes a message. Nothing waits without a bound: a receive that
-takes longer than the timeout, or a peer that fails, raises the transport's PeerFailure.
+gives a credit back each time it takes a message. Nothing waits without a bound: a wait of the main
+thread longer than sim.timeout_s (the receiver thread's own receive: the process group's timeout),
+or a peer that fails, raises the transport's PeerFailure.
 """
 from __future__ import annotations
 
@@ -112,6 +113,9 @@ class Inbox:
     def close(self) -> None:
         """After the last message: the thread has ended, and the credits given have been received."""
         self.thread.join(self.transport.timeout.total_seconds())
+        if self.thread.is_alive():  # never left waiting: the next stretch would receive on the same stream
+            raise self.transport.diagnose(self.src, f"receiving the last {self.kind} from",
+                                          TimeoutError("the stream did not end"))
         for work in self.credits_given:
             self.transport.wait(work, self.src, "giving a credit to")
 

@@ -234,11 +234,6 @@ class EndToEndStage:
     def settle(self) -> None:
         """Nothing waits between calls: each call applies its own updates."""
 
-    def forget(self, step: int) -> None:
-        """Batch `step`'s top-down context will never come (free-running blocks: the top group never saw
-        the batch): its waiting blocks drop what they kept, without learning."""
-        self.pending.pop(step, None)
-
     def apply_pending(self) -> None:
         """No delay line: nothing is pending."""
 

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 SUMMARY_NAME = "summary.json"
-ENGINES = ("local", "bp_pipeline")  # sim.pipeline.local_engine, sim.pipeline.bp_engine
+# sim.pipeline.local_engine, sim.pipeline.bp_engine, and free-running blocks (sim.pipeline.async_engine in one
+# process, sim.pipeline.async_ranks on K)
+ENGINES = ("local", "bp_pipeline", "async")
 LOSS_WINDOW = 50  # reported losses are means over each block's last LOSS_WINDOW updates
 TIMING_WINDOW = 20  # steps per timed window of the steady-state throughput
 
@@ -70,7 +72,7 @@ class RunSummary:
     placement: list[list[int]]
     schedule: str  # sequential | pipelined (local engine); gpipe | 1f1b (BP pipeline)
     feedback: str | None  # exact | delayed, for methods with top-down feedback
-    feedback_delay_steps: list[int]  # per block
+    feedback_delay_steps: list[int] | None  # per block; None: free-running (its ages are in free_running)
     ranks: list[dict]  # per rank: rank, blocks, seconds, busy_seconds, wait_seconds, bytes_sent
     train_seconds: float  # the slowest rank's loop
     device: str
@@ -94,13 +96,15 @@ class RunSummary:
         losses = {b: v for r in reversed(results) for b, v in r.loss_per_block.items()}  # replica 0's, as logged
         blocks = sorted(b for r in results for b in r.blocks)
         delays = {b: d for r in results for b, d in r.feedback_delays.items()}  # others learn at once: 0
-        rate = results[-1].steady_steps_per_s()  # the last rank: the pipeline's output
-        fields.setdefault("free_running", next((r.free_running for r in results if r.free_running is not None), None))
+        free = fields.get("free_running") is not None
+        # the last rank: the pipeline's output; free-running, the first: the stream of batches (the others skip some)
+        rate = results[0 if free else -1].steady_steps_per_s()
         return cls(
             world_size=len(results), train_seconds=seconds,
             images_per_s=trained * batch_size / seconds if trained else 0.0,
             images_per_s_steady=None if rate is None else rate * batch_size,
-            loss_per_block=[losses.get(b) for b in blocks], feedback_delay_steps=[delays.get(b, 0) for b in blocks],
+            loss_per_block=[losses.get(b) for b in blocks],
+            feedback_delay_steps=None if free else [delays.get(b, 0) for b in blocks],
             peak_memory_bytes=[r.peak_memory_bytes for r in results],
             ranks=[{"rank": r.rank, "blocks": r.blocks, "seconds": r.seconds, "busy_seconds": r.busy_seconds,
                     "wait_seconds": r.wait_seconds, "bytes_sent": r.bytes_sent} for r in results],
@@ -171,6 +175,8 @@ def free_running_text(dynamics: dict) -> str:
         guess = " ".join(mean(predicted[b]["context_age"]) for b in sorted(predicted, key=int))
         return (f"free-running on {len(dynamics['groups'])} processes ({how}): seconds per batch per process "
                 f"{seconds}\n{ages} (the simulation fed these speeds: {guess})")
+    if not dynamics["virtual_time"]:  # no batch in this call (a finished run resumed)
+        return f"free-running ({how}): no batch"
     return (f"free-running ({how}): virtual time {dynamics['virtual_time']:.4g} against "
             f"{dynamics['lockstep_virtual_time']:.4g} in lockstep ({dynamics['speedup_over_lockstep']:.2f}x)\n{ages}")
 

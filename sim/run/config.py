@@ -83,7 +83,7 @@ class ProbeConfig:
 @dataclass
 class SimConfig:
     # sequential | pipelined (used when there are several processes) | async: free-running block groups,
-    # simulated on a virtual clock in one process (sim.pipeline.free_running)
+    # simulated on a virtual clock in one process, or one group per process (sim.pipeline.free_running)
     schedule: str = "pipelined"
     feedback: str = "exact"  # exact | delayed: when top-down feedback updates are applied
     # steps d between a batch's forward and its top-down update, the same for every block that waits

@@ -347,7 +347,7 @@ def _free_running_record(plan: Plan, results: list[RankResult], stop: int) -> di
         return results[0].free_running
     start = stop - results[0].steps
     return measured_dynamics(plan.free_running, [r.free_running for r in results], start, stop,
-                             plan.config.train.batch_size)
+                             plan.config.train.batch_size, plan.config.train.checkpoint_every)
 
 
 def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankResult],
@@ -362,7 +362,8 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
     pipeline = plan.pipeline
     summary = RunSummary.from_results(
         results, plan.replicas * config.train.batch_size, replicas=plan.replicas, method=plan.rule.name,
-        dataset=plan.info.name, engine="local" if pipeline is None else "bp_pipeline", steps=stop, probe=probe,
+        dataset=plan.info.name, engine="bp_pipeline" if pipeline else ASYNC if plan.free_running else "local",
+        steps=stop, probe=probe,
         placement=[list(g) for g in plan.placement.groups],
         schedule=pipeline.schedule if pipeline else ASYNC if plan.free_running else plan.schedule.name,
         feedback=None if pipeline or not plan.rule.needs_feedback else ASYNC if plan.free_running else

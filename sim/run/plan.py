@@ -36,7 +36,7 @@ class Plan:
     schedule: Schedule
     shapes: MessageShapes
     pipeline: PipelineSettings | None = None  # set: an end-to-end method trained by the BP pipeline engine
-    free_running: FreeRunning | None = None  # set: sim.schedule = "async", simulated in one process
+    free_running: FreeRunning | None = None  # set: sim.schedule = "async" (simulated in one process, or on K)
 
     @property
     def config_toml(self) -> str:

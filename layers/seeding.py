@@ -33,3 +33,4 @@ def keyed_generator(*keys: int) -> torch.Generator:
 
 # Stream tags, so that e.g. data order and block initialisation never share a seed.
 STREAM_INIT, STREAM_ORDER, STREAM_VIEWS, STREAM_NEGATIVES, STREAM_PROBE, STREAM_VALIDATION = 1, 2, 3, 4, 5, 6
+STREAM_CODEC = 7  # the stochastic rounding and spikes of message codecs (sim.pipeline.codec)

@@ -78,9 +78,12 @@ class AsyncRank:
     def _stretch(self, first: int, end: int, bar, clock: WindowClock) -> None:
         """Batches first..end-1, free-running, then every message received and every update settled."""
         last, policy = end - 1, self.setup.policy
+        codecs = self.stage.codecs
         inbox = (Inbox(self.transport, self.rank - 1, "activations", self.shapes.activations[self.rank - 1], last,
-                       depth=self.setup.depth, newest=policy == "newest") if self.rank > 0 else None)
-        feedback = Inbox(self.transport, self.top, "feedback", self.shapes.feedback, last) if self.waits else None
+                       depth=self.setup.depth, newest=policy == "newest", codec=codecs.activations)
+                 if self.rank > 0 else None)
+        feedback = (Inbox(self.transport, self.top, "feedback", self.shapes.feedback, last, codec=codecs.feedback)
+                    if self.waits else None)
         if self.rank < self.top:
             outboxes = [Outbox(self.transport, self.rank + 1, "activations",
                                self.setup.depth if policy == "fifo" else None)]
@@ -110,7 +113,7 @@ class AsyncRank:
 
     def _forward(self, batch: int, age: int, x: torch.Tensor, outboxes: list[Outbox]) -> None:
         began = time.perf_counter()
-        out = self.stage.forward(x, batch)
+        self.stage.forward(x, batch)  # its output travels as the codec packed it
         self._read_updates()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -126,9 +129,9 @@ class AsyncRank:
         if self.waits:
             self.pending[batch] = self.forwards
         self.forwards += 1
-        payload = out if self.rank < self.top else self.stage.top_context
+        packed = self.stage.packed_output if self.rank < self.top else self.stage.packed_context
         for box in outboxes:
-            box.send(batch, self.forwards - 1, payload)
+            box.send(batch, self.forwards - 1, packed)
 
     def _speed_one_time(self) -> float:
         return sum(self.setup.block_seconds[b] for b in self.setup.groups[self.rank])

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from sim.data.feed import ViewFeed
+from sim.pipeline.codec import MessageCodecs
 from sim.pipeline.recording import Recording
 from sim.pipeline.schedule import MessageShapes, Schedule
 from sim.pipeline.stage import EndToEndStage, LocalStage
@@ -43,6 +44,7 @@ class LocalEngine:
         self.transport = transport or InProcess(device)
         self.recording = recording or Recording()
         self.top = schedule.world_size - 1
+        self.codecs = stage.codecs if isinstance(stage, LocalStage) else MessageCodecs()
         self.recent: dict[int, deque] = {b.index: deque(maxlen=LOSS_WINDOW) for b in stage.blocks}
 
     def run(self, start: int, stop: int, *, progress: bool = True, memory: PeakMemory | None = None) -> RankResult:
@@ -63,7 +65,7 @@ class LocalEngine:
                 if action.step % 10 == 0:
                     bar.set_postfix_str(self._losses_text(), refresh=False)
             elif action.kind == "U":
-                feedback = self.transport.recv(self.shapes.feedback, self.top, "feedback")
+                feedback = self.transport.recv_packed(self.codecs.feedback, self.shapes.feedback, self.top, "feedback")
                 self.stage.apply_feedback(action.step, feedback)
             elif action.kind == "G":
                 self._record_pairs(action.step, self.recording.alignment.backward(action.step))
@@ -111,16 +113,17 @@ class LocalEngine:
         if self.rank == 0:
             x = self.feed.views_at(step).to(self.device, non_blocking=True)  # (2B, C, S, S)
         else:
-            x = self.transport.recv(self.shapes.activations[self.rank - 1], self.rank - 1, "activations")
+            x = self.transport.recv_packed(self.codecs.activations, self.shapes.activations[self.rank - 1],
+                                           self.rank - 1, "activations")
         if self.recording.alignment is not None and self.schedule.aligns(step):
             self._record_pairs(step, self.recording.alignment.forward(x, step))
-        out = self.stage.forward(x, step)
+        self.stage.forward(x, step)  # its output travels as the codec packed it
         if self.rank < self.top:
-            self.transport.send(out, self.rank + 1, "activations")
+            self.transport.send_packed(self.stage.packed_output, self.rank + 1, "activations")
         else:
             for rank, waits in enumerate(self.schedule.waits_for_feedback):
                 if waits:
-                    self.transport.send(self.stage.top_context, rank, "feedback")
+                    self.transport.send_packed(self.stage.packed_context, rank, "feedback")
             if self.schedule.sends_token():
                 self.transport.send(torch.ones(1, device=self.device), 0, "token")
             if self.recording.alignment is not None:

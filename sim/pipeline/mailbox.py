@@ -1,14 +1,15 @@
 """Mailboxes of free-running ranks (sim.schedule = "async" on K processes): messages that carry the
 batch they came from, received in the background while the rank computes.
 
-A message is a header (int64: batch, the sender's forward count when it made it) and a payload, both
-sent non-blocking on one tag per kind, so each (sender, kind) is one ordered stream. An `Inbox` runs
-a thread that receives one stream as fast as it comes (gloo and NCCL receives release the GIL) and
-keeps at most `depth` messages: `newest` drops the oldest when full, `fifo` never needs to, because
-its sender spends a credit per message and waits for one when it has none (`Outbox`); the receiver
-gives a credit back each time it takes a message. Nothing waits without a bound: a wait of the main
-thread longer than sim.timeout_s (the receiver thread's own receive: the process group's timeout),
-or a peer that fails, raises the transport's PeerFailure.
+A message is a header (int64: batch, the sender's forward count when it made it) and a payload (the
+tensors a codec packed it into, sim.pipeline.codec), all sent non-blocking on one tag per kind, so
+each (sender, kind) is one ordered stream. An `Inbox` runs a thread that receives one stream as fast
+as it comes (gloo and NCCL receives release the GIL) and keeps at most `depth` messages: `newest`
+drops the oldest when full, `fifo` never needs to, because its sender spends a credit per message and
+waits for one when it has none (`Outbox`); the receiver gives a credit back each time it takes a
+message. Nothing waits without a bound: a wait of the main thread longer than sim.timeout_s (the
+receiver thread's own receive: the process group's timeout), or a peer that fails, raises the
+transport's PeerFailure.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from sim.pipeline.transport import Distributed
+from sim.pipeline.codec import Codec
+from sim.pipeline.transport import FLOAT32, Distributed
 
 TAGS = {"activations": 10, "feedback": 11, "credit": 12}
 HEADER = 2  # batch, the sender's forward count
@@ -29,8 +31,9 @@ class Inbox:
     """The stream of `kind` messages from stage `src`, up to (and including) batch `last`."""
 
     def __init__(self, transport: Distributed, src: int, kind: str, shape: tuple[int, ...], last: int, *,
-                 depth: int = 0, newest: bool = False):
+                 depth: int = 0, newest: bool = False, codec: Codec = FLOAT32):
         self.transport, self.src, self.kind, self.shape, self.last = transport, src, kind, shape, last
+        self.codec = codec  # how the payload is packed (sim.pipeline.codec)
         self.depth, self.newest = depth, newest  # depth 0: unbounded (feedback)
         self.messages: deque[tuple[int, int, torch.Tensor]] = deque()
         self.most = 0  # the most messages it ever held
@@ -51,8 +54,10 @@ class Inbox:
             while True:
                 header = torch.empty(HEADER, dtype=torch.int64)
                 dist.recv(header, peer, group=group, tag=tag)
-                payload = torch.empty(self.shape, device=self.transport.device)
-                dist.recv(payload, peer, group=group, tag=tag)
+                packed = self.codec.buffers(self.shape, self.transport.device)
+                for buffer in packed:
+                    dist.recv(buffer, peer, group=group, tag=tag)
+                payload = self.codec.decode(packed, self.shape)
                 batch, made = header.tolist()
                 with self.ready:
                     self.messages.append((batch, made, payload))
@@ -130,15 +135,15 @@ class Outbox:
         self.sent = 0
         self.received = 0  # credits back
 
-    def send(self, batch: int, made: int, payload: torch.Tensor) -> None:
+    def send(self, batch: int, made: int, packed: list[torch.Tensor]) -> None:
+        """Batch `batch`'s message, made by this rank's `made`-th forward, as its codec packed it."""
         if self.credits is not None:
             if self.sent - self.received >= self.credits:
                 self._receive_credit()
         group = self.transport.down_group if self.dst < self.transport.rank else None
         peer, tag = self.transport.base + self.dst, TAGS[self.kind]
         header = torch.tensor([batch, made], dtype=torch.int64)
-        payload = payload.detach().contiguous()
-        for tensor in (header, payload):
+        for tensor in [header, *(t.detach().contiguous() for t in packed)]:
             self.in_flight.append(dist.isend(tensor, peer, group=group, tag=tag))
             self.transport.bytes_sent += tensor.numel() * tensor.element_size()
         self.sent += 1

@@ -22,6 +22,7 @@ from layers.block import Block
 from layers.learning_rate import LearningRate
 from layers.rules.rule import LossStats
 from layers.seeding import STREAM_NEGATIVES, keyed_generator
+from sim.pipeline.codec import MessageCodecs
 
 # step -> (measure the update's norm, keep the local gradient)
 Observer = Callable[[int], tuple[bool, bool]]
@@ -73,6 +74,9 @@ class LocalStage:
     weights, which gives rho'(a) and x of the three-factor form gamma * (B c) * rho'(a) * x. With no
     delay the weights are those of the forward pass and the update equals the stashed one, bit for bit.
 
+    `codecs` (sim.codec, sim.codec_feedback): every block's output and the top block's context become
+    what the receiver decodes, here as on K processes (`packed_output`, `packed_context`: what travels).
+
     `feedback_delay` d: the delay line of a stage that holds the top block. Its waiting blocks apply
     the update of batch s, with the top block's context of batch s, just before they forward batch
     s + d + 1 (or at `apply_pending`, before a checkpoint), as blocks on lower ranks do when their
@@ -80,9 +84,11 @@ class LocalStage:
 
     def __init__(self, blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never,
                  learning_rate: LearningRate | None = None, averager: Averager | None = None, replica: int = 0,
-                 feedback_delay: int = 0, trace: bool = False):
+                 feedback_delay: int = 0, trace: bool = False, codecs: MessageCodecs = MessageCodecs()):
         self.blocks, self.seed, self.stash_weights, self.observe = list(blocks), seed, stash_weights, observe
-        self.trace = trace
+        self.trace, self.codecs = trace, codecs
+        self.packed_output: list[torch.Tensor] = []  # the last block's output as it travels (sim.codec)
+        self.packed_context: list[torch.Tensor] = []  # the top block's context as it travels (sim.codec_feedback)
         self.learning_rate = learning_rate  # None: each optimiser keeps the rate it was built with
         self.averager, self.replica = averager, replica  # None: one replica, nothing to average
         # step -> blocks awaiting feedback: (block, pooled activity (its graph, or with `trace` none), the input
@@ -107,12 +113,14 @@ class LocalStage:
                 out = block(x.detach(), self.stash_weights and block.needs_top_context)  # (2B, C, H, W)
                 features = block.features(out)  # (2B, D)
             if block.is_top:
-                self.top_context = features.detach()
+                self.top_context, self.packed_context = self.codecs.context(features, step)
             if block.needs_top_context:
                 self.pending.setdefault(step, []).append((block, features, x.detach() if traced else None))
             elif block.has_loss:
                 self._learn(block, features, None, step)
             x = out
+            if not block.is_top:  # what the next block receives: the message, coded (sim.codec)
+                x, self.packed_output = self.codecs.output(out, block.index, step)
         if self.top_context is not None and step in self.pending:  # the top block is here: no message
             if self.feedback_delay:
                 self.delay_line[step] = self.top_context
@@ -277,9 +285,11 @@ def check_finite(loss: torch.Tensor, block: int, step: int) -> None:
 
 def make_stage(blocks: Sequence[Block], seed: int, stash_weights: bool = False, observe: Observer = _never,
                learning_rate: LearningRate | None = None, averager: Averager | None = None,
-               replica: int = 0, feedback_delay: int = 0, trace: bool = False) -> LocalStage | EndToEndStage:
+               replica: int = 0, feedback_delay: int = 0, trace: bool = False,
+               codecs: MessageCodecs = MessageCodecs()) -> LocalStage | EndToEndStage:
     if blocks[0].rule.end_to_end:
         if len(blocks) != blocks[-1].index + 1 or not blocks[-1].is_top:
             raise ValueError("end-to-end (BP-SSL) methods need all six blocks in one process")
         return EndToEndStage(blocks, seed, observe, learning_rate, averager, replica)
-    return LocalStage(blocks, seed, stash_weights, observe, learning_rate, averager, replica, feedback_delay, trace)
+    return LocalStage(blocks, seed, stash_weights, observe, learning_rate, averager, replica, feedback_delay, trace,
+                      codecs)

@@ -14,7 +14,8 @@ Two implementations:
   group) a large feedback message never waits behind an activation going the other way. No wait is
   unbounded: a receive that takes longer than `timeout_s`, or a peer whose connection drops, raises
   `PeerFailure` with the name of the rank that failed first.
-Delay lines and message codecs (issues 24 and 25) are further transports, or wrap one.
+A message may be several tensors: a codec's packing (`send_packed`, `recv_packed`; sim.pipeline.codec),
+counted in `bytes_sent` as they travel.
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sim.pipeline.codec import Codec
 from sim.pipeline.schedule import Message
 
 FAILURE_KEY = "first_failure"
+FLOAT32 = Codec("fp32")  # weights, held-out activity, gradients: as they are
 
 
 class PeerFailure(RuntimeError):
@@ -93,18 +96,27 @@ class Transport:
                                 f"{listed or 'nothing more'} next")
 
     def send(self, tensor: torch.Tensor, dst: int, kind: str = "weights") -> None:
+        self.send_packed([tensor], dst, kind)
+
+    def send_packed(self, tensors: Sequence[torch.Tensor], dst: int, kind: str) -> None:
+        """One message made of `tensors` (a codec's packing, sim.pipeline.codec)."""
         self._check(Message(kind, dst, True))
-        self.bytes_sent += tensor.numel() * tensor.element_size()
-        self._send(tensor.detach().contiguous(), dst)
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        self._send([t.detach().contiguous() for t in tensors], dst)
 
     def recv(self, shape: tuple[int, ...], src: int, kind: str = "weights") -> torch.Tensor:
-        self._check(Message(kind, src, False))
-        return self._recv(shape, src)
+        return self.recv_packed(FLOAT32, shape, src, kind)
 
-    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+    def recv_packed(self, codec: Codec, shape: tuple[int, ...], src: int, kind: str) -> torch.Tensor:
+        """A message of `shape` sent packed by `codec`, decoded."""
+        self._check(Message(kind, src, False))
+        return codec.decode(self._recv(codec.buffers(shape, self.device), src), shape)
+
+    def _send(self, tensors: list[torch.Tensor], dst: int) -> None:
         raise NotImplementedError
 
-    def _recv(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
+    def _recv(self, buffers: list[torch.Tensor], src: int) -> list[torch.Tensor]:
+        """`buffers`, filled with what `src` sent."""
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -133,10 +145,10 @@ class InProcess(Transport):
     def __init__(self, device: torch.device):
         super().__init__(0, device)
 
-    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+    def _send(self, tensors: list[torch.Tensor], dst: int) -> None:
         raise ProtocolError(f"one process has no rank {dst} to send to")
 
-    def _recv(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
+    def _recv(self, buffers: list[torch.Tensor], src: int) -> list[torch.Tensor]:
         raise ProtocolError(f"one process has no rank {src} to receive from")
 
 
@@ -153,11 +165,13 @@ class Distributed(Transport):
         self.down_group = dist.new_group()  # every rank builds its transport at the same point: a collective
         # sends not yet received when an action may begin (Schedule.sends_in_flight): how far this rank runs ahead
         self.max_in_flight = max_in_flight
-        self.in_flight: deque[tuple[dist.Work, torch.Tensor, int]] = deque()
+        # one entry per message: its sends (one per packed tensor), the tensors (alive until sent), the peer
+        self.in_flight: deque[tuple[list[dist.Work], list[torch.Tensor], int]] = deque()
 
-    def _send(self, tensor: torch.Tensor, dst: int) -> None:
-        work = dist.isend(tensor, self.base + dst, group=self.down_group if dst < self.rank else None)
-        self.in_flight.append((work, tensor, dst))
+    def _send(self, tensors: list[torch.Tensor], dst: int) -> None:
+        group = self.down_group if dst < self.rank else None
+        works = [dist.isend(tensor, self.base + dst, group=group) for tensor in tensors]
+        self.in_flight.append((works, tensors, dst))
         if self.expected is None:  # outside a schedule's actions (gathering the weights): the bound at once
             self._wait_in_flight()
 
@@ -172,19 +186,20 @@ class Distributed(Transport):
         while len(self.in_flight) > self.max_in_flight:
             self._wait_oldest_send()
 
-    def _recv(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
-        buffer = torch.empty(shape, device=self.device)
-        self.wait(dist.irecv(buffer, self.base + src, group=self.down_group if src > self.rank else None), src,
-                  "receiving from")
-        return buffer
+    def _recv(self, buffers: list[torch.Tensor], src: int) -> list[torch.Tensor]:
+        group = self.down_group if src > self.rank else None
+        for buffer in buffers:
+            self.wait(dist.irecv(buffer, self.base + src, group=group), src, "receiving from")
+        return buffers
 
     def flush(self) -> None:
         while self.in_flight:
             self._wait_oldest_send()
 
     def _wait_oldest_send(self) -> None:
-        work, _, dst = self.in_flight.popleft()
-        self.wait(work, dst, "sending to")
+        works, _, dst = self.in_flight.popleft()
+        for work in works:
+            self.wait(work, dst, "sending to")
 
     def wait(self, work: dist.Work, peer: int | None, doing: str, who: str | None = None) -> None:
         """Wait for `work` up to the timeout: with `peer`, a stage of this replica, or with the ranks

@@ -26,6 +26,7 @@ from layers.rules import get_rule
 from layers.rules.rule import RuleSettings
 from sim.data.datasets import dataset_info
 from sim.errors import ConfigError
+from sim.pipeline.codec import CODECS
 from sim.pipeline.free_running import ASYNC, FreeRunning
 from sim.pipeline.placement import check_groups
 from sim.pipeline.schedule import Schedule
@@ -104,6 +105,10 @@ class SimConfig:
     # one-process step at speed 1 takes 1), sleeping the rest; 0: as fast as it computes (a block_speed < 1
     # then sleeps in proportion to the measured compute)
     pace_s: float = 0.0
+    # what the blocks' messages become on the wire (sim.pipeline.codec): fp32 | fp16 | bf16 | int8 | int4 | spike;
+    # codec: every block's output to the next block; codec_feedback: the top block's context, down
+    codec: str = "fp32"
+    codec_feedback: str = "fp32"
     timeout_s: float = 60.0  # longest wait for a message before the run stops with an error
     # data-parallel replicas R of the whole pipeline: R x K processes, a step takes R x train.batch_size
     # images (each replica train.batch_size of them), gradients averaged over the replicas (sim.pipeline.replicas)
@@ -240,7 +245,8 @@ def validate(config: Config) -> None:
         pool_kernels(method, info.image_size, config.rule.pool or None)  # a pooling that does not fit fails here
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    choices = {"optim.schedule": (config.optim.schedule, LR_SCHEDULES),
+    choices = {"optim.schedule": (config.optim.schedule, LR_SCHEDULES), "sim.codec": (config.sim.codec, CODECS),
+               "sim.codec_feedback": (config.sim.codec_feedback, CODECS),
                "rule.contrast": (config.rule.contrast, CONTRAST_MODES),
                "rule.negatives": (config.rule.negatives, NEGATIVE_MODES)}
     for key, (value, allowed) in choices.items():

@@ -269,7 +269,7 @@ def local_engine(rank: RankSetup) -> LocalEngine:
         recording, schedule = Recording(), dataclasses.replace(schedule, log_every=0, align_every=0)
     stage = make_stage(blocks, plan.config.train.seed, stash_weights=plan.stashes_weights,
                        feedback_delay=plan.top_stage_delay if rank.stage == plan.stages - 1 else 0,
-                       trace=plan.keeps_traces,
+                       trace=plan.keeps_traces, codecs=plan.codecs,
                        observe=recording.wants, learning_rate=plan.learning_rate(rank.stop), averager=rank.averager,
                        replica=rank.replica)
 
@@ -293,7 +293,7 @@ def async_engine(rank: RankSetup) -> AsyncEngine | AsyncRank:
 
     def stage(blocks: list[Block]) -> LocalStage:
         return make_stage(blocks, plan.config.train.seed, stash_weights=plan.stashes_weights, trace=plan.keeps_traces,
-                          learning_rate=plan.learning_rate(rank.stop))
+                          learning_rate=plan.learning_rate(rank.stop), codecs=plan.codecs)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(rank.out_dir, step, rank.blocks)

@@ -18,6 +18,7 @@ from layers.rules.rule import Rule
 from sim.cost.model import StepWork, estimated_block_costs, held_memory, step_work
 from sim.data.datasets import DatasetInfo, dataset_info
 from sim.errors import ConfigError
+from sim.pipeline.codec import Codec, MessageCodecs
 from sim.pipeline.free_running import ASYNC, FreeRunning
 from sim.pipeline.placement import Mesh, Placement, PlacementError, balanced_placement, check_groups, stages_of
 from sim.pipeline.schedule import PIPELINE_SCHEDULES, MessageShapes, PipelineSettings, Schedule
@@ -105,6 +106,12 @@ class Plan:
     def keeps_traces(self) -> bool:
         """sim.stash = false: waiting blocks keep their input and pooled activity, learn with today's weights."""
         return self.rule.needs_feedback and not self.config.sim.stash
+
+    @property
+    def codecs(self) -> MessageCodecs:
+        """What the blocks' messages become on the wire (sim.codec, sim.codec_feedback)."""
+        c = self.config
+        return MessageCodecs(Codec(c.sim.codec), Codec(c.sim.codec_feedback), c.train.seed)
 
     def learning_rate(self, total_steps: int) -> LearningRate:
         """Every block's rate at each step of a run of `total_steps` steps."""
@@ -199,6 +206,10 @@ def make_plan(config: Config, world_size: int, *, pipeline: PipelineSettings | N
     `pipeline`: an end-to-end method split over the ranks with back-propagation between them (the
     BP pipeline engine); without it end-to-end methods run in one process only."""
     rule, info = get_rule(config.method), dataset_info(config.data.name)
+    coded = [key for key in ("codec", "codec_feedback") if getattr(config.sim, key) != "fp32"]
+    if coded and rule.end_to_end:
+        raise ConfigError(f"sim.{coded[0]} = {getattr(config.sim, coded[0])!r} codes the messages of local rules; "
+                          f"{rule.name} is end-to-end backprop (its messages stay float32): leave it at 'fp32'")
     if config.sim.schedule == ASYNC:
         return _free_running_plan(config, rule, info, world_size)
     replicas = config.sim.replicas

@@ -146,6 +146,13 @@ class RowReader:
                 return f"chunk {key}: {one_line(err)}"
         return one_line(err)
 
+    def report_lost_steps(self, rows: np.ndarray) -> None:
+        """Rows of this `step` array that read -1 before later steps. Not rows being written (rows are
+        appended in order, step last): the fill value of a step chunk whose file is gone."""
+        for lo, hi in consecutive_runs(rows):
+            self.damage.append(Damage(self.path, row_label(lo, hi), "step chunk missing: reads as the fill value -1",
+                                      self.outcome))
+
 
 def metadata_error(store_dir: Path, path: str, err: Exception | None) -> str:
     """Why the zarr.json of node `path` cannot be read."""
@@ -153,6 +160,17 @@ def metadata_error(store_dir: Path, path: str, err: Exception | None) -> str:
     if not meta.exists():
         return "zarr.json missing"
     return f"zarr.json: {one_line(err)}" if err is not None else "zarr.json unreadable"
+
+
+def consecutive_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive runs (first, last) of sorted row numbers."""
+    out: list[tuple[int, int]] = []
+    for r in rows.tolist():
+        if out and r == out[-1][1] + 1:
+            out[-1] = (out[-1][0], r)
+        else:
+            out.append((r, r))
+    return out
 
 
 class Listing:

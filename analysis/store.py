@@ -31,6 +31,7 @@ import zarr
 from analysis.damage import AS_NAN, DROPPED, Damage, Listing, LogError, RowReader, Unreadable, one_line, row_label, span
 from sim.record.log_format import (
     ACTIVATIONS,
+    ADDED_LATER,
     ALIGN_STEP,
     BLOCK_ATTRS,
     BP_GRADIENT,
@@ -104,23 +105,8 @@ def _kept_rows(step: RowReader, readers: list[RowReader]) -> tuple[np.ndarray, n
     steps = np.asarray(values, np.int64)[rows]
     m = _common_rows(steps, [])
     rows, steps = rows[:m], steps[:m]
-    # A -1 before later steps is not a row being written (rows are appended in order, step last): it is the
-    # fill value of a step chunk whose file is gone.
-    for lo, hi in _runs(rows[steps < 0]):
-        step.damage.append(Damage(step.path, row_label(lo, hi), "step chunk missing: reads as the fill value -1",
-                                  step.outcome))
+    step.report_lost_steps(rows[steps < 0])
     return rows[steps >= 0], steps[steps >= 0]
-
-
-def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive runs (first, last) of sorted row numbers."""
-    out: list[tuple[int, int]] = []
-    for r in rows.tolist():
-        if out and r == out[-1][1] + 1:
-            out[-1] = (out[-1][0], r)
-        else:
-            out.append((r, r))
-    return out
 
 
 def _step_label(rows: np.ndarray, steps: np.ndarray, lo: int, hi: int) -> str | None:
@@ -193,6 +179,9 @@ class BlockLog:
         n = int(rows[-1]) + 1 if len(rows) else 0
         out = {STEP.name: self.steps}
         for spec in SCALARS:
+            if spec.name not in self.arrays:  # a log older than the array (ADDED_LATER)
+                out[spec.name] = np.full(len(rows), np.nan)
+                continue
             values, ok = self.arrays[spec.name].read(0, n, self._label)
             column = np.full(n, np.nan) if values is None else np.asarray(values, np.float64)
             column[~ok] = np.nan
@@ -306,7 +295,8 @@ def _read_block(listing: Listing, index: int, num_images: int | None, damage: li
     if missing:
         raise LogError(f"{where}: attributes {missing} are missing; the writer must set {list(BLOCK_ATTRS)}")
     arrays = {STEP.name: _reader(listing, prefix, STEP, damage)}
-    arrays |= {spec.name: _reader(listing, prefix, spec, damage, AS_NAN) for spec in SCALARS}
+    arrays |= {spec.name: _reader(listing, prefix, spec, damage, AS_NAN) for spec in SCALARS
+               if spec.name not in ADDED_LATER or listing.get(f"{prefix}/{spec.name}") != (None, None)}
     acts = arrays[ACTIVATIONS.name] = _reader(listing, prefix, ACTIVATIONS, damage)
     want = (num_images, attrs["feature_dim"])
     if acts.array is not None and num_images is not None and acts.array.shape[1:] != want:

@@ -2,12 +2,17 @@
 semantics (pure), and the one-process engine that executes it: reproducible bit for bit, equal to the
 pipelined schedule with delayed feedback when every group takes the same time, and different, as it
 should be, with a straggler."""
+import shutil
+
+import numpy as np
 import pytest
 
+from analysis.store import open_run
 from launch.show_schedule import main as schedule_main
 from sim.errors import ConfigError
 from sim.pipeline.free_running import FreeRunning, lockstep_duration, timeline
 from sim.pipeline.schedule import Schedule
+from sim.record.log_format import STORE_NAME
 from sim.run.plan import make_plan
 from tests.helpers import (
     args,
@@ -208,3 +213,17 @@ def test_a_resumed_free_running_run_repeats_the_uninterrupted_one(tmp_path, worl
         assert_same_weights(final_weights(tmp_path / "whole"), final_weights(out))
     else:  # fifo learns every batch; the timing of feedback may differ between runs, so only the cut is exact
         assert summary(out)["free_running"]["blocks"]["0"]["batches"] == 6  # the second stretch, after the cut
+
+
+def test_a_simulated_run_logs_the_ages_and_an_older_log_reads_without_them(tmp_path):
+    out = tmp_path / "run"
+    single_process(out, *DFB_ASYNC, "sim.block_speed=[1,1,1,0.25,1,1]", "log.every=2", "train.steps=8")
+    log = open_run(out)
+    assert list(log.blocks[0].steps) == [0, 2, 4, 6] and log.blocks[5].activations(3).shape[0] == 32
+    first = log.blocks[0].series  # a waiting group: its context ages are logged
+    assert np.isnan(first["context_age"][0]) and np.nanmin(first["context_age"]) >= 1  # none before the first row
+    assert np.all(first["input_age"][1:] == 0)  # the data's own group: always the newest batch
+    shutil.rmtree(out / STORE_NAME / "block0" / "input_age")  # as a log written before the ages were
+    older = open_run(out)
+    assert np.isnan(older.blocks[0].series["input_age"]).all() and not older.damage
+    assert np.array_equal(older.blocks[0].series["context_age"], first["context_age"], equal_nan=True)

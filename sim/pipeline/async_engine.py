@@ -15,6 +15,7 @@ import torch
 from sim.data.feed import ViewFeed
 from sim.pipeline.free_running import Event, FreeRunning, dynamics, segmented_timeline, segments
 from sim.pipeline.local_engine import no_checkpoint
+from sim.pipeline.recording import Recording
 from sim.pipeline.stage import LocalStage
 from sim.record.peak_memory import PeakMemory
 from sim.record.progress import WindowClock, progress_bar
@@ -26,10 +27,13 @@ class AsyncEngine:
     the others wait for `apply_feedback`); `feed` builds each batch's views."""
 
     def __init__(self, setup: FreeRunning, stages: list[LocalStage], feed: ViewFeed, device: torch.device,
-                 batch_size: int, *, checkpoint_every: int = 0, checkpoint: Callable[[int], None] = no_checkpoint):
+                 batch_size: int, *, checkpoint_every: int = 0, checkpoint: Callable[[int], None] = no_checkpoint,
+                 recording: Recording = Recording(), log_every: int = 0):
         self.setup, self.stages, self.feed, self.device, self.batch_size = setup, stages, feed, device, batch_size
         self.checkpoint_every, self.checkpoint = checkpoint_every, checkpoint
+        self.recording, self.log_every = recording, log_every
         self.recent = {b.index: deque(maxlen=LOSS_WINDOW) for s in stages for b in s.blocks}
+        self.ages = {g: {"F": [], "U": []} for g in range(len(stages))}  # since the last logged batch
 
     def run(self, start: int, stop: int, *, progress: bool = True, memory: PeakMemory | None = None) -> RankResult:
         if memory is None:
@@ -42,6 +46,8 @@ class AsyncEngine:
             self._execute([e for e in events if first <= e.batch < end], bar, clock)
             for stage in self.stages:
                 stage.settle()
+            if self.recording.log is not None:
+                self.recording.log.flush()  # the log holds every batch before a checkpoint
             self.checkpoint(end)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -62,6 +68,10 @@ class AsyncEngine:
         uses: dict[int, int] = {}
         for event in events:
             stage = self.stages[event.group]
+            if event.kind == "F" and event.group == 0 and self.log_every and event.batch % self.log_every == 0:
+                self._log(event.batch)  # before the batch, as lockstep logs do
+            if event.kind in "FU":
+                self.ages[event.group][event.kind].append(event.age)
             if event.kind == "F":
                 self._forward(event, stage, outputs, contexts, top)
                 if event.group == 0:
@@ -90,6 +100,23 @@ class AsyncEngine:
             outputs[g, batch] = out
         elif any(self.setup.waits_for_feedback):
             contexts[batch] = stage.top_context
+
+    def _log(self, batch: int) -> None:
+        """The log's row of `batch` for every block: the held-out images' activity with the weights of the
+        moment, each block's latest loss and the mean ages of its group's updates since the last row."""
+        log = self.recording.log
+        for stage in self.stages:
+            stage.settle()
+        for block, features in self.recording.heldout.run().items():
+            log.blocks[block].record(batch, activations=features)
+        for group, stage in enumerate(self.stages):
+            ages = {f"{name}_age": sum(values) / len(values) for name, values in
+                    (("input", self.ages[group]["F"]), ("context", self.ages[group]["U"])) if values}
+            for block in stage.blocks:
+                losses = self.recent[block.index]
+                log.blocks[block.index].record(batch, "forward", bytes_sent=0)
+                log.blocks[block.index].record(batch, "update", **ages, **({"loss": losses[-1]} if losses else {}))
+            self.ages[group] = {"F": [], "U": []}
 
     def _record_updates(self, stage: LocalStage) -> None:
         for update in stage.updates:

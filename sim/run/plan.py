@@ -277,7 +277,9 @@ def _free_running_plan(config: Config, rule: Rule, info: DatasetInfo, world_size
                             config.sim.mailbox_depth, config.sim.mailbox, config.sim.speed_jitter, config.train.seed)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    schedule = Schedule("pipelined", "exact", (False,) * world_size)  # no grid: the engines send what they send
+    # no grid (the engines send what they send); one process keeps the log at group 0's logged batches
+    log_every = config.log.every if world_size == 1 else 0
+    schedule = Schedule("pipelined", "exact", (False,) * world_size, log_every=log_every)
     rows = 2 * config.train.batch_size
     channels, sizes = block_channels(config.model.width), map_sizes(info.image_size)
     shapes = MessageShapes(tuple((rows, channels[g[-1]], sizes[g[-1]], sizes[g[-1]]) for g in placement.groups),

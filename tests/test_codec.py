@@ -4,6 +4,7 @@ travel, and fewer of them), and settings that cannot work refused before any wor
 import pytest
 import torch
 
+from sim.cost.measure import measure_block_times
 from sim.errors import ConfigError
 from sim.pipeline.codec import CODECS, Codec
 from sim.run.plan import make_plan
@@ -92,3 +93,13 @@ def test_a_codec_that_does_not_exist_is_refused(overrides, message):
 def test_end_to_end_rules_refuse_a_codec():
     with pytest.raises(ConfigError, match="bp_infonce is end-to-end backprop"):
         make_plan(run_config("method=bp_infonce", "sim.codec=int8"), 1)
+
+
+def test_the_cost_model_counts_the_packed_bytes():
+    plan = make_plan(run_config("sim.codec=int8", "sim.codec_feedback=spike"), 1)
+    blocks = plan.build_blocks(range(6), torch.device("cpu"))
+    views = torch.randn(8, 3, 32, 32)
+    coded = measure_block_times(blocks, views, threads=1, data_seconds=0.0, repeats=1, codecs=plan.codecs)
+    plain = measure_block_times(blocks, views, threads=1, data_seconds=0.0, repeats=1)
+    assert [c - 4 for c in coded.activation_bytes] == [p // 4 for p in plain.activation_bytes]  # + the scale
+    assert coded.feedback_bytes == plain.feedback_bytes // 32 + 4

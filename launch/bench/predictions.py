@@ -40,7 +40,8 @@ def plan_block_times(plan: Plan, threads: int, data_seconds: float, repeats: int
     blocks = plan.build_blocks(range(NUM_BLOCKS), device)
     rows, info = 2 * plan.config.train.batch_size // microbatches, plan.info
     views = torch.randn(rows, info.channels, info.image_size, info.image_size, device=device)  # (2b, C, S, S)
-    return measure.measure_block_times(blocks, views, threads=threads, data_seconds=data_seconds, repeats=repeats)
+    return measure.measure_block_times(blocks, views, threads=threads, data_seconds=data_seconds, repeats=repeats,
+                                       codecs=plan.codecs)
 
 
 def plan_data_seconds(plan: Plan, repeats: int = 5) -> float:

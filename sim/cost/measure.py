@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from layers.block import Block
 from sim.cost.model import BlockTimes, LinkSpeed
 from sim.data.feed import ViewFeed
+from sim.pipeline.codec import MessageCodecs
 from sim.pipeline.stage import LocalStage
 
 
@@ -103,10 +104,10 @@ def _timed(run) -> float:
 
 
 def measure_block_times(blocks: Sequence[Block], views: torch.Tensor, *, threads: int, data_seconds: float,
-                        repeats: int) -> BlockTimes:
+                        repeats: int, codecs: MessageCodecs = MessageCodecs()) -> BlockTimes:
     """Per-block times of all six `blocks` (as a run builds them) with `threads` threads, on `views`:
     one batch, or one micro-batch of the BP pipeline; `data_seconds` (`measure_data_seconds`) is
-    rank 0's extra work per batch."""
+    rank 0's extra work per batch; messages as `codecs` pack them (sim.codec, sim.codec_feedback)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -114,7 +115,7 @@ def measure_block_times(blocks: Sequence[Block], views: torch.Tensor, *, threads
         end_to_end = blocks[0].rule.end_to_end
         local = zeros if end_to_end else time_local_blocks(blocks, views, repeats)
         forward, backward = time_backprop_blocks(blocks, views, repeats) if end_to_end else (zeros, zeros)
-        outputs, feedback = _message_bytes(blocks, views)
+        outputs, feedback = _message_bytes(blocks, views, codecs)
         gradients = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks]
         return BlockTimes(local, forward, backward, data_seconds, outputs, feedback, gradients)
     finally:
@@ -122,15 +123,15 @@ def measure_block_times(blocks: Sequence[Block], views: torch.Tensor, *, threads
 
 
 @torch.no_grad()
-def _message_bytes(blocks: Sequence[Block], views: torch.Tensor) -> tuple[list[int], int]:
-    """Bytes of each block's output for one batch (the messages up between ranks) and of the top
-    block's pooled activity (the feedback message down)."""
+def _message_bytes(blocks: Sequence[Block], views: torch.Tensor, codecs: MessageCodecs) -> tuple[list[int], int]:
+    """Bytes on the wire of each block's output for one batch (the messages up between ranks) and of
+    the top block's pooled activity (the feedback message down), as the codecs pack them."""
     sizes, x = [], views
     for block in blocks:
         x = block(x)
-        sizes.append(x.numel() * x.element_size())
+        sizes.append(codecs.activations.message_bytes(tuple(x.shape)))
     top = blocks[-1].features(x)  # (2B, D_top)
-    return sizes, top.numel() * top.element_size()
+    return sizes, codecs.feedback.message_bytes(tuple(top.shape))
 
 
 def measure_data_seconds(feed: ViewFeed, repeats: int = 5) -> float:

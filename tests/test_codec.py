@@ -4,11 +4,21 @@ travel, and fewer of them), and settings that cannot work refused before any wor
 import pytest
 import torch
 
+from launch.bench.codecs import bytes_per_image
 from sim.cost.measure import measure_block_times
 from sim.errors import ConfigError
 from sim.pipeline.codec import CODECS, Codec
 from sim.run.plan import make_plan
-from tests.helpers import args, assert_same_weights, final_weights, run_config, single_process, summary
+from tests.helpers import (
+    TINY,
+    TINY_CONFIG,
+    args,
+    assert_same_weights,
+    final_weights,
+    run_config,
+    single_process,
+    summary,
+)
 from tests.ranks import run_ranks
 
 # codec -> the largest error of one value, relative to the message's largest magnitude
@@ -71,6 +81,9 @@ def test_the_packed_bytes_travel(tmp_path):
         sent[name] = summary(tmp_path / name)["ranks"][0]["bytes_sent"]  # rank 0: its activations (no log)
     assert sent["fp32"] / 4.1 < sent["int8"] < sent["fp32"] / 3.9
     assert sent["fp32"] / 33 < sent["spike"] < sent["fp32"] / 31
+    images = 6 * 4  # TINY: 6 steps of 4 images; the codec study counts the same bytes (launch.bench.codecs)
+    for name, count in sent.items():
+        assert count / images == bytes_per_image("clapp_pp", name, "fp32", TINY_CONFIG, tuple(TINY))
 
 
 def test_free_running_processes_send_packed_messages(tmp_path):

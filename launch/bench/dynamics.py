@@ -20,17 +20,15 @@ invocations (`--reverse` for the second) share the cells.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import shutil
 import statistics
-import time
 from pathlib import Path
 
-from launch.bench.table import SCALES, run_at_most
-from launch.machine import available_cores, code_version, cpu_name, mean_spread, replace_between_markers
+from launch.bench.study import Cell, Study
+from launch.bench.table import SCALES
+from launch.machine import mean_spread, replace_between_markers
 from launch.program import run_program
-from launch.runner import launch_run, positive
+from launch.runner import positive
 
 ROOT = Path(__file__).parents[1]  # launch/
 BENCHMARKS = ROOT.parent / "BENCHMARKS.md"
@@ -43,6 +41,7 @@ STEPS = 2000
 RULES = ("clapp_pp_dfb", "clapp_pp_both")
 DELAYS = (0, 1, 2, 4, 8, 16, 32)
 MODES = {"stash": "sim.stash=true", "trace": "sim.stash=false"}
+STUDY = Study(DYNAMICS_JSON, CONFIG, STEPS)
 
 
 def delay_key(rule: str, delay: int, mode: str, seed: int) -> str:
@@ -58,39 +57,7 @@ def delay_cells() -> list[tuple[str, int, str, int]]:
     return first + traced + seeds
 
 
-def load() -> dict:
-    return json.loads(DYNAMICS_JSON.read_text()) if DYNAMICS_JSON.exists() else {"cells": {}}
-
-
-def save_cell(key: str, cell: dict) -> None:
-    """Add one finished cell to DYNAMICS_JSON, as the file holds it now: several invocations (one per
-    core, from both ends of the list) may fill it at once."""
-    DYNAMICS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    with open(DYNAMICS_JSON.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = load()
-        results["cells"][key] = cell
-        temporary = DYNAMICS_JSON.with_suffix(".tmp")
-        temporary.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-        temporary.replace(DYNAMICS_JSON)
-
-
-def run_cell(root: str, overrides: list[str], out: Path) -> dict:
-    """One run of the protocol, STEPS steps, with `overrides`; what the tables need of it."""
-    shutil.rmtree(out, ignore_errors=True)
-    sets = ["data.name=cifar10", f"data.root={root}", f"train.steps={STEPS}", *overrides]
-    began = time.monotonic()
-    summary = launch_run(CONFIG, sets, out, progress=False)
-    probe = summary.probe
-    return {"steps": summary.steps, "probe_accuracy": probe["probe_accuracy"],
-            "last_block_accuracy": probe["per_block_probe_accuracy"][-1],
-            "per_block_probe_accuracy": probe["per_block_probe_accuracy"], "images_per_s": summary.images_per_s,
-            "free_running": summary.free_running, "run": str(out), "wall_s": round(time.monotonic() - began, 1),
-            "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{cpu_name()} ({available_cores()} cores)"}
-
-
-def delay_runs() -> list[tuple[str, list[str], dict]]:
+def delay_runs() -> list[Cell]:
     return [(delay_key(rule, d, mode, seed),
              [f"method={rule}", f"train.seed={seed}", f"sim.feedback_delay={d}", MODES[mode]],
              {"rule": rule, "delay": d, "mode": mode, "seed": seed}) for rule, d, mode, seed in delay_cells()]
@@ -162,19 +129,6 @@ def draw_delay(cells: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_cells(cells: list[tuple[str, list[str], dict]], root: str, jobs: int, runs: Path, redo: bool) -> None:
-    """Run (key, overrides, fields) cells not yet in the results (checked again before each starts)."""
-    todo = [c for c in cells if redo or c[0] not in load()["cells"]]
-
-    def one(number: int, key: str, sets: list[str], fields: dict) -> None:
-        if not redo and key in load()["cells"]:
-            return  # another invocation did it meanwhile
-        print(f"\n== [{number}/{len(todo)}] {key}", flush=True)
-        save_cell(key, {**fields, **run_cell(root, sets, runs / key.replace("/", "_"))})
-
-    run_at_most(jobs, one, [(n, *c) for n, c in enumerate(todo, 1)])
-
-
 # Async against lockstep: one group per block, every block the same time per batch (sim.block_time), block
 # STRAGGLER SLOWED times slower. Lockstep learns every batch in the same order whatever the speeds (its
 # weights are those of the equal-speed run, which is the pipelined schedule with delayed feedback, bit for
@@ -187,7 +141,7 @@ def straggler(slowed: int) -> str:
     return "sim.block_speed=[" + ",".join("1" if b != STRAGGLER else str(1 / slowed) for b in range(6)) + "]"
 
 
-def async_runs() -> list[tuple[str, list[str], dict]]:
+def async_runs() -> list[Cell]:
     cells = []
     for rule in ("clapp_pp_dfb", "clapp_pp"):
         for mailbox, slowed in (("lockstep", 1), ("newest", 2), ("newest", 4), ("fifo", 4)):
@@ -260,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.render:
         cells = [c for name, make in PARTS.items() if args.part in (name, "all") for c in make()]
-        run_cells(cells[::-1] if args.reverse else cells, args.data_root, args.jobs, args.runs, args.redo)
-    print(render(load()))
+        STUDY.run(cells[::-1] if args.reverse else cells, args.data_root, args.jobs, args.runs, args.redo)
+    print(render(STUDY.load()))
     print(f"\nresults: {DYNAMICS_JSON}; figure: {DELAY_FIGURE}")
     return 0
 

@@ -1,0 +1,66 @@
+"""Studies made of cells, each one run of `launch.train` at a shortened CPU protocol: a cell's result
+goes into the study's results file as soon as it ends, so a study resumes where it stopped, and two
+invocations (one per core, the second with its cell list reversed) can fill one file at once.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.bench.table import run_at_most
+from launch.machine import available_cores, code_version, cpu_name
+from launch.runner import launch_run
+
+Cell = tuple[str, list[str], dict]  # key, `--set` overrides, fields recorded with the result
+
+
+@dataclass(frozen=True)
+class Study:
+    results: Path  # the JSON file of every finished cell
+    config: Path  # the protocol
+    steps: int  # what the protocol is shortened to
+
+    def load(self) -> dict:
+        return json.loads(self.results.read_text()) if self.results.exists() else {"cells": {}}
+
+    def save_cell(self, key: str, cell: dict) -> None:
+        """Add one finished cell to the results as the file holds them now (another invocation may
+        have added cells since this one started)."""
+        self.results.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.results.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            results = self.load()
+            results["cells"][key] = cell
+            temporary = self.results.with_suffix(".tmp")
+            temporary.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            temporary.replace(self.results)
+
+    def run_cell(self, root: str, overrides: list[str], out: Path) -> dict:
+        """One run of the protocol, `steps` steps, with `overrides`; what the tables need of it."""
+        shutil.rmtree(out, ignore_errors=True)
+        sets = ["data.name=cifar10", f"data.root={root}", f"train.steps={self.steps}", *overrides]
+        began = time.monotonic()
+        summary = launch_run(self.config, sets, out, progress=False)
+        probe = summary.probe
+        return {"steps": summary.steps, "probe_accuracy": probe["probe_accuracy"],
+                "last_block_accuracy": probe["per_block_probe_accuracy"][-1],
+                "per_block_probe_accuracy": probe["per_block_probe_accuracy"], "images_per_s": summary.images_per_s,
+                "free_running": summary.free_running, "run": str(out), "wall_s": round(time.monotonic() - began, 1),
+                "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{cpu_name()} ({available_cores()} cores)"}
+
+    def run(self, cells: list[Cell], root: str, jobs: int, runs: Path, redo: bool) -> None:
+        """Run the cells not yet in the results (checked again before each starts), `jobs` at a time."""
+        todo = [c for c in cells if redo or c[0] not in self.load()["cells"]]
+
+        def one(number: int, key: str, sets: list[str], fields: dict) -> None:
+            if not redo and key in self.load()["cells"]:
+                return  # another invocation did it meanwhile
+            print(f"\n== [{number}/{len(todo)}] {key}", flush=True)
+            self.save_cell(key, {**fields, **self.run_cell(root, sets, runs / key.replace("/", "_"))})
+
+        run_at_most(jobs, one, [(n, *c) for n, c in enumerate(todo, 1)])

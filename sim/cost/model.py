@@ -89,6 +89,25 @@ def step_work(width: float, in_channels: int, input_size: int, rows: int, featur
     return StepWork(conv, heads, 7 * 4 * params)
 
 
+def block_operations(width: float, in_channels: int, input_size: int, rows: int, feature_dims: Sequence[int],
+                     head_dims: Sequence[Sequence[int]], end_to_end: bool, head_passes: int,
+                     reruns_forward: Sequence[bool]) -> list[dict[str, float]]:
+    """Per block, the multiply-accumulates of one step on `rows` views (2B), dense, as step_work
+    counts them: `forward` (the convolution and the heads), `update` (the weight gradients, and the
+    block run again on its kept input where `reruns_forward`: an eligibility trace) and `backward` (the
+    input gradient: end to end only, not into the image), and `convolution`, the forward convolution's
+    share (what event-driven hardware scales by its input's non-zero fraction). Element-wise work is
+    left out."""
+    operations = []
+    for report, dim, others in zip(describe_encoder(width, in_channels, input_size), feature_dims, head_dims):
+        conv = report.macs_per_image * rows
+        heads = sum(rows * dim * other for other in others)
+        rerun = conv if reruns_forward[report.index] else 0.0
+        operations.append({"forward": conv + heads, "update": conv + (head_passes - 1) * heads + rerun,
+                           "backward": conv if end_to_end and report.index > 0 else 0.0, "convolution": conv})
+    return operations
+
+
 def held_memory(width: float, in_channels: int, input_size: int, rows: int, blocks: Sequence[int],
                 head_params: Sequence[int], all_at_once: bool, *, pending: int = 1,
                 trace_dims: Sequence[int] | None = None) -> dict[str, int]:

@@ -57,7 +57,8 @@ class AsyncEngine:
             rank=0, blocks=[b.index for s in self.stages for b in s.blocks], steps=stop - start, seconds=seconds,
             busy_seconds=seconds, wait_seconds=0.0, bytes_sent=0, peak_memory_bytes=memory.peak_bytes(),
             loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r}, window_seconds=clock.windows,
-            free_running=dynamics(self.setup, events, start, stop, self.batch_size))
+            free_running=dynamics(self.setup, events, start, stop, self.batch_size),
+            input_zero_fraction={b: f for stage in self.stages for b, f in stage.zeros.fractions().items()})
 
     def _execute(self, events: list[Event], bar, clock: WindowClock) -> None:
         """One stretch's events, in order."""
@@ -114,7 +115,9 @@ class AsyncEngine:
                     (("input", self.ages[group]["F"]), ("context", self.ages[group]["U"])) if values}
             for block in stage.blocks:
                 losses = self.recent[block.index]
-                log.blocks[block.index].record(batch, "forward", bytes_sent=0)
+                zeros = stage.zeros.latest_fraction(block.index)  # of the group's latest batch
+                log.blocks[block.index].record(batch, "forward", bytes_sent=0,
+                                               **({} if zeros is None else {"input_zero_fraction": zeros}))
                 log.blocks[block.index].record(batch, "update", **ages, **({"loss": losses[-1]} if losses else {}))
             self.ages[group] = {"F": [], "U": []}
 

@@ -73,7 +73,8 @@ class AsyncRank:
             busy_seconds=self.busy, wait_seconds=self.transport.wait_seconds, bytes_sent=self.transport.bytes_sent,
             peak_memory_bytes=memory.peak_bytes(), window_seconds=clock.windows,
             loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r},
-            free_running=self._record())
+            free_running=self._record(), input_zero_fraction=self.stage.zeros.fractions(),
+            bytes_by_kind=self.transport.bytes_by_kind)
 
     def _stretch(self, first: int, end: int, bar, clock: WindowClock) -> None:
         """Batches first..end-1, free-running, then every message received and every update settled."""

@@ -92,6 +92,7 @@ class LocalEngine:
             bytes_sent=self.transport.bytes_sent, peak_memory_bytes=memory.peak_bytes(),
             loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r},
             feedback_delays=self._feedback_delays(), window_seconds=clock.windows,
+            input_zero_fraction=self.stage.zeros.fractions(), bytes_by_kind=self.transport.bytes_by_kind,
         )
 
     def _feedback_delays(self) -> dict[int, int]:
@@ -130,8 +131,10 @@ class LocalEngine:
                 self.recording.alignment.deliver()
         if logged:
             seconds, sent = time.perf_counter() - began, self.transport.bytes_sent - sent
-            for writer in log.blocks.values():
-                writer.record(step, "forward", step_seconds=seconds, bytes_sent=sent)
+            for block, writer in log.blocks.items():
+                zeros = self.stage.zeros.latest_fraction(block)
+                writer.record(step, "forward", step_seconds=seconds, bytes_sent=sent,
+                              **({} if zeros is None else {"input_zero_fraction": zeros}))
 
     def _record_pairs(self, step: int, bp_gradients: dict | None) -> None:
         for block, gradient in (bp_gradients or {}).items():

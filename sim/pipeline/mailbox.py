@@ -58,6 +58,7 @@ class Inbox:
                 for buffer in packed:
                     dist.recv(buffer, peer, group=group, tag=tag)
                 payload = self.codec.decode(packed, self.shape)
+                self.transport.count(self.kind, "received", sum(t.numel() * t.element_size() for t in packed))
                 batch, made = header.tolist()
                 with self.ready:
                     self.messages.append((batch, made, payload))
@@ -101,6 +102,7 @@ class Inbox:
         if not self.newest:
             credit = torch.tensor([batch, 0], dtype=torch.int64)
             self.transport.bytes_sent += credit.numel() * credit.element_size()
+            self.transport.count("credit", "sent", credit.numel() * credit.element_size())
             self.credits_given.append(dist.isend(credit, self.transport.base + self.src,
                                                  group=self.transport.down_group, tag=TAGS["credit"]))
         return batch, age, payload
@@ -146,6 +148,7 @@ class Outbox:
         for tensor in [header, *(t.detach().contiguous() for t in packed)]:
             self.in_flight.append(dist.isend(tensor, peer, group=group, tag=tag))
             self.transport.bytes_sent += tensor.numel() * tensor.element_size()
+            self.transport.count(self.kind, "sent", tensor.numel() * tensor.element_size())
         self.sent += 1
         while len(self.in_flight) > 64:  # a receiver this far behind is stuck: wait, with the timeout
             self.transport.wait(self.in_flight.popleft(), self.dst, f"sending {self.kind} to")

@@ -23,6 +23,7 @@ from layers.learning_rate import LearningRate
 from layers.rules.rule import LossStats
 from layers.seeding import STREAM_NEGATIVES, keyed_generator
 from sim.pipeline.codec import MessageCodecs
+from sim.record.activity import ZeroCounter
 
 # step -> (measure the update's norm, keep the local gradient)
 Observer = Callable[[int], tuple[bool, bool]]
@@ -89,6 +90,7 @@ class LocalStage:
         self.trace, self.codecs = trace, codecs
         self.packed_output: list[torch.Tensor] = []  # the last block's output as it travels (sim.codec)
         self.packed_context: list[torch.Tensor] = []  # the top block's context as it travels (sim.codec_feedback)
+        self.zeros = ZeroCounter()  # how sparse each block's input is
         self.learning_rate = learning_rate  # None: each optimiser keeps the rate it was built with
         self.averager, self.replica = averager, replica  # None: one replica, nothing to average
         # step -> blocks awaiting feedback: (block, pooled activity (its graph, or with `trace` none), the input
@@ -108,6 +110,7 @@ class LocalStage:
         self.settle()
         self._apply_delayed(before=step - self.feedback_delay)
         for block in self.blocks:
+            self.zeros.observe(block.index, x)
             traced = self.trace and block.needs_top_context
             with torch.no_grad() if traced else contextlib.nullcontext():  # a trace keeps no graph
                 out = block(x.detach(), self.stash_weights and block.needs_top_context)  # (2B, C, H, W)
@@ -227,6 +230,7 @@ class EndToEndStage:
         self.averager, self.replica = averager, replica
         self.updates: list[UpdateRecord] = []
         self.started: list[Block] = []  # blocks whose gradient average is on its way, in the order started
+        self.zeros = ZeroCounter()  # how sparse each block's input is
         self.countdowns: list[_Countdown] = []
         if averager is not None:  # each block's average starts as soon as the backward pass has its gradients
             for block in self.blocks:
@@ -249,6 +253,7 @@ class EndToEndStage:
         for countdown in self.countdowns:
             countdown.reset()
         for block in self.blocks:
+            self.zeros.observe(block.index, x)
             x = block(x)  # (2B, C, H, W): not detached
         top = self.blocks[-1]
         loss, stats = top.loss(top.features(x), None, negatives_generator(top, self.seed, step, self.replica))

@@ -74,6 +74,7 @@ class Transport:
     def __init__(self, rank: int, device: torch.device):
         self.rank, self.device = rank, device
         self.bytes_sent = 0
+        self.bytes_by_kind: dict[str, dict[str, int]] = {"sent": {}, "received": {}}  # kind -> bytes
         self.wait_seconds = 0.0
         self.expected: deque[Message] | None = None  # what the current action still sends and receives
 
@@ -101,7 +102,9 @@ class Transport:
     def send_packed(self, tensors: Sequence[torch.Tensor], dst: int, kind: str) -> None:
         """One message made of `tensors` (a codec's packing, sim.pipeline.codec)."""
         self._check(Message(kind, dst, True))
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        self.bytes_sent += size
+        self.count(kind, "sent", size)
         self._send([t.detach().contiguous() for t in tensors], dst)
 
     def recv(self, shape: tuple[int, ...], src: int, kind: str = "weights") -> torch.Tensor:
@@ -110,7 +113,13 @@ class Transport:
     def recv_packed(self, codec: Codec, shape: tuple[int, ...], src: int, kind: str) -> torch.Tensor:
         """A message of `shape` sent packed by `codec`, decoded."""
         self._check(Message(kind, src, False))
-        return codec.decode(self._recv(codec.buffers(shape, self.device), src), shape)
+        packed = self._recv(codec.buffers(shape, self.device), src)
+        self.count(kind, "received", sum(t.numel() * t.element_size() for t in packed))
+        return codec.decode(packed, shape)
+
+    def count(self, kind: str, way: str, size: int) -> None:
+        """`size` bytes of `kind` sent or received ("sent", "received")."""
+        self.bytes_by_kind[way][kind] = self.bytes_by_kind[way].get(kind, 0) + size
 
     def _send(self, tensors: list[torch.Tensor], dst: int) -> None:
         raise NotImplementedError

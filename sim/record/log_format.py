@@ -16,7 +16,8 @@ Layout (zarr v3, one store per run, written while training by every rank):
   "grid", "channels", "has_loss", "weight_shape"; arrays along dimension "step" (SERIES): step
   int64, loss, score_pos, score_neg, update_norm, feedback_norm, step_seconds float32, bytes_sent
   int64, input_age, context_age float32 (free-running runs: the mean ages of the block's updates since
-  the previous logged step; NaN otherwise, and absent from older logs: ADDED_LATER); and ACTIVATIONS
+  the previous logged step; NaN otherwise), input_zero_fraction float32 (zeros in the block's input at
+  that step) - the last three absent from older logs (ADDED_LATER); and ACTIVATIONS
   (step, image, feature), float16 or float32 as the config's log.dtype says.
 - Group "block{b}/align" (ALIGN_GROUP; absent or empty for end-to-end methods), arrays along
   dimension "align" (ALIGN_ARRAYS): step int64, local_gradient (align, param) float32, bp_gradient
@@ -81,9 +82,9 @@ STEP = ArraySpec("step", (DIM_STEP,), ("int64",), fill_value=NOT_WRITTEN)
 SCALARS = tuple(ArraySpec(name, (DIM_STEP,), (dtype,)) for name, dtype in (
     ("loss", "float32"), ("score_pos", "float32"), ("score_neg", "float32"), ("update_norm", "float32"),
     ("feedback_norm", "float32"), ("step_seconds", "float32"), ("bytes_sent", "int64"), ("input_age", "float32"),
-    ("context_age", "float32")))
-# Scalars that logs written before free-running runs (issue 24) lack; readers take them as NaN there
-ADDED_LATER = ("input_age", "context_age")
+    ("context_age", "float32"), ("input_zero_fraction", "float32")))
+# Scalars that older logs lack (before free-running runs and accounting, issues 24 and 25): read as NaN there
+ADDED_LATER = ("input_age", "context_age", "input_zero_fraction")
 SERIES = (STEP, *SCALARS)  # one value per logged step
 ACTIVATIONS = ArraySpec("activations", (DIM_STEP, DIM_IMAGE, DIM_FEATURE), ("float16", "float32"))
 BLOCK_ARRAYS = (*SCALARS, ACTIVATIONS, STEP)  # in writing order: step last

@@ -48,6 +48,8 @@ class RankResult:
     feedback_delays: dict[int, int] = field(default_factory=dict)  # block -> steps from a forward to its update
     window_seconds: list[float] = field(default_factory=list)  # duration of each TIMING_WINDOW steps
     free_running: dict | None = None  # async: sim.pipeline.free_running.dynamics, the ages and the virtual clock
+    input_zero_fraction: dict[int, float] = field(default_factory=dict)  # block -> zeros in its input, over the run
+    bytes_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # "sent"/"received" -> kind -> bytes
 
     def steady_steps_per_s(self) -> float | None:
         """Median rate over timed windows, the first (warm-up) left out; None for short runs."""
@@ -87,6 +89,9 @@ class RunSummary:
     # sim.schedule = "async": the virtual clock against lockstep, and per block the batches learned and the
     # distributions of input and context ages (sim.pipeline.free_running.dynamics); None otherwise
     free_running: dict | None = None
+    # per block and image: multiply-accumulates, input zeros, synaptic operations, state held; bytes sent per
+    # image by message kind (sim.run.accounting); None in summaries written before it
+    accounting: dict | None = None
 
     @classmethod
     def from_results(cls, results: list[RankResult], batch_size: int, **fields: Any) -> RunSummary:
@@ -149,11 +154,25 @@ class RunSummary:
                  f"loss per block (mean of the last steps): {losses}"]
         if self.free_running:
             lines.append(free_running_text(self.free_running))
+        if self.accounting:
+            lines.append(accounting_text(self.accounting))
         if self.probe:
             per_block = " ".join(f"{a:.1f}" for a in self.probe["per_block_probe_accuracy"])
             lines.append(f"linear probe {self.probe['scored_on']} accuracy: {self.probe['probe_accuracy']:.2f}% "
                          f"(per block: {per_block})")
         return "\n".join(lines)
+
+
+def accounting_text(accounting: dict) -> str:
+    """One line: what an image cost, in multiply-accumulates, synaptic operations and bytes sent."""
+    blocks = accounting["blocks"].values()
+    millions = {name: sum(b[f"{name}_macs"] for b in blocks) / 1e6 for name in ("forward", "update", "backward")}
+    text = ("per image: " + ", ".join(f"{v:,.1f} M multiply-accumulates {k}" for k, v in millions.items() if v))
+    synaptic = [b["synaptic_ops"] for b in blocks]
+    if None not in synaptic:
+        text += f"; {sum(synaptic) / 1e6:,.1f} M synaptic operations (forward, non-zero inputs only)"
+    sent = sum(accounting["bytes_sent_per_image"].values())
+    return text + (f"; {sent / 1024:,.1f} KiB sent between processes" if sent else "")
 
 
 def free_running_text(dynamics: dict) -> str:

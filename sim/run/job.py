@@ -49,6 +49,7 @@ from sim.pipeline.transport import (
 from sim.pipeline.world import World, connect, connect_alone, disconnect, stop_with_launcher
 from sim.record.peak_memory import PeakMemory
 from sim.record.summary import RankResult, RunSummary, finished
+from sim.run.accounting import run_accounting
 from sim.run.checkpoint import (
     FINAL,
     completed_steps,
@@ -374,6 +375,7 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
         plan.schedule.feedback,
         microbatches=None if pipeline is None else pipeline.microbatches,
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=to_dict(config),
-        speedups=speedups(config), free_running=_free_running_record(plan, results, stop))
+        speedups=speedups(config), free_running=_free_running_record(plan, results, stop),
+        accounting=run_accounting(plan, results))
     summary.write(out_dir)
     return summary

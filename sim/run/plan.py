@@ -15,7 +15,7 @@ from layers.learning_rate import LearningRate
 from layers.model import build_blocks, feature_dims, pool_kernels
 from layers.rules import RULES, get_rule
 from layers.rules.rule import Rule
-from sim.cost.model import StepWork, estimated_block_costs, held_memory, step_work
+from sim.cost.model import StepWork, block_operations, estimated_block_costs, held_memory, step_work
 from sim.data.datasets import DatasetInfo, dataset_info
 from sim.errors import ConfigError
 from sim.pipeline.codec import Codec, MessageCodecs
@@ -130,6 +130,14 @@ class Plan:
         dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
         return step_work(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, dims,
                          self.head_dims(), self.rule.end_to_end, self.rule.head_passes)
+
+    def block_operations(self) -> list[dict[str, float]]:
+        """Per block, the multiply-accumulates of one step (sim.cost.model.block_operations)."""
+        c, rule = self.config, self.rule
+        dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
+        reruns = [self.keeps_traces and b < NUM_BLOCKS - 1 for b in range(NUM_BLOCKS)]  # a trace's second forward
+        return block_operations(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, dims,
+                                self.head_dims(), rule.end_to_end, rule.head_passes, reruns)
 
     def held_memory(self, blocks: Sequence[int]) -> dict[str, int]:
         """What `blocks` hold during a step of this run (sim.cost.model.held_memory)."""

@@ -7,6 +7,9 @@
     python -m analysis report RUN_DIR               one HTML page with every figure, table and the config
     python -m analysis curves RUN_DIR [RUN_DIR ...] [--out DIR]
                                                     several runs' probe accuracy against images seen and seconds
+    python -m analysis energy RUN_DIR [RUN_DIR ...] [--table TOML] [--out DIR]
+                                                    energy per learned image: compute, memory, communication
+                                                    (from summary.json: runs without a log too)
 
 Each command prints a table and writes its files into RUN_DIR/analysis/ (or --out DIR).
 
@@ -23,7 +26,7 @@ import math
 import sys
 from pathlib import Path
 
-from analysis import plots
+from analysis import energy, plots
 from analysis.cka import blocks_cka, blocks_cka_table, runs_cka, runs_cka_table
 from analysis.gradient_alignment import alignment_csv, alignment_table, block_alignment
 from analysis.logged_probe import ALPHA, SEED, TRAIN_FRACTION, probe_csv, probe_logged_run, probe_table
@@ -132,7 +135,29 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("more_run_dirs", type=Path, nargs="*", metavar="RUN_DIR", help="more runs to draw beside it")
     c.add_argument("--alpha", type=float, default=ALPHA, help="ridge penalty as a fraction of the fitted images")
     c.add_argument("--title", default="", help="the figure's title")
+    c = sub.add_parser("energy", help="energy per learned image, per block: compute, memory, communication",
+                       description=energy.__doc__.splitlines()[0])
+    c.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="finished run folders (summary.json)")
+    c.add_argument("--table", type=Path, default=None, help="a TOML file of picojoules replacing the default table")
+    c.add_argument("--out", type=Path, default=None, help="output folder (default: the first RUN_DIR/analysis)")
     return p
+
+
+def cmd_energy(args: argparse.Namespace) -> int:
+    """The one command that reads summary.json only: it works on runs without a log."""
+    try:
+        table = energy.load_table(args.table)
+        runs = [energy.run_energy(d, table) for d in args.run_dirs]
+    except LogError as err:
+        print(f"python -m analysis energy: {err}", file=sys.stderr)
+        return 2
+    print(energy.energy_table(runs, table))
+    out = args.out if args.out is not None else args.run_dirs[0] / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_write(out, "energy.json", _json({"table": table, "runs": [r.as_dict() for r in runs]})),
+               energy.plot_energy(runs, out / "energy.png")]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
 
 
 def _damage_note(runs: list[RunLog]) -> str:
@@ -146,6 +171,8 @@ def _damage_note(runs: list[RunLog]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "energy":
+        return cmd_energy(args)
     runs: list[RunLog] = []
     try:
         runs.append(open_run(args.run_dir))

@@ -134,3 +134,4 @@ def test_summary_has_the_format_the_driver_reads(pipelined):
         assert rank["busy_seconds"] > 0
         assert rank["busy_seconds"] + rank["wait_seconds"] == pytest.approx(rank["seconds"])
         assert rank["bytes_sent"] == crossing  # activations up from rank 0, their gradient down from rank 1
+    assert summary["accounting"]["bytes_sent"] == {"activations": crossing, "gradient": crossing}  # by kind too

@@ -113,6 +113,7 @@ class MeasuredStage(PipelineStage):
         super().__init__(*args, **kwargs)
         self.clock = clock
         self.bytes_sent = 0
+        self.bytes_by_kind: dict[str, int] = {}  # activations up, gradients down
 
     def forward_one_chunk(self, *args, **kwargs):
         with self.clock.timed():
@@ -123,13 +124,15 @@ class MeasuredStage(PipelineStage):
             return super().backward_one_chunk(*args, **kwargs)
 
     def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
-        return self._counted(super().get_fwd_send_ops(fwd_chunk_id))
+        return self._counted(super().get_fwd_send_ops(fwd_chunk_id), "activations")
 
     def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
-        return self._counted(super().get_bwd_send_ops(bwd_chunk_id))
+        return self._counted(super().get_bwd_send_ops(bwd_chunk_id), "gradient")
 
-    def _counted(self, ops: list[dist.P2POp]) -> list[dist.P2POp]:
-        self.bytes_sent += sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
+    def _counted(self, ops: list[dist.P2POp], kind: str) -> list[dist.P2POp]:
+        size = sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
+        self.bytes_sent += size
+        self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + size
         return ops
 
 
@@ -215,7 +218,7 @@ class BPPipelineEngine:
             rank=self.rank, blocks=[b.index for b in self.blocks], steps=steps, seconds=seconds,
             busy_seconds=self.clock.seconds, wait_seconds=max(0.0, seconds - self.clock.seconds),
             bytes_sent=self.stage.bytes_sent, peak_memory_bytes=memory.peak_bytes(), loss_per_block=losses,
-            window_seconds=windows.windows)
+            window_seconds=windows.windows, bytes_by_kind={"sent": self.stage.bytes_by_kind})
 
 
 def pipeline_group(timeout_s: float) -> dist.ProcessGroup:

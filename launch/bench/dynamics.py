@@ -35,6 +35,7 @@ BENCHMARKS = ROOT.parent / "BENCHMARKS.md"
 CONFIG = ROOT / "configs" / "protocol_cpu.toml"
 DYNAMICS_JSON = ROOT / "results" / "dynamics.json"
 DELAY_FIGURE = ROOT / "results" / "dynamics_delay.png"
+ASYNC_FIGURE = ROOT / "results" / "dynamics_async.png"
 MARKERS = ("<!-- dynamics-delay:start -->", "<!-- dynamics-delay:end -->")
 ASYNC_MARKERS = ("<!-- dynamics-async:start -->", "<!-- dynamics-async:end -->")
 STEPS = 2000
@@ -155,33 +156,63 @@ def async_runs() -> list[Cell]:
     return cells
 
 
+def mean_age(histogram: dict) -> float | None:
+    count = sum(histogram.values())
+    return sum(int(a) * n for a, n in histogram.items()) / count if count else None
+
+
 def render_async(cells: dict) -> str:
-    """The straggler table: time, what each block learned from, ages, accuracy."""
+    """The straggler table: time, what each block learned from, context ages, accuracy. (Input ages
+    are 0 throughout: `newest` takes the freshest input, and a fifo of depth 1 has no queue.)"""
     lines = [f"Block {STRAGGLER} slowed 2x or 4x; one group per block, equal times per batch otherwise. Time: the "
              "virtual clock's, relative to lockstep with the same straggler (lockstep: every group waits for the "
-             "slowest at every step). CIFAR-10 (JPEG q75), {STEPS} steps of the CPU protocol, seed 0.".replace(
-                 "{STEPS}", str(STEPS)), "",
-             "| rule | mailbox | block 3 | time vs lockstep | batches learned per block | mean input age | "
-             "mean context age per block | probe, all / last block (%) |", "|---|---|---:|---:|---|---|---|---:|"]
+             f"slowest at every step). CIFAR-10 (JPEG q75), {STEPS} steps of the CPU protocol, seed 0.", "",
+             "| rule | mailbox | block 3 | time vs lockstep | batches learned per block | mean context age per block "
+             "| probe, all / last block (%) |", "|---|---|---:|---:|---|---|---:|"]
     for key in sorted(cells):
         c = cells[key]
         dynamics = c["free_running"]
-        blocks = dynamics["blocks"]
-        order = sorted(blocks, key=int)
+        blocks = [dynamics["blocks"][b] for b in sorted(dynamics["blocks"], key=int)]
         lockstep = c["mailbox"] == "lockstep"
-
-        def mean(histogram: dict) -> str:
-            n = sum(histogram.values())
-            return "-" if not n else f"{sum(int(a) * k for a, k in histogram.items()) / n:.1f}"
-
         time_text = "1.00" if lockstep else f"{1 / dynamics['speedup_over_lockstep']:.2f}"
-        learned = " ".join(str(blocks[b]["batches"]) for b in order)
-        inputs = max((mean(blocks[b]["input_age"]) for b in order), key=lambda t: -1 if t == "-" else float(t))
-        contexts = " ".join(mean(blocks[b]["context_age"]) for b in order)
+        ages = [mean_age(b["context_age"]) for b in blocks]
         lines.append(f"| {c['rule']} | {c['mailbox']} | {c['slowed']}x slower{' (any)' if lockstep else ''} | "
-                     f"{time_text} | {learned} | {inputs} (most of any block) | {contexts} | "
+                     f"{time_text} | {' '.join(str(b['batches']) for b in blocks)} | "
+                     f"{' '.join('-' if a is None else f'{a:.1f}' for a in ages)} | "
                      f"{c['probe_accuracy']:.2f} / {c['last_block_accuracy']:.2f} |")
     return "\n".join(lines)
+
+
+def draw_async(cells: dict, path: Path) -> None:
+    """Accuracy of each straggler run (all blocks, last block), its time against lockstep on the bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    every, last = untrained_level()
+    ordered = [cells[k] for k in sorted(cells)]
+    names = [f"{c['rule']}\n{c['mailbox']} x{c['slowed']}" for c in ordered]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, field, level, title in ((axes[0], "probe_accuracy", every, "all blocks"),
+                                    (axes[1], "last_block_accuracy", last, "last block")):
+        bars = ax.bar(names, [c[field] for c in ordered],
+                      color=["tab:gray" if c["mailbox"] == "lockstep" else "tab:blue" for c in ordered])
+        for bar, c in zip(bars, ordered):
+            speed = 1.0 if c["mailbox"] == "lockstep" else 1 / c["free_running"]["speedup_over_lockstep"]
+            ax.annotate(f"time {speed:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+        if level:
+            ax.axhline(statistics.mean(level), color="tab:gray", linestyle=":", label="untrained encoder")
+            ax.legend(fontsize=8)
+        values = [c[field] for c in ordered] + ([statistics.mean(level)] if level else [])
+        ax.set_ylim(min(values) - 5, max(values) + 3)
+        ax.set_ylabel(f"probe accuracy, {title} (%)")
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"free-running blocks, block {STRAGGLER} slowed; time relative to lockstep (grey bars)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def render(results: dict) -> str:
@@ -193,6 +224,7 @@ def render(results: dict) -> str:
         replace_between_markers(BENCHMARKS, *MARKERS, parts[-1])
     free = {k: c for k, c in results["cells"].items() if k.startswith("async/")}
     if free:
+        draw_async(free, ASYNC_FIGURE)
         parts.append(render_async(free))
         replace_between_markers(BENCHMARKS, *ASYNC_MARKERS, parts[-1])
     return "\n\n".join(parts) or "no cells yet"
@@ -216,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [c for name, make in PARTS.items() if args.part in (name, "all") for c in make()]
         STUDY.run(cells[::-1] if args.reverse else cells, args.data_root, args.jobs, args.runs, args.redo)
     print(render(STUDY.load()))
-    print(f"\nresults: {DYNAMICS_JSON}; figure: {DELAY_FIGURE}")
+    print(f"\nresults: {DYNAMICS_JSON}; figures: {DELAY_FIGURE}, {ASYNC_FIGURE}")
     return 0
 
 

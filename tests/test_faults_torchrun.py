@@ -127,6 +127,18 @@ def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path, launcher):
     assert f"the torchrun agent (pid {agent.pid}) died; stopping" in output, output[-3000:]
 
 
+def test_a_worker_killed_under_torchrun_leaves_the_other_a_line_of_its_own(tmp_path):
+    log, out = tmp_path / "torchrun.log", tmp_path / "run"
+    with torchrun(LOCAL_TORCHRUN, LOCAL_ENVIRONMENT, out, log) as agent:
+        workers = children(agent.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)  # the agent sees it die and stops the other with SIGTERM
+        agent.wait(timeout=120)
+    output = log.read_text()
+    assert "torchrun stopped this worker (another worker failed or was killed" in output, output[-3000:]
+    assert f"continue it from its last checkpoint with --resume {out}" in output
+
+
 def listening_addresses(pids: list[int]) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
     """(address, port) of every listening TCP socket that one of `pids` holds."""
     inodes = set()

@@ -16,11 +16,13 @@ import datetime
 import ipaddress
 import os
 import select
+import signal
 import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -144,8 +146,10 @@ def _loopback_listener(host: str, port: int) -> int:
 _watched = False
 
 
-def stop_with_launcher(world: World) -> None:
-    """Under torchrun, stop this worker as soon as its agent dies, naming the cause (exit code 1).
+def stop_with_launcher(world: World, out_dir: Path | None = None) -> None:
+    """Under torchrun, stop this worker as soon as its agent dies, naming the cause (exit code 1); and
+    when the agent ends it (SIGTERM: another worker failed or was killed, or the run was interrupted),
+    say so in one line of its own, with the command that continues the run in `out_dir`.
 
     Killed with SIGKILL, the agent cannot stop its workers, which would train on as orphans. A
     thread waits for the agent (the parent process) to exit; it does not wait on the main thread,
@@ -155,6 +159,7 @@ def stop_with_launcher(world: World) -> None:
     if _watched or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     _watched = True
+    signal.signal(signal.SIGTERM, lambda *_: _ended_by_agent(world.rank, out_dir))
     agent = os.getppid()
     if agent == 1 and not _is_torchrun(1):  # the agent died before this process got here
         _stop(world.rank, agent)
@@ -183,6 +188,18 @@ def _stop(rank: int, agent: int) -> None:
     except OSError:
         pass
     os._exit(1)
+
+
+def _ended_by_agent(rank: int, out_dir: Path | None) -> None:
+    """torchrun's SIGTERM: its line, then the exit a SIGTERM gives (143)."""
+    _flush()
+    resume = f"; continue it from its last checkpoint with --resume {out_dir}" if out_dir is not None else ""
+    try:
+        os.write(2, f"error (rank {rank}): torchrun stopped this worker (another worker failed or was killed: its "
+                    f"exit is above; or the run was interrupted){resume}\n".encode())
+    except OSError:
+        pass
+    os._exit(128 + signal.SIGTERM)
 
 
 def _flush() -> None:

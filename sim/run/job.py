@@ -85,7 +85,7 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
 
     `resume` continues from the last complete checkpoint in `out_dir`; so does a job that torchrun
     restarted (world.attempt > 0)."""
-    stop_with_launcher(world)  # under torchrun: stop, naming the cause, if the agent dies
+    stop_with_launcher(world, out_dir)  # under torchrun: say why if the agent dies or ends this worker
     check_run_folder(out_dir, resume, world.attempt, world.rank)
     if plan.config.train.threads:
         torch.set_num_threads(plan.config.train.threads)

@@ -134,6 +134,8 @@ def test_resume_equals_uninterrupted(tmp_path, world_size):
     assert [o.exitcode for o in resumed] == [0] * world_size, resumed[0].log
     assert "resuming" in resumed[0].log
     assert_same_weights(uninterrupted, final_weights(out))
+    # the losses summary.json averages: those of the steps before the checkpoint too (LOSS_WINDOW > 8)
+    assert summary(out)["loss_per_block"] == summary(tmp_path / "whole")["loss_per_block"]
 
 
 def test_a_world_size_that_does_not_fit_the_placement_fails_before_any_work(tmp_path):

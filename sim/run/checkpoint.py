@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -76,11 +76,15 @@ def delete_weights(run_dir: Path) -> None:
     shutil.rmtree(checkpoints_folder(run_dir), ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
-    """Everything needed to continue after `step` steps: weights, B matrices, optimiser states."""
+def save_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block],
+                    recent_losses: Mapping[int, Iterable[float]] | None = None) -> None:
+    """Everything needed to continue after `step` steps: weights, B matrices, optimiser states, and
+    each block's latest losses (`recent_losses`: what summary.json averages, so that a resumed run
+    reports what an uninterrupted one does)."""
     written = []
     for block in blocks:
-        state = {"step": step, "block": block.state_dict(), "optimizer": block.optimizer.state_dict()}
+        state = {"step": step, "block": block.state_dict(), "optimizer": block.optimizer.state_dict(),
+                 "recent_losses": [float(v) for v in (recent_losses or {}).get(block.index, [])]}
         path = step_folder(run_dir, step) / f"block{block.index}.pt"
         try:
             _save_atomic(state, path)
@@ -145,13 +149,17 @@ def set_aside(run_dir: Path, step: int) -> Path:
     return target
 
 
-def load_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> None:
-    """Restore `blocks` (weights, B matrices, optimiser states) as they were after `step` steps."""
+def load_checkpoint(run_dir: Path, step: int, blocks: Sequence[Block]) -> dict[int, list[float]]:
+    """Restore `blocks` (weights, B matrices, optimiser states) as they were after `step` steps; returns
+    each block's latest losses (none from checkpoints written before they were kept)."""
+    losses = {}
     for block in blocks:
         path = step_folder(run_dir, step) / f"block{block.index}.pt"
         state = torch.load(path, map_location="cpu", weights_only=True)
         block.load_state_dict(state["block"])
         block.optimizer.load_state_dict(state["optimizer"])
+        losses[block.index] = list(state.get("recent_losses", []))
+    return losses
 
 
 def discard_after(run_dir: Path, step: int) -> None:

@@ -216,11 +216,11 @@ def _run_rank(plan: Plan, out_dir: Path, *, world: World, device: torch.device, 
     if stage == 0 and replica > 0:  # another replica's first stage: its share of every batch (rank 0 has the data)
         data = RankData(training_feed(plan, device, replica))
     blocks = plan.build_blocks(plan.placement.groups[stage], device)
-    if start:  # every replica from the same files: the same weights everywhere
-        load_checkpoint(out_dir, start, blocks)
+    # every replica from the same files: the same weights everywhere
+    recent_losses = load_checkpoint(out_dir, start, blocks) if start else {}
     rank = RankSetup(plan=plan, out_dir=out_dir, world=world, replica=replica, stage=stage, device=device,
                      transport=transport, averager=averager, blocks=blocks, data=data, start=start, stop=stop,
-                     heldout=heldout, heldout_count=heldout_count)
+                     heldout=heldout, heldout_count=heldout_count, recent_losses=recent_losses)
     engine: Engine = (pipeline_engine(rank) if plan.pipeline is not None else
                       async_engine(rank) if plan.free_running is not None else local_engine(rank))
     transport.barrier("the start barrier", SETUP_TIMEOUT_S)  # every rank built: start the clocks together
@@ -251,6 +251,7 @@ class RankSetup:
     stop: int  # the run's last step: where a decaying learning rate ends
     heldout: ImageSet | None
     heldout_count: int
+    recent_losses: dict[int, list[float]]  # from the checkpoint resumed: each block's latest losses
 
 
 class Engine(Protocol):
@@ -276,12 +277,15 @@ def local_engine(rank: RankSetup) -> LocalEngine:
 
     def checkpoint(step: int) -> None:
         if rank.replica == 0:  # the weights are the same in every replica: written once
-            save_checkpoint(rank.out_dir, step, blocks)
+            save_checkpoint(rank.out_dir, step, blocks, engine.recent)
         if rank.averager is not None:  # the other replicas wait here, not in their next average
             rank.averager.barrier(SETUP_TIMEOUT_S)
 
-    return LocalEngine(rank.stage, schedule, stage, rank.device, shapes=plan.shapes, feed=rank.data.feed,
-                       transport=rank.transport, recording=recording, checkpoint=checkpoint)
+    engine = LocalEngine(rank.stage, schedule, stage, rank.device, shapes=plan.shapes, feed=rank.data.feed,
+                         transport=rank.transport, recording=recording, checkpoint=checkpoint)
+    for block, losses in rank.recent_losses.items():  # a resumed run averages what an uninterrupted one does
+        engine.recent[block].extend(losses)
+    return engine
 
 
 def async_engine(rank: RankSetup) -> AsyncEngine | AsyncRank:

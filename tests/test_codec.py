@@ -1,9 +1,13 @@
 """Message codecs (sim.codec, sim.codec_feedback, issue 25): round-trip error bounds and unbiased
 rounding per codec, the same weights on one process and on three with any codec (the packed bytes
 travel, and fewer of them), and settings that cannot work refused before any work."""
+import json
+
 import pytest
 import torch
 
+from launch.bench.codec_speed import CODECS as CODECS_MEASURED
+from launch.bench.codec_speed import main as codec_speed
 from launch.bench.codecs import bytes_per_image
 from sim.cost.measure import measure_block_times
 from sim.errors import ConfigError
@@ -116,3 +120,16 @@ def test_the_cost_model_counts_the_packed_bytes():
     plain = measure_block_times(blocks, views, threads=1, data_seconds=0.0, repeats=1)
     assert [c - 4 for c in coded.activation_bytes] == [p // 4 for p in plain.activation_bytes]  # + the scale
     assert coded.feedback_bytes == plain.feedback_bytes // 32 + 4
+
+
+def test_the_codec_speed_benchmark_runs_end_to_end(tmp_path):
+    """`launch.bench.codec_speed --dry-run`: every codec run on 2 processes and predicted (not a measurement)."""
+    assert codec_speed(["--dry-run", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "codec_speed.json").read_text())
+    assert [r["codec"] for r in result["runs"]] == list(CODECS_MEASURED) and result["dry_run"]
+    for run in result["runs"]:
+        assert run["measured"] > 0 and run["predicted"] > 0
+        assert run["predicted_on_slower_links"]["100 Mbit/s"] <= run["predicted"]  # a slower link is never faster
+    sizes = {r["codec"]: r["message_bytes"] for r in result["runs"]}
+    assert sizes["spike"] < sizes["int4"] < sizes["int8"] < sizes["fp16"] < sizes["fp32"]
+    assert "a dry run, not a measurement" in (tmp_path / "codec_speed.md").read_text()

@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launch.bench.study import Cell, Study
+from launch.bench.study import Cell, Study, add_study_arguments
 from launch.machine import replace_between_markers
 from launch.program import run_program
-from launch.runner import positive
 from sim.pipeline.codec import Codec
 from sim.run.config import load_config
 from sim.run.plan import make_plan
@@ -99,12 +98,7 @@ def draw(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.bench.codecs", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default="", help="folder of CIFAR-10 (data.root)")
-    parser.add_argument("--reverse", action="store_true", help="run the cells from the last (a second invocation)")
-    parser.add_argument("--jobs", type=positive, default=1, help="cells at once, one thread each (2 on 2 cores)")
-    parser.add_argument("--render", action="store_true", help="only render the table and figure from the results")
-    parser.add_argument("--redo", action="store_true", help="run every cell again, even those the results have")
-    parser.add_argument("--runs", type=Path, default=Path("runs") / "codecs", help="where the run folders go")
+    add_study_arguments(parser, Path("runs") / "codecs")
     args = parser.parse_args(argv)
     if not args.render:
         todo = cells()

@@ -24,11 +24,10 @@ import json
 import statistics
 from pathlib import Path
 
-from launch.bench.study import Cell, Study
+from launch.bench.study import Cell, Study, add_study_arguments
 from launch.bench.table import SCALES
 from launch.machine import mean_spread, replace_between_markers
 from launch.program import run_program
-from launch.runner import positive
 
 ROOT = Path(__file__).parents[1]  # launch/
 BENCHMARKS = ROOT.parent / "BENCHMARKS.md"
@@ -235,14 +234,8 @@ PARTS = {"delay": delay_runs, "async": async_runs}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.bench.dynamics", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default="", help="folder of CIFAR-10 (data.root)")
+    add_study_arguments(parser, Path("runs") / "dynamics")
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all", help="which cells to run")
-    parser.add_argument("--reverse", action="store_true",
-                        help="run the cells from the last: a second invocation beside a first one shares the work")
-    parser.add_argument("--jobs", type=positive, default=1, help="cells at once, one thread each (2 on 2 cores)")
-    parser.add_argument("--render", action="store_true", help="only render the tables and figure from the results")
-    parser.add_argument("--redo", action="store_true", help="run every cell again, even those the results have")
-    parser.add_argument("--runs", type=Path, default=Path("runs") / "dynamics", help="where the run folders go")
     args = parser.parse_args(argv)
     if not args.render:
         cells = [c for name, make in PARTS.items() if args.part in (name, "all") for c in make()]

@@ -4,6 +4,7 @@ invocations (one per core, the second with its cell list reversed) can fill one 
 """
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import shutil
@@ -13,9 +14,20 @@ from pathlib import Path
 
 from launch.bench.table import run_at_most
 from launch.machine import available_cores, code_version, cpu_name
-from launch.runner import launch_run
+from launch.runner import launch_run, positive
 
 Cell = tuple[str, list[str], dict]  # key, `--set` overrides, fields recorded with the result
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, runs: Path) -> None:
+    """The options every study program takes; `runs`: where its run folders go by default."""
+    parser.add_argument("--data-root", default="", help="folder of CIFAR-10 (data.root)")
+    parser.add_argument("--reverse", action="store_true",
+                        help="run the cells from the last: a second invocation beside a first one shares the work")
+    parser.add_argument("--jobs", type=positive, default=1, help="cells at once, one thread each (2 on 2 cores)")
+    parser.add_argument("--render", action="store_true", help="only render the tables and figures from the results")
+    parser.add_argument("--redo", action="store_true", help="run every cell again, even those the results have")
+    parser.add_argument("--runs", type=Path, default=runs, help="where the run folders go")
 
 
 @dataclass(frozen=True)

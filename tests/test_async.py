@@ -161,8 +161,13 @@ def mean_age(histogram: dict) -> float:
 
 
 def test_three_processes_run_free_and_the_simulation_predicts_their_ages(tmp_path):
-    outcomes = run_ranks(3, args(*PACED, out=tmp_path / "run"), tmp_path / "logs")
+    outcomes = run_ranks(3, args(*PACED, "log.every=10", out=tmp_path / "run"), tmp_path / "logs")
     assert [o.exitcode for o in outcomes] == [0, 0, 0], outcomes[1].log[-2000:]
+    log = open_run(tmp_path / "run")  # each rank logs every row, a straggler when it reaches it
+    assert all(list(log.blocks[b].steps) == [0, 10, 20, 30] for b in range(6)) and not log.damage
+    assert log.blocks[5].activations(3).shape[0] == 32
+    ages = log.blocks[2].series["context_age"]  # the straggler's group waits for feedback
+    assert np.isnan(ages[0]) and np.nanmin(ages[1:]) >= 0 and np.isfinite(log.blocks[4].series["input_age"][1:]).all()
     found = summary(tmp_path / "run")["free_running"]
     assert found["engine"] == "processes" and found["most_in_mailbox"][1:] == [1, 1]  # newest holds one
     measured, predicted = found["blocks"], found["predicted_blocks"]
@@ -227,3 +232,16 @@ def test_a_simulated_run_logs_the_ages_and_an_older_log_reads_without_them(tmp_p
     older = open_run(out)
     assert np.isnan(older.blocks[0].series["input_age"]).all() and not older.damage
     assert np.array_equal(older.blocks[0].series["context_age"], first["context_age"], equal_nan=True)
+
+
+def test_free_running_memory_counts_every_batch_a_waiting_group_holds():
+    slow_top = [*DFB_ASYNC, "sim.block_speed=[1,1,1,1,1,0.25]"]
+    plan = make_plan(run_config(*slow_top), 1)
+    events = timeline(plan.free_running, 0, 200)
+    longest = max(e.age for e in events if e.kind == "U" and e.group == 0)
+    pending = plan.most_pending([0])
+    assert pending >= longest + 1 > 2  # the waits of a group that forwards 4 batches per context
+    one_batch = make_plan(run_config("method=clapp_pp_dfb"), 1).held_memory([0])  # exact feedback: one batch
+    stashed, traced = plan.held_memory([0]), make_plan(run_config(*slow_top, "sim.stash=false"), 1).held_memory([0])
+    assert stashed["activity"] == pending * one_batch["activity"] and stashed["stashed_weights"] > 0
+    assert traced["stashed_weights"] == 0 and traced["activity"] < stashed["activity"]

@@ -14,7 +14,9 @@ compute; with `sim.pace_s`, until it has lasted pace_s times its duration on the
 Each rank records what the simulation records: input ages (newer messages that had come when it took
 one), context ages (its forwards between a batch's forward and its update), the batches it learned
 from and forgot, and its own seconds per batch (waits for input left out), which the run's summary
-feeds to the simulation to predict the same ages.
+feeds to the simulation to predict the same ages. With a log (log.every), each rank writes its blocks'
+row of batch b when it reaches b (takes a batch at or after it): the held-out activity with its
+weights of that moment, from the activity the rank below sent when it reached the same row.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import torch
 from sim.data.feed import ViewFeed
 from sim.pipeline.free_running import FreeRunning, segments
 from sim.pipeline.local_engine import no_checkpoint
-from sim.pipeline.mailbox import Inbox, Outbox
+from sim.pipeline.mailbox import Inbox, Outbox, receive
+from sim.pipeline.recording import Recording
 from sim.pipeline.schedule import MessageShapes
 from sim.pipeline.stage import LocalStage
 from sim.pipeline.transport import Distributed
@@ -41,8 +44,10 @@ class AsyncRank:
 
     def __init__(self, rank: int, setup: FreeRunning, stage: LocalStage, device: torch.device, *,
                  transport: Distributed, shapes: MessageShapes, feed: ViewFeed | None, pace_s: float = 0.0,
-                 checkpoint_every: int = 0, checkpoint: Callable[[int], None] = no_checkpoint):
+                 checkpoint_every: int = 0, checkpoint: Callable[[int], None] = no_checkpoint,
+                 recording: Recording = Recording(), log_every: int = 0):
         self.rank, self.setup, self.stage, self.device, self.pace_s = rank, setup, stage, device, pace_s
+        self.recording, self.log_every = recording, log_every
         self.checkpoint_every, self.checkpoint = checkpoint_every, checkpoint
         self.most_in_mailbox = 0
         self.transport, self.shapes, self.feed = transport, shapes, feed
@@ -53,6 +58,7 @@ class AsyncRank:
         self.pending: dict[int, int] = {}  # batch -> forwards before it, awaiting its context
         self.input_ages: Counter = Counter()
         self.context_ages: Counter = Counter()
+        self.since_row = {"input_age": [], "context_age": [], "forwards": 0, "bytes_sent": 0}
         self.forgotten = 0
         self.busy = 0.0  # seconds of forward passes, emulated slowness included
         self.own_seconds = 0.0  # of the loop over batches, waits for input and credits left out
@@ -81,7 +87,8 @@ class AsyncRank:
         last, policy = end - 1, self.setup.policy
         codecs = self.stage.codecs
         inbox = (Inbox(self.transport, self.rank - 1, "activations", self.shapes.activations[self.rank - 1], last,
-                       depth=self.setup.depth, newest=policy == "newest", codec=codecs.activations)
+                       depth=self.setup.depth, newest=policy == "newest", credits=policy == "fifo",
+                       codec=codecs.activations)
                  if self.rank > 0 else None)
         feedback = (Inbox(self.transport, self.top, "feedback", self.shapes.feedback, last, codec=codecs.feedback)
                     if self.waits else None)
@@ -90,6 +97,8 @@ class AsyncRank:
                                self.setup.depth if policy == "fifo" else None)]
         else:
             outboxes = [Outbox(self.transport, r, "feedback") for r, w in enumerate(self.setup.waits_for_feedback) if w]
+        rows = deque(b for b in range(first, end) if self.log_every and b % self.log_every == 0)
+        heldout = Outbox(self.transport, self.rank + 1, "heldout") if rows and self.rank < self.top else None
         began, waited, batch = time.perf_counter(), self.transport.wait_seconds, first - 1
         while batch < last:
             if inbox is None:
@@ -98,6 +107,8 @@ class AsyncRank:
                 batch, age, x = inbox.take()
             if feedback is not None:
                 self._settle(feedback.arrived())
+            while rows and rows[0] <= batch:  # rows this rank reached (a skipping rank logs several at once)
+                self._log(rows.popleft(), heldout)
             self._forward(batch, age, x, outboxes)
             bar.update()
             clock.tick()
@@ -106,11 +117,13 @@ class AsyncRank:
         while self.pending:  # forwarded everything: the contexts still to come
             feedback.wait()
             self._settle(feedback.arrived())
-        for box in [inbox, feedback, *outboxes]:
+        for box in [inbox, feedback, heldout, *outboxes]:
             if box is not None:
                 box.close()
         self.most_in_mailbox = max(self.most_in_mailbox, inbox.most if inbox is not None else 0)
         self.stage.settle()
+        if self.recording.log is not None:
+            self.recording.log.flush()  # the log holds every batch before a checkpoint
 
     def _forward(self, batch: int, age: int, x: torch.Tensor, outboxes: list[Outbox]) -> None:
         began = time.perf_counter()
@@ -127,12 +140,35 @@ class AsyncRank:
             time.sleep(target - compute)
         self.busy += time.perf_counter() - began
         self.input_ages[age] += 1
+        self.since_row["input_age"].append(age)
         if self.waits:
             self.pending[batch] = self.forwards
         self.forwards += 1
         packed = self.stage.packed_output if self.rank < self.top else self.stage.packed_context
         for box in outboxes:
             box.send(batch, self.forwards - 1, packed)
+
+    def _log(self, row: int, heldout: Outbox | None) -> None:
+        """Log row `row`, when this rank reached it (took a batch at or after it): the held-out images'
+        activity with its weights of that moment, on the activity the rank below sent for the same row;
+        each block's latest loss, and the rank's mean ages, bytes sent per batch, since the last row."""
+        log, held = self.recording.log, self.recording.heldout
+        self.stage.settle()
+        x = held.images if self.rank == 0 else receive(self.transport, self.rank - 1, "heldout", held.input_shape)[2]
+        features, out = held.through(x)
+        if heldout is not None:
+            heldout.send(row, self.forwards, [out])
+        since, sent = self.since_row, self.transport.bytes_sent
+        ages = {name: sum(since[name]) / len(since[name]) for name in ("input_age", "context_age") if since[name]}
+        per_batch = (sent - since["bytes_sent"]) // max(self.forwards - since["forwards"], 1)
+        for block in self.stage.blocks:
+            writer, losses = log.blocks[block.index], self.recent[block.index]
+            zeros = self.stage.zeros.latest_fraction(block.index)
+            writer.record(row, activations=features[block.index])
+            writer.record(row, "forward", bytes_sent=per_batch,
+                          **({} if zeros is None else {"input_zero_fraction": zeros}))
+            writer.record(row, "update", **ages, **({"loss": losses[-1]} if losses else {}))
+        self.since_row = {"input_age": [], "context_age": [], "forwards": self.forwards, "bytes_sent": sent}
 
     def _speed_one_time(self) -> float:
         return sum(self.setup.block_seconds[b] for b in self.setup.groups[self.rank])
@@ -146,6 +182,7 @@ class AsyncRank:
                 self.forgotten += 1
             before = self.pending.pop(batch)
             self.context_ages[self.forwards - before - 1] += 1
+            self.since_row["context_age"].append(self.forwards - before - 1)
             self.stage.apply_feedback(batch, context)
             self._read_updates()
 

@@ -219,6 +219,17 @@ def segmented_timeline(setup: FreeRunning, start: int, stop: int, checkpoint_eve
     return events
 
 
+def most_pending(setup: FreeRunning, batches: int = 200) -> list[int]:
+    """Per group, the most batches it holds at once over a simulated run of `batches`: a waiting group
+    keeps each forwarded batch until its context comes or it is forgotten; the others hold one."""
+    held, most = [0] * len(setup.groups), [1] * len(setup.groups)
+    for event in timeline(setup, 0, batches):
+        if setup.waits_for_feedback[event.group]:
+            held[event.group] += 1 if event.kind == "F" else -1
+            most[event.group] = max(most[event.group], held[event.group])
+    return most
+
+
 def lockstep_duration(setup: FreeRunning, start: int, stop: int) -> float:
     """Virtual time of the same batches in the pipelined schedule (every group waits for the slowest
     at every tick), the comparison for a straggler."""

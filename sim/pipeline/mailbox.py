@@ -23,18 +23,39 @@ import torch.distributed as dist
 from sim.pipeline.codec import Codec
 from sim.pipeline.transport import FLOAT32, Distributed
 
-TAGS = {"activations": 10, "feedback": 11, "credit": 12}
+TAGS = {"activations": 10, "feedback": 11, "credit": 12, "heldout": 13}
 HEADER = 2  # batch, the sender's forward count
+
+
+def receive(transport: Distributed, src: int, kind: str, shape: tuple[int, ...], codec: Codec = FLOAT32, *,
+            in_background: bool = False) -> tuple[int, int, torch.Tensor]:
+    """The next `kind` message from stage `src`: (batch, the sender's forward count, payload decoded).
+    The main thread waits up to the transport's timeout (counted in its wait_seconds, a failed peer
+    named); a receiver thread in the background waits as the process group does, and hands errors on."""
+    peer, tag = transport.base + src, TAGS[kind]
+    group = transport.down_group if src > transport.rank else None
+    header = torch.empty(HEADER, dtype=torch.int64)
+    packed = codec.buffers(shape, transport.device)
+    for buffer in [header, *packed]:
+        work = dist.irecv(buffer, peer, group=group, tag=tag)
+        if in_background:
+            work.wait()
+        else:
+            transport.wait(work, src, f"receiving {kind} from")
+    transport.count(kind, "received", sum(t.numel() * t.element_size() for t in packed))
+    batch, made = header.tolist()
+    return batch, made, codec.decode(packed, shape)
 
 
 class Inbox:
     """The stream of `kind` messages from stage `src`, up to (and including) batch `last`."""
 
     def __init__(self, transport: Distributed, src: int, kind: str, shape: tuple[int, ...], last: int, *,
-                 depth: int = 0, newest: bool = False, codec: Codec = FLOAT32):
+                 depth: int = 0, newest: bool = False, credits: bool = False, codec: Codec = FLOAT32):
         self.transport, self.src, self.kind, self.shape, self.last = transport, src, kind, shape, last
         self.codec = codec  # how the payload is packed (sim.pipeline.codec)
         self.depth, self.newest = depth, newest  # depth 0: unbounded (feedback)
+        self.credits = credits  # a credit back to the sender for each message taken (fifo)
         self.messages: deque[tuple[int, int, torch.Tensor]] = deque()
         self.most = 0  # the most messages it ever held
         self.made = -1  # the sender's forward count of the newest message received, dropped or not
@@ -45,21 +66,11 @@ class Inbox:
         self.thread = threading.Thread(target=self._receive, name=f"inbox-{kind}-{src}", daemon=True)
         self.thread.start()
 
-    def _group(self):
-        return self.transport.down_group if self.src > self.transport.rank else None
-
     def _receive(self) -> None:
         try:
-            peer, group, tag = self.transport.base + self.src, self._group(), TAGS[self.kind]
             while True:
-                header = torch.empty(HEADER, dtype=torch.int64)
-                dist.recv(header, peer, group=group, tag=tag)
-                packed = self.codec.buffers(self.shape, self.transport.device)
-                for buffer in packed:
-                    dist.recv(buffer, peer, group=group, tag=tag)
-                payload = self.codec.decode(packed, self.shape)
-                self.transport.count(self.kind, "received", sum(t.numel() * t.element_size() for t in packed))
-                batch, made = header.tolist()
+                batch, made, payload = receive(self.transport, self.src, self.kind, self.shape, self.codec,
+                                              in_background=True)
                 with self.ready:
                     self.messages.append((batch, made, payload))
                     self.made = made
@@ -99,7 +110,7 @@ class Inbox:
             if self.newest:
                 self.messages.clear()
             age = self.made - made
-        if not self.newest:
+        if self.credits:
             credit = torch.tensor([batch, 0], dtype=torch.int64)
             self.transport.bytes_sent += credit.numel() * credit.element_size()
             self.transport.count("credit", "sent", credit.numel() * credit.element_size())

@@ -31,13 +31,19 @@ class HeldoutPass:
     def run(self) -> dict[int, np.ndarray]:
         """{block: (images, features)} pooled to the probe's grid, with the weights of the moment."""
         x = self.images if self.rank == 0 else self.transport.recv(self.input_shape, self.rank - 1, "heldout")
+        features, out = self.through(x)
+        if self.rank < self.top_rank:
+            self.transport.send(out, self.rank + 1, "heldout")
+        return features
+
+    @torch.no_grad()
+    def through(self, x: torch.Tensor) -> tuple[dict[int, np.ndarray], torch.Tensor]:
+        """This rank's blocks on the held-out activity `x` from below: their features, and the output."""
         features = {}
         for block, kernel in zip(self.blocks, self.kernels):
             x = block(x)  # (N, C, H, W)
             features[block.index] = F.avg_pool2d(x, kernel).flatten(1).cpu().numpy()
-        if self.rank < self.top_rank:
-            self.transport.send(x, self.rank + 1, "heldout")
-        return features
+        return features, x
 
 
 class AlignmentPass:

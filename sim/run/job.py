@@ -289,13 +289,13 @@ def local_engine(rank: RankSetup) -> LocalEngine:
 
 
 def async_engine(rank: RankSetup) -> AsyncEngine | AsyncRank:
-    """Free-running block groups: simulated in one process, or one group per process (no log;
-    checkpoints at consistent cuts)."""
+    """Free-running block groups: simulated in one process, or one group per process (checkpoints at
+    consistent cuts)."""
     plan, setup = rank.plan, rank.plan.free_running
     if plan.config.log.every and rank.world.rank == 0:
-        print("note: free-running runs on several processes keep no log.zarr yet (log.every is ignored; the "
-              "ages of every update are in summary.json)" if plan.stages > 1 else "note: a free-running log holds "
-              "no alignment pairs (log.align_every is ignored)", flush=True)
+        print("note: a free-running log holds no alignment pairs (log.align_every is ignored)", flush=True)
+    recording = rank_recording(plan, rank.out_dir, rank.stage, rank.blocks, rank.start, rank.transport, rank.heldout,
+                               rank.heldout_count, rank.device)
 
     def stage(blocks: list[Block]) -> LocalStage:
         return make_stage(blocks, plan.config.train.seed, stash_weights=plan.stashes_weights, trace=plan.keeps_traces,
@@ -308,10 +308,9 @@ def async_engine(rank: RankSetup) -> AsyncEngine | AsyncRank:
     if plan.stages > 1:
         return AsyncRank(rank.stage, setup, stage(rank.blocks), rank.device, transport=rank.transport,
                          shapes=plan.shapes, feed=rank.data.feed, pace_s=plan.config.sim.pace_s,
-                         checkpoint_every=every, checkpoint=checkpoint)
+                         checkpoint_every=every, checkpoint=checkpoint, recording=recording,
+                         log_every=plan.schedule.log_every)
     by_index = {b.index: b for b in rank.blocks}
-    recording = rank_recording(plan, rank.out_dir, 0, rank.blocks, rank.start, rank.transport, rank.heldout,
-                               rank.heldout_count, rank.device)
     return AsyncEngine(setup, [stage([by_index[i] for i in group]) for group in setup.groups], rank.data.feed,
                        rank.device, plan.config.train.batch_size, checkpoint_every=every, checkpoint=checkpoint,
                        recording=recording, log_every=plan.schedule.log_every)

@@ -19,7 +19,7 @@ from sim.cost.model import StepWork, block_operations, estimated_block_costs, he
 from sim.data.datasets import DatasetInfo, dataset_info
 from sim.errors import ConfigError
 from sim.pipeline.codec import Codec, MessageCodecs
-from sim.pipeline.free_running import ASYNC, FreeRunning
+from sim.pipeline.free_running import ASYNC, FreeRunning, most_pending
 from sim.pipeline.placement import Mesh, Placement, PlacementError, balanced_placement, check_groups, stages_of
 from sim.pipeline.schedule import PIPELINE_SCHEDULES, MessageShapes, PipelineSettings, Schedule
 from sim.run.config import Config, to_toml
@@ -145,8 +145,17 @@ class Plan:
         dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
         head_params = [sum(d * h for h in hs) for d, hs in zip(dims, self.head_dims())]
         return held_memory(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, blocks,
-                           head_params, rule.end_to_end or rule.needs_feedback, pending=max(self.feedback_delays()) + 1,
+                           head_params, rule.end_to_end or rule.needs_feedback, pending=self.most_pending(blocks),
                            trace_dims=dims if self.keeps_traces else None)
+
+    def most_pending(self, blocks: Sequence[int]) -> int:
+        """The most batches `blocks` keep at once while they wait for feedback: their delay + 1; free-running,
+        what the simulation of their groups finds (sim.pipeline.free_running.most_pending)."""
+        if self.free_running is None:
+            return max(self.feedback_delays()) + 1
+        groups = self.free_running.groups
+        found = most_pending(self.free_running)
+        return max(found[g] for g, group in enumerate(groups) if set(group) & set(blocks))
 
     def microbatch_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """BP pipeline: (input, output) shape of one micro-batch on `rank`, rows first."""
@@ -285,9 +294,8 @@ def _free_running_plan(config: Config, rule: Rule, info: DatasetInfo, world_size
                             config.sim.mailbox_depth, config.sim.mailbox, config.sim.speed_jitter, config.train.seed)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    # no grid (the engines send what they send); one process keeps the log at group 0's logged batches
-    log_every = config.log.every if world_size == 1 else 0
-    schedule = Schedule("pipelined", "exact", (False,) * world_size, log_every=log_every)
+    # no grid (the engines send what they send); the log's rows at the batches the first group logs
+    schedule = Schedule("pipelined", "exact", (False,) * world_size, log_every=config.log.every)
     rows = 2 * config.train.batch_size
     channels, sizes = block_channels(config.model.width), map_sizes(info.image_size)
     shapes = MessageShapes(tuple((rows, channels[g[-1]], sizes[g[-1]], sizes[g[-1]]) for g in placement.groups),

@@ -86,11 +86,15 @@ class ConvBlock(nn.Module):
         """With `stash_weights`, the graph holds a copy of this batch's weights: the weights may
         then be updated in place (by other batches' updates) before this batch's backward pass,
         which still differentiates the function that produced its output."""
+        # ReLU in place: the convolution's gradient needs its input, not its output
+        return self.pool(F.relu(self.preactivation(x, stash_weights), inplace=True))  # (N, C_out, H', W')
+
+    def preactivation(self, x: torch.Tensor, stash_weights: bool = False) -> torch.Tensor:
+        """The convolution's output, before the ReLU: (N, C_out, H, W)."""
         weight, bias = self.conv.weight, self.conv.bias
         if stash_weights:
             weight, bias = weight.clone(), bias.clone()
-        # ReLU in place: the convolution's gradient needs its input, not its output
-        return self.pool(F.relu(conv3x3(x, weight, bias), inplace=True))  # (N, C_out, H', W')
+        return conv3x3(x, weight, bias)
 
 
 def build_conv_block(index: int, width: float, in_channels: int) -> ConvBlock:

@@ -32,6 +32,11 @@ class RuleSettings:
     pool: list[int] = field(default_factory=list)  # AvgPool kernel per block; [] = the rule's default
     proj_dim: int = 1024  # projection size of the InfoNCE heads
     temperature: float = 0.1  # InfoNCE temperature
+    # SCFF (layers.rules.goodness): goodness above threshold_pos for positives, below threshold_neg for
+    # negatives, and goodness_penalty times the positives' goodness norm; the SCFF authors' first layer
+    threshold_pos: float = 0.0
+    threshold_neg: float = 1.0
+    goodness_penalty: float = 0.0012
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class Rule:
     pooling: str = "grid"  # "global" (spatial mean) or "grid" (2D pooling to the paper's grid)
     contexts: tuple[str, ...] = ("lateral",)  # what the block's activity is predicted from (CONTEXTS)
     head_passes: int = 2  # passes over each head per step: 2 if its input is detached (B), 3 if not
+    # the loss reads the convolution's output before the ReLU and max-pool, (2B, C, H, W), not pooled activity
+    reads_preactivation: bool = False
 
     def __post_init__(self) -> None:
         unknown = [source for source in self.contexts if source not in CONTEXTS]
@@ -72,7 +79,8 @@ class Rule:
 
     def loss(self, heads: nn.ModuleDict, features: torch.Tensor, top_context: torch.Tensor | None,
              settings: RuleSettings, generator: torch.Generator | None) -> tuple[torch.Tensor, LossStats]:
-        """The loss of a block on its pooled activity `features` (2B, D); `top_context` is the top
+        """The loss of a block on its pooled activity `features` (2B, D) (with `reads_preactivation`, its
+        convolution's output, (2B, C, H, W)); `top_context` is the top
         block's pooled activity on the same rows, None for the top block itself (its own activity is
         its top context) and for rules that predict from lateral context only."""
         raise NotImplementedError

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from layers.block import Block
-from layers.encoder import NUM_BLOCKS, block_channels, describe_encoder, map_sizes
+from layers.encoder import MAXPOOL, NUM_BLOCKS, block_channels, describe_encoder, map_sizes
 from layers.learning_rate import LearningRate
 from layers.model import build_blocks, feature_dims, pool_kernels
 from layers.rules import RULES, get_rule
@@ -211,6 +211,9 @@ class Plan:
                                        self.kernels, dims):
             has_loss = report.index == NUM_BLOCKS - 1 or not rule.end_to_end
             loss = f"D = {dim:,} ({', '.join(rule.contexts)})" if has_loss else "- (gradient from the top)"
+            if rule.reads_preactivation:  # the loss reads the map before the ReLU: no pooling, no context
+                c, side = report.output_shape[0], map_sizes(self.info.image_size)[report.index]
+                loss, kernel = f"goodness of the conv map, {c} x {side * 2 if MAXPOOL[report.index] else side}^2", "-"
             lines.append(f"{report.index:>5}  {report.output_shape!s:<16} {report.conv_params:>11,}  "
                          f"{report.macs_per_image / 1e6:>8.1f}  {kernel:>4}  {loss}")
         return "\n".join(lines)

@@ -80,9 +80,10 @@ ROWS = {
     "clapp_pp_dfb@2 delayed": ["method=clapp_pp_dfb", "sim.feedback=delayed", "sim.schedule=pipelined",
                                "train.threads=1"],
 }
-# Linear-probe top-1 % at full scale (300 epochs, width 1.0) from the paper, CIFAR-10 column.
+# Linear-probe top-1 % at full scale (300 epochs, width 1.0) from the paper, CIFAR-10 column (its scff row
+# quotes Chen et al.'s SCFF).
 PAPER = {"cifar10": {"bp_infonce": 80.69, "bp_clapp_pp": 80.49, "clapp_pp": 80.51, "clapp_pp_dfb": 80.65,
-                     "clapp_pp_both": 81.18, "clapp": 73.21, "scff": 80.60}}  # scff: the paper's table, from Chen et al.
+                     "clapp_pp_both": 81.18, "clapp": 73.21, "scff": 80.60}}
 LABELS = {"cifar10": "CIFAR-10 (JPEG q75)", "fashion_mnist": "Fashion-MNIST"}
 
 

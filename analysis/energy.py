@@ -107,7 +107,8 @@ def energy_table(runs: list[RunEnergy], table: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def plot_energy(runs: list[RunEnergy], path: Path) -> Path:
+def plot_energy(runs: list[RunEnergy], path: Path,
+                title: str = "energy per learned image: compute, memory, communication") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +127,7 @@ def plot_energy(runs: list[RunEnergy], path: Path) -> Path:
     ax.set_ylabel("energy per learned image (uJ)")
     ax.legend(fontsize=8)
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.suptitle("energy per learned image: compute, memory, communication")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,6 +1,7 @@
 """`python -m analysis energy`: energy per learned image from summary.json's accounting, with the
 default table or the user's, on runs with or without a log, and on runs written before the accounting
 (what cannot be known is said)."""
+import dataclasses
 import json
 
 import pytest
@@ -62,3 +63,23 @@ def test_a_bad_table_is_refused_in_one_line(run, tmp_path, capsys, text, message
 def test_a_folder_without_a_summary_is_refused(tmp_path, capsys):
     assert analysis_main(["energy", str(tmp_path)]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_the_energy_study_counts_local_and_backprop_runs_side_by_side(tmp_path, monkeypatch):
+    from launch.bench import energy as study  # noqa: PLC0415 - its module constants are patched below
+
+    monkeypatch.setattr(study, "SCALES", {"tiny": ["data.name=synthetic", "model.width=0.0625", "train.steps=2"]})
+    monkeypatch.setattr(study, "WAYS", (study.WAYS[0], study.WAYS[2]))  # clapp_pp on 2 processes, bp_infonce on 1
+    monkeypatch.setattr(study, "RESULTS", dataclasses.replace(study.RESULTS, results=tmp_path / "energy.json"))
+    monkeypatch.setattr(study, "FIGURES", {"tiny": tmp_path / "energy.png"})
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text(f"{study.MARKERS[0]}\nold\n{study.MARKERS[1]}\n")
+    monkeypatch.setattr(study, "BENCHMARKS", page)
+    assert study.main(["--runs", str(tmp_path / "runs")]) == 0
+    cells = json.loads((tmp_path / "energy.json").read_text())["cells"]
+    local, backprop = cells["tiny/clapp_pp, 2 processes"]["energy"], cells["tiny/bp_infonce, 1 process"]["energy"]
+    assert local["communication_uj_total"] > 0 and backprop["communication_uj_total"] == 0  # one process sends nothing
+    assert backprop["compute_uj_total"] > local["compute_uj_total"] > 0  # a backward pass through every block
+    text = page.read_text()
+    assert "| clapp_pp, 2 processes |" in text and "| bp_infonce, 1 process |" in text and "old" not in text
+    assert (tmp_path / "energy.png").stat().st_size > 0

@@ -52,6 +52,7 @@ class Block(nn.Module):
         return self.conv.conv.weight
 
     def forward(self, x: torch.Tensor, stash_weights: bool = False) -> torch.Tensor:
+        x = self.rule.block_input(x)
         if not self.rule.reads_preactivation:
             return self.conv(x, stash_weights)  # (2B, C, H, W)
         self.preactivation = self.conv.preactivation(x, stash_weights)  # kept for `features`

@@ -13,11 +13,12 @@ mean over channels of ReLU(pre-activation)^2, and the loss is
 
 averaged over rows (the paper's a = b = 1). Every row of the 2B views is an anchor; its negative is
 a row of another image (rule.negatives). What goes up to the next block is the block's usual output,
-ReLU and max-pool of h (the paper's positive path, halved: its next layer standardises its input).
-Where laminar differs from the SCFF authors' code: laminar's VGG-6 (ReLU, zero padding, no
-standardisation of each layer's input; theirs: 3 wider layers, reflect padding, a standardised
-input and a "triangle" activation up), one threshold pair for every block (their first layer's),
-all blocks learning at once (their parallel variant), and laminar's probe features and optimiser.
+ReLU and max-pool of h (the paper's positive path, halved: the next block standardises it anyway).
+As in the authors' code, each block standardises its input, per row over channels and positions,
+before its convolution. Where laminar differs from that code: laminar's VGG-6 (ReLU, zero padding;
+theirs: 3 wider layers, reflect padding, a "triangle" activation up), one threshold pair for every
+block (their first layer's), all blocks learning at once (their parallel variant), and laminar's
+probe features and optimiser.
 """
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ from torch import nn
 
 from layers.losses import negative_rows
 from layers.rules.rule import LossStats, Rule, RuleSettings
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """Each row to mean 0 and standard deviation 1 over its channels and positions: (N, C, H, W)."""
+    mean, std = x.mean(dim=(1, 2, 3), keepdim=True), x.std(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) / (std + 1e-10)
 
 
 def goodness(preactivation: torch.Tensor) -> torch.Tensor:
@@ -53,6 +60,9 @@ class GoodnessRule(Rule):
     """SCFF: no heads; the loss reads the block's convolution output."""
     reads_preactivation: bool = True
     head_passes: int = 0
+
+    def block_input(self, x: torch.Tensor) -> torch.Tensor:
+        return standardise(x)  # every layer of SCFF standardises its input
 
     def head_dims(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> list[int]:
         return []

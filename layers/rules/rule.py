@@ -65,6 +65,11 @@ class Rule:
         """Blocks below the top wait for a top-down message (the top block's context) before learning."""
         return self.uses_top_context and not self.end_to_end
 
+    def block_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What a block's convolution sees of the input `x` it receives: `x` itself, unless the rule
+        prepares it (SCFF standardises it)."""
+        return x
+
     def context_dims(self, feature_dim: int, top_feature_dim: int) -> list[int]:
         """The size of each context a block with `feature_dim` features predicts from."""
         return [top_feature_dim if source == "top" else feature_dim for source in self.contexts]

@@ -33,7 +33,6 @@ class Block(nn.Module):
         self.conv = conv
         self.heads = rule.make_heads(feature_dim, top_feature_dim, settings) if has_loss else nn.ModuleDict()
         self.optimizer: torch.optim.Optimizer | None = None
-        self.preactivation: torch.Tensor | None = None  # rules that read it: the latest forward's, until read
 
     def make_optimizer(self, lr: float, weight_decay: float, fused: bool) -> None:
         """This block's AdamW. `fused`: one kernel per step over all its parameters (torch's
@@ -52,20 +51,22 @@ class Block(nn.Module):
         return self.conv.conv.weight
 
     def forward(self, x: torch.Tensor, stash_weights: bool = False) -> torch.Tensor:
-        x = self.rule.block_input(x)
+        return self.conv(self.rule.block_input(x), stash_weights)  # (2B, C, H, W)
+
+    def forward_and_features(self, x: torch.Tensor, stash_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's output and what its loss sees of it: the pooled activity (`features`), or for
+        rules that read it, the convolution's output before the ReLU, (2B, C, H, W)."""
         if not self.rule.reads_preactivation:
-            return self.conv(x, stash_weights)  # (2B, C, H, W)
-        self.preactivation = self.conv.preactivation(x, stash_weights)  # kept for `features`
-        return self.conv.pool(F.relu(self.preactivation))
+            out = self(x, stash_weights)
+            return out, self.features(out)
+        preactivation = self.conv.preactivation(self.rule.block_input(x), stash_weights)
+        return self.conv.pool(F.relu(preactivation)), preactivation
 
     def features(self, out: torch.Tensor) -> torch.Tensor:
-        """What the loss sees of the forward pass that gave `out`: its pooled activity, AvgPool(k, stride
-        k) flattened (C, y, x), (2B, D); for rules that read it, the convolution's output before the ReLU."""
+        """Pooled activity the loss sees: AvgPool(k, stride k), flattened (C, y, x)."""
         if self.rule.reads_preactivation:
-            if self.preactivation is None:
-                raise RuntimeError(f"block {self.index}: features() is read once per forward pass")
-            preactivation, self.preactivation = self.preactivation, None
-            return preactivation  # (2B, C, H, W)
+            raise ValueError(f"{self.rule.name}'s loss reads the convolution's map, not the output: use "
+                             "forward_and_features")
         return F.avg_pool2d(out, self.pool_kernel).flatten(1)  # (2B, D)
 
     def loss(

@@ -239,7 +239,7 @@ def test_free_running_memory_counts_every_batch_a_waiting_group_holds():
     plan = make_plan(run_config(*slow_top), 1)
     events = timeline(plan.free_running, 0, 200)
     longest = max(e.age for e in events if e.kind == "U" and e.group == 0)
-    pending = plan.most_pending([0])
+    pending = plan.pending_batches([0])
     assert pending >= longest + 1 > 2  # the waits of a group that forwards 4 batches per context
     one_batch = make_plan(run_config("method=clapp_pp_dfb"), 1).held_memory([0])  # exact feedback: one batch
     stashed, traced = plan.held_memory([0]), make_plan(run_config(*slow_top, "sim.stash=false"), 1).held_memory([0])

@@ -81,16 +81,16 @@ def test_scff_learns_to_separate_an_image_paired_with_itself_from_a_pair_of_imag
     assert pos / neg > 2 * first[0] / first[1]
 
 
-def test_a_block_standardises_its_input_and_reads_its_preactivation_once_per_forward():
+def test_a_block_standardises_its_input_and_its_loss_reads_the_convolution_map():
     blocks = build_blocks(get_rule("scff"), RuleSettings(), width=0.0625, in_channels=3, input_size=32, seed=0,
                           lr=1e-3, weight_decay=0.0, fused_optimizer=False, indices=[0])
     x = 3 + 2 * torch.randn(4, 3, 32, 32)
-    out = blocks[0](x)
-    features = blocks[0].features(out)
+    out, features = blocks[0].forward_and_features(x)
     assert features.shape == (4, out.shape[1], 32, 32) and torch.equal(F.relu(features), out)  # block 0: no max-pool
+    assert torch.equal(blocks[0](x), out)
     row = (x[1] - x[1].mean()) / x[1].std()  # the input, standardised per row, is what the convolution sees
     assert torch.allclose(features[1], blocks[0].conv.preactivation(row[None])[0], atol=1e-5)
-    with pytest.raises(RuntimeError, match="once per forward"):
+    with pytest.raises(ValueError, match="forward_and_features"):  # pooled output is not what its loss reads
         blocks[0].features(out)
 
 

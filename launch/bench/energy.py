@@ -60,9 +60,11 @@ def as_run(cell: dict) -> RunEnergy:
 
 
 def render(results: dict) -> str:
-    lines = ["Per learned image, in microjoules (4.6 pJ a float32 multiply-accumulate, 20.3 pJ a DRAM bit, "
-             "10 pJ a bit between processes); MMAC: millions of multiply-accumulates (forward, local update or "
-             "backward); KiB sent: what the processes send each other per image.", ""]
+    t = DEFAULT_TABLE
+    lines = [f"Per learned image, in microjoules ({t['mac_pj']:.1f} pJ a float32 multiply-accumulate, "
+             f"{t['memory_pj_per_bit']:.1f} pJ a DRAM bit, {t['link_pj_per_bit']:.0f} pJ a bit between processes); "
+             "MMAC: millions of multiply-accumulates (forward, local update or backward); KiB sent: what the "
+             "processes send each other per image.", ""]
     for scale in SCALES:
         cells = [results["cells"][k] for k in results["cells"] if k.startswith(f"{scale}/")]
         if not cells:

@@ -61,9 +61,10 @@ def time_backprop_blocks(blocks: Sequence[Block], views: torch.Tensor,
         for index, block in enumerate(blocks):
             x = x.detach().requires_grad_(index > 0)
             began = time.perf_counter()
-            out = block(x)
             if block.is_top:
-                out = block.loss(block.features(out))[0]
+                out = block.loss(block.forward_and_features(x)[1])[0]
+            else:
+                out = block(x)
             forward[index].append(time.perf_counter() - began)
             outputs.append((x, out))
             x = out
@@ -128,9 +129,8 @@ def _message_bytes(blocks: Sequence[Block], views: torch.Tensor, codecs: Message
     the top block's pooled activity (the feedback message down), as the codecs pack them."""
     sizes, x = [], views
     for block in blocks:
-        x = block(x)
+        x, top = block.forward_and_features(x)  # the last one's features: the top block's, (2B, D_top)
         sizes.append(codecs.activations.message_bytes(tuple(x.shape)))
-    top = blocks[-1].features(x)  # (2B, D_top)
     return sizes, codecs.feedback.message_bytes(tuple(top.shape))
 
 

@@ -33,7 +33,7 @@ from sim.pipeline.mailbox import Inbox, Outbox, receive
 from sim.pipeline.recording import Recording
 from sim.pipeline.schedule import MessageShapes
 from sim.pipeline.stage import LocalStage
-from sim.pipeline.transport import Distributed
+from sim.pipeline.transport import Distributed, ProtocolError
 from sim.record.peak_memory import PeakMemory
 from sim.record.progress import WindowClock, progress_bar
 from sim.record.summary import LOSS_WINDOW, RankResult
@@ -62,6 +62,7 @@ class AsyncRank:
         self.forgotten = 0
         self.busy = 0.0  # seconds of forward passes, emulated slowness included
         self.own_seconds = 0.0  # of the loop over batches, waits for input and credits left out
+        self.log_seconds = 0.0  # of writing the log's rows, their waits left out
 
     def run(self, start: int, stop: int, *, progress: bool = True, memory: PeakMemory | None = None) -> RankResult:
         if memory is None:
@@ -99,7 +100,7 @@ class AsyncRank:
             outboxes = [Outbox(self.transport, r, "feedback") for r, w in enumerate(self.setup.waits_for_feedback) if w]
         rows = deque(b for b in range(first, end) if self.log_every and b % self.log_every == 0)
         heldout = Outbox(self.transport, self.rank + 1, "heldout") if rows and self.rank < self.top else None
-        began, waited, batch = time.perf_counter(), self.transport.wait_seconds, first - 1
+        began, waited, logged, batch = time.perf_counter(), self.transport.wait_seconds, self.log_seconds, first - 1
         while batch < last:
             if inbox is None:
                 batch, age, x = batch + 1, 0, self.feed.views_at(batch + 1).to(self.device, non_blocking=True)
@@ -112,8 +113,9 @@ class AsyncRank:
             self._forward(batch, age, x, outboxes)
             bar.update()
             clock.tick()
-        # its own time: the loop's, but for the waits for input and credits (views and sends included)
-        self.own_seconds += time.perf_counter() - began - (self.transport.wait_seconds - waited)
+        # its own time: the loop's, but for the waits for input and credits and the log (views and sends included)
+        self.own_seconds += (time.perf_counter() - began - (self.transport.wait_seconds - waited)
+                             - (self.log_seconds - logged))
         while self.pending:  # forwarded everything: the contexts still to come
             feedback.wait()
             self._settle(feedback.arrived())
@@ -153,12 +155,18 @@ class AsyncRank:
         activity with its weights of that moment, on the activity the rank below sent for the same row;
         each block's latest loss, and the rank's mean ages, bytes sent per batch, since the last row."""
         log, held = self.recording.log, self.recording.heldout
+        began, waited = time.perf_counter(), self.transport.wait_seconds
         self.stage.settle()
-        x = held.images if self.rank == 0 else receive(self.transport, self.rank - 1, "heldout", held.input_shape)[2]
+        x = held.images
+        if self.rank > 0:
+            batch, _, x = receive(self.transport, self.rank - 1, "heldout", held.input_shape)
+            if batch != row:
+                raise ProtocolError(f"rank {self.rank} logs row {row} but received the held-out activity of {batch}")
         features, out = held.through(x)
         if heldout is not None:
             heldout.send(row, self.forwards, [out])
-        since, sent = self.since_row, self.transport.bytes_sent
+        since = self.since_row  # the batches' own traffic: the held-out activity left out
+        sent = sum(n for kind, n in self.transport.bytes_by_kind["sent"].items() if kind != "heldout")
         ages = {name: sum(since[name]) / len(since[name]) for name in ("input_age", "context_age") if since[name]}
         per_batch = (sent - since["bytes_sent"]) // max(self.forwards - since["forwards"], 1)
         for block in self.stage.blocks:
@@ -169,6 +177,7 @@ class AsyncRank:
                           **({} if zeros is None else {"input_zero_fraction": zeros}))
             writer.record(row, "update", **ages, **({"loss": losses[-1]} if losses else {}))
         self.since_row = {"input_age": [], "context_age": [], "forwards": self.forwards, "bytes_sent": sent}
+        self.log_seconds += time.perf_counter() - began - (self.transport.wait_seconds - waited)
 
     def _speed_one_time(self) -> float:
         return sum(self.setup.block_seconds[b] for b in self.setup.groups[self.rank])

@@ -59,12 +59,12 @@ class AlignmentPass:
         x = x.detach().requires_grad_(self.rank > 0)
         out = x
         for block in self.blocks:
-            out = block(out, stash_weights=True)  # (2B, C, H, W), not detached
+            out, features = block.forward_and_features(out, stash_weights=True)  # (2B, C, H, W), not detached
         if self.rank != self.top_rank:
             self.pending[step] = (x, out)
             return None
         top = self.blocks[-1]
-        loss, _ = top.loss(top.features(out), None, negatives_generator(top, self.seed, step))
+        loss, _ = top.loss(features, None, negatives_generator(top, self.seed, step))
         return self._backpropagate(loss, None, x)
 
     def backward(self, step: int) -> dict[int, np.ndarray]:

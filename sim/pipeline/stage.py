@@ -110,12 +110,12 @@ class LocalStage:
         self.settle()
         self._apply_delayed(before=step - self.feedback_delay)
         for block in self.blocks:
-            self.zeros.observe(block.index, x)
+            self.zeros.observe(block.index, block.rule.block_input(x))  # what its convolution sees
             traced = self.trace and block.needs_top_context
             with torch.no_grad() if traced else contextlib.nullcontext():  # a trace keeps no graph
-                out = block(x.detach(), self.stash_weights and block.needs_top_context)  # (2B, C, H, W)
-                features = block.features(out)  # (2B, D)
-            if block.is_top:
+                # (2B, C, H, W) and (2B, D)
+                out, features = block.forward_and_features(x.detach(), self.stash_weights and block.needs_top_context)
+            if block.is_top and block.rule.needs_feedback:  # a context only where blocks wait for it
                 self.top_context, self.packed_context = self.codecs.context(features, step)
             if block.needs_top_context:
                 self.pending.setdefault(step, []).append((block, features, x.detach() if traced else None))
@@ -179,7 +179,7 @@ class LocalStage:
         block.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if trace_input is not None:  # rho'(a) and x with today's weights, the error from the kept activity
-            block.features(block(trace_input)).backward(features.grad)
+            block.forward_and_features(trace_input)[1].backward(features.grad)
         if keep_gradient:  # this replica's own gradient, before averaging
             update.record.gradient = block.conv_weight.grad.detach().flatten().clone()
         if self.averager is None:

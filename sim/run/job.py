@@ -292,7 +292,7 @@ def async_engine(rank: RankSetup) -> AsyncEngine | AsyncRank:
     """Free-running block groups: simulated in one process, or one group per process (checkpoints at
     consistent cuts)."""
     plan, setup = rank.plan, rank.plan.free_running
-    if plan.config.log.every and rank.world.rank == 0:
+    if plan.config.log.every and plan.config.log.align_every and rank.world.rank == 0:
         print("note: a free-running log holds no alignment pairs (log.align_every is ignored)", flush=True)
     recording = rank_recording(plan, rank.out_dir, rank.stage, rank.blocks, rank.start, rank.transport, rank.heldout,
                                rank.heldout_count, rank.device)

@@ -145,10 +145,10 @@ class Plan:
         dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
         head_params = [sum(d * h for h in hs) for d, hs in zip(dims, self.head_dims())]
         return held_memory(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, blocks,
-                           head_params, rule.end_to_end or rule.needs_feedback, pending=self.most_pending(blocks),
+                           head_params, rule.end_to_end or rule.needs_feedback, pending=self.pending_batches(blocks),
                            trace_dims=dims if self.keeps_traces else None)
 
-    def most_pending(self, blocks: Sequence[int]) -> int:
+    def pending_batches(self, blocks: Sequence[int]) -> int:
         """The most batches `blocks` keep at once while they wait for feedback: their delay + 1; free-running,
         what the simulation of their groups finds (sim.pipeline.free_running.most_pending)."""
         if self.free_running is None:

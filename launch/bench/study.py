@@ -9,6 +9,7 @@ import fcntl
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,14 +66,18 @@ class Study:
                 "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
                 "machine": f"{cpu_name()} ({available_cores()} cores)"}
 
-    def run(self, cells: list[Cell], root: str, jobs: int, runs: Path, redo: bool) -> None:
-        """Run the cells not yet in the results (checked again before each starts), `jobs` at a time."""
+    def run(self, cells: list[Cell], root: str, jobs: int, runs: Path, redo: bool,
+            extra: Callable[[Path], dict] | None = None) -> None:
+        """Run the cells not yet in the results (checked again before each starts), `jobs` at a time;
+        `extra`: what else a cell records, read from its run folder."""
         todo = [c for c in cells if redo or c[0] not in self.load()["cells"]]
 
         def one(number: int, key: str, sets: list[str], fields: dict) -> None:
             if not redo and key in self.load()["cells"]:
                 return  # another invocation did it meanwhile
             print(f"\n== [{number}/{len(todo)}] {key}", flush=True)
-            self.save_cell(key, {**fields, **self.run_cell(root, sets, runs / key.replace("/", "_"))})
+            out = runs / key.replace("/", "_")
+            result = self.run_cell(root, sets, out)
+            self.save_cell(key, {**fields, **result, **(extra(out) if extra else {})})
 
         run_at_most(jobs, one, [(n, *c) for n, c in enumerate(todo, 1)])

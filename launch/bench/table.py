@@ -192,7 +192,7 @@ def chart(results: dict, path: Path) -> None:
 def run_cells(scale: Scale, dataset: str, root: str, todo: list[tuple[str, int]], jobs: int, runs: Path) -> None:
     """Run the `todo` cells, `jobs` one-process cells at a time, a 2-process cell alone; each finished
     cell goes into the results file at once."""
-    results, lock = load_results(scale), Lock()
+    lock = Lock()
 
     def one(number: int, row: str, seed: int) -> None:
         print(f"\n== [{number}/{len(todo)}] {dataset} / {row} / seed {seed}", flush=True)
@@ -200,6 +200,7 @@ def run_cells(scale: Scale, dataset: str, root: str, todo: list[tuple[str, int]]
         cell = run_cell(scale, dataset, root, row, seed, logged, runs / dataset / f"{row.replace(' ', '_')}_s{seed}")
         key = cell_key(dataset, row, seed)
         with lock:
+            results = load_results(scale)  # as the file holds them now: another invocation may have added cells
             if key in results["cells"]:
                 print(f"{key}: probe accuracy {results['cells'][key]['test_acc']:.2f} % before, "
                       f"{cell['test_acc']:.2f} % now (the old cell is replaced)", flush=True)

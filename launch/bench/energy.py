@@ -30,22 +30,23 @@ FIGURES = {"width 1/8, 32 px": ROOT / "results" / "energy_small.png",
            "full width, 96 px": ROOT / "results" / "energy_full.png"}
 BENCHMARKS = ROOT.parent / "BENCHMARKS.md"
 MARKERS = ("<!-- energy:start -->", "<!-- energy:end -->")
-# (label, processes, program, overrides) of each way of learning
-WAYS = (("clapp_pp, 2 processes", 2, "launch.train", ["method=clapp_pp"]),
-        ("clapp_pp_dfb, 2 processes", 2, "launch.train", ["method=clapp_pp_dfb"]),
-        ("bp_infonce, 1 process", 1, "launch.train", ["method=bp_infonce"]),
-        ("bp_infonce, BP pipeline on 2", 2, "launch.bp_pipeline", ["method=bp_infonce"]))
+# (label, processes, program, overrides, options) of each way of learning; the BP pipeline: 1F1B, 4 micro-batches
+WAYS = (("clapp_pp, 2 processes", 2, "launch.train", ["method=clapp_pp"], ()),
+        ("clapp_pp_dfb, 2 processes", 2, "launch.train", ["method=clapp_pp_dfb"], ()),
+        ("bp_infonce, 1 process", 1, "launch.train", ["method=bp_infonce"], ()),
+        ("bp_infonce, BP pipeline on 2", 2, "launch.bp_pipeline", ["method=bp_infonce"],
+         ("--schedule", "1f1b", "--microbatches", "4")))
 # scale -> overrides of the protocol (its batch of 32 throughout)
 SCALES = {"width 1/8, 32 px": ["data.name=cifar10", "train.steps=40"],
           "full width, 96 px": ["data.name=synthetic_96", "model.width=1.0", "train.steps=2"]}
 
 
 def run_cell(scale: str, way: tuple, root: str, runs: Path) -> dict:
-    label, processes, module, overrides = way
+    label, processes, module, overrides, options = way
     out = runs / f"{scale}_{label}".replace(" ", "_").replace(",", "").replace("/", "-")
     sets = [*SCALES[scale], *overrides] + ([f"data.root={root}"] if root and "cifar10" in SCALES[scale][0] else [])
     began = time.monotonic()
-    summary = bench_run(processes, 1, CONFIG, sets, out, module=module)
+    summary = bench_run(processes, 1, CONFIG, sets, out, module=module, options=options)
     energy = run_energy(out, DEFAULT_TABLE)
     return {"scale": scale, "way": label, "processes": processes, "steps": summary.steps,
             "images_per_s": summary.images_per_s, "energy": energy.as_dict(),

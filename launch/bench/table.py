@@ -152,7 +152,8 @@ def render(results: dict) -> str:
             lines.append(f"| {row} | {mean_spread([c['test_acc'] for c in found], ' (1 seed)')} | "
                          f"{mean_spread([c['last_block_acc'] for c in found], ' (1 seed)')} | "
                          f"{'-' if speed is None else f'{speed:.0f}'}{logged} | "
-                         f"{memory:.0f}{logged} | {len(found)} | {'-' if paper_value is None else f'{paper_value:.2f}'} |")
+                         f"{memory:.0f}{logged} | {len(found)} | "
+                         f"{'-' if paper_value is None else f'{paper_value:.2f}'} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -87,6 +87,7 @@ def draw(results: dict, path: Path) -> None:
         for x, y, name in points:
             ax.annotate(name, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # the minor decades' labels overlap
     ax.set_xlabel("bytes per image between 2 processes")
     ax.set_ylabel("probe accuracy, all blocks (%)")
     ax.legend(fontsize=8)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 import random
 from collections import Counter
@@ -219,7 +220,8 @@ def segmented_timeline(setup: FreeRunning, start: int, stop: int, checkpoint_eve
     return events
 
 
-def most_pending(setup: FreeRunning, batches: int = 200) -> list[int]:
+@functools.cache  # pure: the plan asks it once per block
+def most_pending(setup: FreeRunning, batches: int = 200) -> tuple[int, ...]:
     """Per group, the most batches it holds at once over a simulated run of `batches`: a waiting group
     keeps each forwarded batch until its context comes or it is forgotten; the others hold one."""
     held, most = [0] * len(setup.groups), [1] * len(setup.groups)
@@ -227,7 +229,7 @@ def most_pending(setup: FreeRunning, batches: int = 200) -> list[int]:
         if setup.waits_for_feedback[event.group]:
             held[event.group] += 1 if event.kind == "F" else -1
             most[event.group] = max(most[event.group], held[event.group])
-    return most
+    return tuple(most)
 
 
 def lockstep_duration(setup: FreeRunning, start: int, stop: int) -> float:

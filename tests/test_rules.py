@@ -26,9 +26,6 @@ from layers.rules.rule import LossStats, Rule
 
 @dataclass(frozen=True)
 class CosineRule(Rule):
-    def head_dims(self, feature_dim, top_feature_dim, settings):
-        return []
-
     def make_heads(self, feature_dim, top_feature_dim, settings):
         return nn.ModuleDict()
 
@@ -72,7 +69,7 @@ def test_a_new_rule_runs_through_plan_schedule_cost_model_and_stage(toy_rule):
     assert plan.rule is toy_rule
     # top context below the top: ranks 0 and 1 wait for feedback; the top rank never does
     assert plan.schedule.waits_for_feedback == (True, True, False)
-    assert all(heads == [] for heads in plan.head_dims())  # no head: the cost model counts none
+    assert all(heads == [] for heads in plan.head_matrices())  # no head: the cost model counts none
     assert plan.step_work().head_flops == 0 and plan.held_memory(range(6))["optimizer_state"] > 0
     blocks = make_plan(config, 1).build_blocks(range(6), torch.device("cpu"))
     assert all(len(b.heads) == 0 for b in blocks) and blocks[0].needs_top_context
@@ -97,9 +94,6 @@ def test_a_rule_that_reuses_a_name_is_refused(tmp_path, monkeypatch):
 def test_the_block_asks_its_rule_for_heads_and_loss():
     @dataclass(frozen=True)
     class Counting(Rule):
-        def head_dims(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> list[int]:
-            return [3]
-
         def make_heads(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> nn.ModuleDict:
             return nn.ModuleDict({"mine": nn.Linear(feature_dim, 3, bias=False)})
 
@@ -116,3 +110,40 @@ def test_the_block_asks_its_rule_for_heads_and_loss():
     loss, stats = blocks[0].loss(blocks[0].features(out))
     assert loss.item() == pytest.approx(blocks[0].heads["mine"](blocks[0].features(out)).pow(2).mean().item())
 
+
+
+def test_a_low_rank_B_is_two_factors_that_the_cost_model_counts_and_that_learn():
+    """rule.predictor_rank = r: B = W2 W1 (the CLAPP authors' --use_proj_head --low_rank_dim r)."""
+    full = load_config(None, ["method=clapp_pp_both", "data.name=synthetic", "model.width=0.125", "train.batch_size=4"])
+    low = load_config(None, ["method=clapp_pp_both", "data.name=synthetic", "model.width=0.125", "train.batch_size=4",
+                             "rule.predictor_rank=8"])
+    full_plan, low_plan = make_plan(full, 1), make_plan(low, 1)
+    blocks = low_plan.build_blocks(range(6), torch.device("cpu"))
+    for block, full_matrices, low_matrices in zip(blocks, full_plan.head_matrices(), low_plan.head_matrices()):
+        dim, top = (params for params, _ in full_matrices)  # lateral: D x D; top: D x D_top
+        dim, top = int(dim**0.5), top // int(dim**0.5)
+        lateral = block.heads["lateral"]
+        assert [w.shape for w in lateral.parameters()] == [(8, dim), (dim, 8)]
+        assert torch.linalg.matrix_rank(lateral[1].weight @ lateral[0].weight) <= 8
+        # W1 (r x context): forward and weight gradient; W2 (D x r): its input gradient too
+        assert low_matrices == [(8 * dim, 2), (dim * 8, 3), (8 * top, 2), (dim * 8, 3)]
+    rows = 2 * 4
+    expected = sum(passes * 2 * rows * params for block in low_plan.head_matrices() for params, passes in block)
+    assert low_plan.step_work().head_flops == expected < full_plan.step_work().head_flops
+    assert (low_plan.held_memory(range(6))["optimizer_state"] < full_plan.held_memory(range(6))["optimizer_state"])
+    stage = make_stage(blocks, seed=0)
+    before = [p.detach().clone() for p in blocks[2].heads.parameters()]
+    views = torch.randn(rows, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    stage.forward(views, 0)
+    stage.forward(views, 1)
+    assert all(not torch.equal(b, p) for b, p in zip(before, blocks[2].heads.parameters()))  # both factors learn
+
+
+@pytest.mark.parametrize("setting, message", [("method=scff", "method scff learns no B"),
+                                               ("method=ff", "method ff learns no B"),
+                                               ("method=clapp_pp", "must be >= 0")])
+def test_a_predictor_rank_the_rule_cannot_use_is_refused(setting, message):
+    from sim.errors import ConfigError
+    rank = "rule.predictor_rank=-1" if "0" in message else "rule.predictor_rank=4"
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [setting, "data.name=synthetic", rank])

@@ -7,8 +7,11 @@ the tree's folder goes first on the import path before anything of laminar is im
 `--baseline` the tree is an older commit: its blocks are built through the layers API that every
 commit since 8c06083 has (`build_blocks(rule, settings, ...)`, `make_stage`), with none of this
 checkout's speed-ups. Without it, blocks are built as `launch.train` builds them (`Plan`), with
-the speed-ups its config turns on. Each step is a full training step of every block on synthetic
-views (2B x 3 x 32 x 32, the same in both); prints one JSON line: seconds of each step, peak memory.
+the speed-ups its config turns on, and `--set` and `--blocks` may change the config and train some
+blocks only (what one process of a layer-parallel run holds; its input: random activity of the block
+below's shape). Each step is a full training step of those blocks on synthetic views (2B x 3 x 32 x 32,
+the same in both; without --baseline, the config's image size); prints one JSON line: seconds of each
+step, peak memory.
 """
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ def _peak_memory_class() -> type:
     return module.PeakMemory
 
 
-def build_stage(method: str, width: float, batch: int, baseline: bool):
-    """The blocks of every stage of `method` in one process, as a stage with `forward(x, step)`."""
+def build_stage(method: str, width: float, batch: int, baseline: bool, overrides: list[str], blocks: list[int]):
+    """The blocks of `method` (all six, or `blocks` of them) in one process, as a stage with `forward(x, step)`,
+    the speed-ups in effect and the shape of the stage's input, (2B, C, H, W)."""
     import torch
 
     import layers
@@ -56,14 +60,19 @@ def build_stage(method: str, width: float, batch: int, baseline: bool):
         fused = {"fused_optimizer": False} if "fused_optimizer" in inspect.signature(build_blocks).parameters else {}
         blocks = build_blocks(rule_named(method), RuleSettings(), width=width, in_channels=3, input_size=32, seed=0,
                               lr=2e-4, weight_decay=0.0, **fused)
-        return make_stage(blocks, 0), {}
+        return make_stage(blocks, 0), {}, (2 * batch, 3, 32, 32)
+    from layers.encoder import describe_encoder
     from sim.run.config import load_config
     from sim.run.job import speedups
     from sim.run.plan import make_plan
     config = load_config(None, [f"method={method}", "data.name=synthetic", f"model.width={width}",
-                                f"train.batch_size={batch}"])
+                                f"train.batch_size={batch}", *overrides])
     in_effect = speedups(config)  # before the blocks allocate, as in a run
-    return make_stage(make_plan(config, 1).build_blocks(range(6), torch.device("cpu")), 0), in_effect
+    plan = make_plan(config, 1)
+    image = (plan.info.channels, plan.info.image_size, plan.info.image_size)
+    given = image if blocks[0] == 0 else describe_encoder(width, *image[:2])[blocks[0] - 1].output_shape
+    stage = make_stage(plan.build_blocks(blocks, torch.device("cpu")), config.train.seed)
+    return stage, in_effect, (2 * batch, *given)
 
 
 def main() -> None:
@@ -76,7 +85,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first ones allocate)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override (not with --baseline), e.g. data.name=synthetic_96")
+    parser.add_argument("--blocks", default="0,1,2,3,4,5",
+                        help="the blocks to train, consecutive (not with --baseline)")
     args = parser.parse_args()
+    blocks = [int(b) for b in args.blocks.split(",")]
+    if args.baseline and (args.set or blocks != list(range(6))):
+        parser.error("--set and --blocks need this checkout's config, not a --baseline tree")
     sys.path[0] = str(args.tree.resolve())  # instead of this script's folder: the tree's packages come first
     import torch
     torch.set_num_threads(args.threads)
@@ -84,15 +100,17 @@ def main() -> None:
 
     memory = _peak_memory_class()(torch.device("cpu"))
     memory.start()
-    stage, speedups = build_stage(args.method, args.width, args.batch, args.baseline)
-    views = torch.randn(2 * args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # (2B, 3, 32, 32)
+    stage, speedups, shape = build_stage(args.method, args.width, args.batch, args.baseline, args.set, blocks)
+    views = torch.randn(*shape, generator=torch.Generator().manual_seed(0))  # (2B, C, H, W)
+    if blocks[0] > 0:
+        views = views.relu_()  # what a block's ReLU would send
     seconds = []
     for step in range(args.warmup + args.steps):
         began = time.perf_counter()
         stage.forward(views, step)
         seconds.append(time.perf_counter() - began)
     print(json.dumps({"method": args.method, "threads": args.threads, "tree": str(args.tree),
-                      "baseline": args.baseline, "warmup_seconds": seconds[:args.warmup],
+                      "baseline": args.baseline, "blocks": blocks, "warmup_seconds": seconds[:args.warmup],
                       "step_seconds": seconds[args.warmup:], "peak_memory_bytes": memory.peak_bytes(),
                       "speedups": speedups}))
 

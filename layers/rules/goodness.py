@@ -64,9 +64,6 @@ class GoodnessRule(Rule):
     def block_input(self, x: torch.Tensor) -> torch.Tensor:
         return standardise(x)  # every layer of SCFF standardises its input
 
-    def head_dims(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> list[int]:
-        return []
-
     def make_heads(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> nn.ModuleDict:
         return nn.ModuleDict()
 

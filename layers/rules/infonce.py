@@ -17,9 +17,6 @@ class InfoNCERule(Rule):
     """A projection head (trained, its input not detached: three passes per step) and InfoNCE."""
     head_passes: int = 3
 
-    def head_dims(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> list[int]:
-        return [settings.proj_dim]
-
     def make_heads(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> nn.ModuleDict:
         return nn.ModuleDict({"projection": nn.Linear(feature_dim, settings.proj_dim, bias=False)})
 

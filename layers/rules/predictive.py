@@ -17,14 +17,18 @@ class PredictiveRule(Rule):
     """u+ = z(other view) . B c, u- = z(another image) . B c; `learned`: B is trained (else B = I)."""
     learned: bool = True
 
-    def head_dims(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> list[int]:
-        return self.context_dims(feature_dim, top_feature_dim) if self.learned else []
+    @property
+    def learns_predictor(self) -> bool:
+        return self.learned
 
     def make_heads(self, feature_dim: int, top_feature_dim: int, settings: RuleSettings) -> nn.ModuleDict:
         heads = nn.ModuleDict()
         if self.learned:  # B maps a context to a prediction of this block's activity
+            rank = settings.predictor_rank
             for source, context_dim in zip(self.contexts, self.context_dims(feature_dim, top_feature_dim)):
-                heads[source] = nn.Linear(context_dim, feature_dim, bias=False)
+                heads[source] = (nn.Sequential(nn.Linear(context_dim, rank, bias=False),
+                                               nn.Linear(rank, feature_dim, bias=False)) if rank > 0 else
+                                 nn.Linear(context_dim, feature_dim, bias=False))
         return heads
 
     def loss(self, heads: nn.ModuleDict, features: torch.Tensor, top_context: torch.Tensor | None,

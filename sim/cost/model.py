@@ -72,25 +72,29 @@ class StepWork:
         return self.flops / flops_per_s + self.optimizer_bytes / bytes_per_s
 
 
-def step_work(width: float, in_channels: int, input_size: int, rows: int, feature_dims: Sequence[int],
-              head_dims: Sequence[Sequence[int]], end_to_end: bool, head_passes: int) -> StepWork:
+HeadMatrix = tuple[int, int]  # one weight matrix of a block's heads: (parameters, passes over it per step)
+
+
+def step_work(width: float, in_channels: int, input_size: int, rows: int,
+              head_matrices: Sequence[Sequence[HeadMatrix]], end_to_end: bool) -> StepWork:
     """FLOPs of one step on `rows` views (2B); the element-wise work (ReLU, pooling, the loss) is
-    left out: it is memory traffic, small beside these at full width. `head_dims`: per block, the
-    other side of each head (Plan.head_dims); `head_passes`: 2 for B (forward and weight gradient:
-    the context is detached), 3 for a projection (its input takes a gradient too)."""
+    left out: it is memory traffic, small beside these at full width. `head_matrices`: per block, each
+    matrix of its heads (Plan.head_matrices) with its passes: 2 for B (forward and weight gradient:
+    the context is detached), 3 for a projection and for a low-rank B's outer factor (their input
+    takes a gradient too)."""
     reports = describe_encoder(width, in_channels, input_size)
     conv = 0.0
     for report in reports:  # forward and weight gradient; the input gradient only end to end, not into the image
         passes = 3 if end_to_end and report.index > 0 else 2
         conv += passes * 2 * report.macs_per_image * rows
-    pairs = [(dim, other) for dim, others in zip(feature_dims, head_dims) for other in others]
-    heads = sum(head_passes * 2 * rows * dim * other for dim, other in pairs)
-    params = sum(r.conv_params for r in reports) + sum(dim * other for dim, other in pairs)
+    matrices = [matrix for block in head_matrices for matrix in block]
+    heads = sum(passes * 2 * rows * params for params, passes in matrices)
+    params = sum(r.conv_params for r in reports) + sum(params for params, _ in matrices)
     return StepWork(conv, heads, 7 * 4 * params)
 
 
-def block_operations(width: float, in_channels: int, input_size: int, rows: int, feature_dims: Sequence[int],
-                     head_dims: Sequence[Sequence[int]], end_to_end: bool, head_passes: int,
+def block_operations(width: float, in_channels: int, input_size: int, rows: int,
+                     head_matrices: Sequence[Sequence[HeadMatrix]], end_to_end: bool,
                      reruns_forward: Sequence[bool]) -> list[dict[str, float]]:
     """Per block, the multiply-accumulates of one step on `rows` views (2B), dense, as step_work
     counts them: `forward` (the convolution and the heads), `update` (the weight gradients, and the
@@ -99,11 +103,12 @@ def block_operations(width: float, in_channels: int, input_size: int, rows: int,
     share (what event-driven hardware scales by its input's non-zero fraction). Element-wise work is
     left out."""
     operations = []
-    for report, dim, others in zip(describe_encoder(width, in_channels, input_size), feature_dims, head_dims):
+    for report, matrices in zip(describe_encoder(width, in_channels, input_size), head_matrices):
         conv = report.macs_per_image * rows
-        heads = sum(rows * dim * other for other in others)
+        heads = sum(rows * params for params, _ in matrices)
+        head_updates = sum((passes - 1) * rows * params for params, passes in matrices)
         rerun = conv if reruns_forward[report.index] else 0.0
-        operations.append({"forward": conv + heads, "update": conv + (head_passes - 1) * heads + rerun,
+        operations.append({"forward": conv + heads, "update": conv + head_updates + rerun,
                            "backward": conv if end_to_end and report.index > 0 else 0.0, "convolution": conv})
     return operations
 

@@ -243,6 +243,7 @@ def validate(config: Config) -> None:
         method = get_rule(config.method)
         info = dataset_info(config.data.name)
         pool_kernels(method, info.image_size, config.rule.pool or None)  # a pooling that does not fit fails here
+        method.check_settings(config.rule)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     choices = {"optim.schedule": (config.optim.schedule, LR_SCHEDULES), "sim.codec": (config.sim.codec, CODECS),

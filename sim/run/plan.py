@@ -15,7 +15,7 @@ from layers.learning_rate import LearningRate
 from layers.model import build_blocks, feature_dims, pool_kernels
 from layers.rules import RULES, get_rule
 from layers.rules.rule import Rule
-from sim.cost.model import StepWork, block_operations, estimated_block_costs, held_memory, step_work
+from sim.cost.model import HeadMatrix, StepWork, block_operations, estimated_block_costs, held_memory, step_work
 from sim.data.datasets import DatasetInfo, dataset_info
 from sim.errors import ConfigError
 from sim.pipeline.codec import Codec, MessageCodecs
@@ -118,32 +118,30 @@ class Plan:
         o = self.config.optim
         return LearningRate(o.lr, o.schedule, o.warmup_steps, total_steps, o.lr_min)
 
-    def head_dims(self) -> list[list[int]]:
-        """Per block, the other side of each of its heads (B: the context's size; a projection: its
-        output size); none for the identity predictor and for the blocks without a loss of their own."""
+    def head_matrices(self) -> list[list[HeadMatrix]]:
+        """Per block, each weight matrix of its heads with its passes per step (sim.cost.model.HeadMatrix);
+        none for the identity predictor and for the blocks without a loss of their own."""
         dims = feature_dims(self.config.model.width, self.info.image_size, self.kernels)
-        return _head_dims(self.rule, self.config, dims)
+        return _head_matrices(self.rule, self.config, dims)
 
     def step_work(self) -> StepWork:
         """What one training step of all six blocks computes and moves (sim.cost.model.step_work)."""
         c = self.config
-        dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
-        return step_work(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, dims,
-                         self.head_dims(), self.rule.end_to_end, self.rule.head_passes)
+        return step_work(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size,
+                         self.head_matrices(), self.rule.end_to_end)
 
     def block_operations(self) -> list[dict[str, float]]:
         """Per block, the multiply-accumulates of one step (sim.cost.model.block_operations)."""
         c, rule = self.config, self.rule
-        dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
         reruns = [self.keeps_traces and b < NUM_BLOCKS - 1 for b in range(NUM_BLOCKS)]  # a trace's second forward
-        return block_operations(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, dims,
-                                self.head_dims(), rule.end_to_end, rule.head_passes, reruns)
+        return block_operations(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size,
+                                self.head_matrices(), rule.end_to_end, reruns)
 
     def held_memory(self, blocks: Sequence[int]) -> dict[str, int]:
         """What `blocks` hold during a step of this run (sim.cost.model.held_memory)."""
         c, rule = self.config, self.rule
         dims = feature_dims(c.model.width, self.info.image_size, self.kernels)
-        head_params = [sum(d * h for h in hs) for d, hs in zip(dims, self.head_dims())]
+        head_params = [sum(params for params, _ in matrices) for matrices in self.head_matrices()]
         return held_memory(c.model.width, self.info.channels, self.info.image_size, 2 * c.train.batch_size, blocks,
                            head_params, rule.end_to_end or rule.needs_feedback, pending=self.pending_batches(blocks),
                            trace_dims=dims if self.keeps_traces else None)
@@ -333,7 +331,7 @@ def check_fits_in_memory(config: Config, rule: Rule, info: DatasetInfo, dims: li
     """Refuse a model whose weights and AdamW state alone exceed this machine's memory (a width typo:
     1e3 for 1e-3), before anything is allocated. Activations come on top: this is a floor."""
     convs = sum(r.conv_params for r in describe_encoder(config.model.width, info.channels, info.image_size))
-    heads = sum(dim * other for dim, others in zip(dims, _head_dims(rule, config, dims)) for other in others)
+    heads = sum(params for matrices in _head_matrices(rule, config, dims) for params, _ in matrices)
     needed = 4 * 4 * (convs + heads)  # float32 weights, gradients and AdamW's two moments
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -344,11 +342,21 @@ def check_fits_in_memory(config: Config, rule: Rule, info: DatasetInfo, dims: li
                           f"and optimiser state alone; this machine has {memory / 2**30:,.0f} GiB: use a smaller width")
 
 
-def _head_dims(rule: Rule, config: Config, dims: list[int]) -> list[list[int]]:
-    """Per block, the other side of each of its heads (Rule.head_dims); none for the blocks without a
-    loss of their own (below the top of an end-to-end rule)."""
-    return [rule.head_dims(dim, dims[-1], config.rule) if i == NUM_BLOCKS - 1 or not rule.end_to_end else []
-            for i, dim in enumerate(dims)]
+def _head_matrices(rule: Rule, config: Config, dims: list[int]) -> list[list[HeadMatrix]]:
+    """Per block, the weight matrices of its heads, as the rule makes them (on the meta device: no memory),
+    with their passes per step: the rule's (Rule.head_passes) for the first matrix of each head, 3 for the
+    ones after it (their input takes a gradient); none for the blocks without a loss of their own (below the
+    top of an end-to-end rule)."""
+    found = []
+    for i, dim in enumerate(dims):
+        if i < NUM_BLOCKS - 1 and rule.end_to_end:
+            found.append([])
+            continue
+        with torch.device("meta"):
+            heads = rule.make_heads(dim, dims[-1], config.rule)
+        found.append([(p.numel(), rule.head_passes if k == 0 else 3)
+                      for head in heads.values() for k, p in enumerate(head.parameters())])
+    return found
 
 
 def _placement(config: Config, rule: Rule, info: DatasetInfo, dims: list[int], world_size: int) -> Placement:

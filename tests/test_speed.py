@@ -14,8 +14,10 @@ from layers.learning_rate import LearningRate
 from layers.model import build_blocks
 from layers.rules import get_rule
 from layers.rules.rule import RuleSettings
+from sim.errors import ConfigError
 from sim.pipeline.stage import LocalStage, make_stage
 from sim.run.config import load_config
+from sim.run.freed_memory import keeping_pays
 from sim.run.plan import make_plan
 from tests.helpers import ROOT, adamw_step_bound
 
@@ -183,3 +185,44 @@ def test_a_late_update_uses_the_rate_of_its_own_batch():
     assert blocks[0].optimizer.param_groups[0]["lr"] == rate.at(0) != rate.at(1)
     stage.apply_feedback(1, context)
     assert blocks[0].optimizer.param_groups[0]["lr"] == rate.at(1)
+
+
+def test_freed_memory_is_kept_by_default_only_where_state_outweighs_activity():
+    def held(*overrides: str, blocks=range(6), processes: int = 1) -> dict:
+        return make_plan(load_config(None, ["data.name=synthetic", "model.width=1.0", "train.batch_size=32",
+                                            *overrides]), processes).held_memory(blocks)
+    assert keeping_pays(held("method=clapp_pp"))  # full width, 32 px: the B matrices (+5 % measured)
+    assert not keeping_pays(held("method=bp_infonce"))  # +14 % measured
+    assert not keeping_pays(held("method=clapp_pp", "data.name=synthetic_96", blocks=[1], processes=6))  # +55 %
+    auto = load_config(None, ["data.name=synthetic"])
+    assert auto.train.keep_freed_memory == "auto"
+    with pytest.raises(ConfigError, match='train.keep_freed_memory = .sometimes.: use "auto"'):
+        load_config(None, ["train.keep_freed_memory=sometimes"])
+    assert load_config(None, ["train.keep_freed_memory=false"]).train.keep_freed_memory is False  # old files
+
+
+GIVE_BACK = """
+import torch
+from pathlib import Path
+from sim.run.freed_memory import give_back_freed_memory, keep_freed_memory
+def resident():
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+keep_freed_memory()
+big = torch.ones(2**24)  # 64 MiB
+del big
+kept = resident()
+give_back_freed_memory()  # as a rank does when its training ends, before the probe
+returned = kept - resident()
+again = torch.ones(2**24)  # glibc's defaults again: mapped on its own, unmapped when freed
+held = resident()
+del again
+print(returned, held - resident())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_freed_memory_goes_back_when_training_ends():
+    done = subprocess.run([sys.executable, "-c", GIVE_BACK], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    returned, unmapped = (int(kib) for kib in done.stdout.split())
+    assert returned > 60 * 1024 and unmapped > 60 * 1024

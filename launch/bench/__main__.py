@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     k, m = args.world_size, args.microbatches
     steps = 24 if args.quick else args.steps
     config = load_config(args.config, [f"train.steps={steps}", *args.overrides])
-    speedups(config)  # as the runs have them: the cost model's block times are measured in this process
+    # as a one-process run has them: the cost model's block times are measured in this process
+    speedups(config, make_plan(config, 1).held_memory(range(6)))
     make_plan(dataclasses.replace(config, method="clapp_pp"), k)  # a K that cannot run fails here, not in a run
     runs = []
     for spec in run_specs(k, m, args.quick):

@@ -37,8 +37,9 @@ EIGHT = [(8, 1), (4, 2), (2, 3), (2, 4), (1, 6)]  # R x K on 8 processes (2 x 3 
 def measure(width: float, steps: int, folders: Path) -> dict:
     overrides = [*SETTINGS, f"model.width={width}", f"train.steps={steps}"]
     config = load_config(CONFIG, overrides)
-    speedups(config)  # the block timings below run as the runs do
-    block_times = plan_block_times(make_plan(config, 1), 1, plan_data_seconds(make_plan(config, 1)), 3)
+    one = make_plan(config, 1)
+    speedups(config, one.held_memory(range(6)))  # the block timings below run as a one-process run does
+    block_times = plan_block_times(one, 1, plan_data_seconds(one), 3)
     link = measure_link()
     runs = {}
     for name, (replicas, stages) in RUNS.items():

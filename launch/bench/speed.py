@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs") / f"speed_{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
     with ProgramErrors(0) as errors:
-        keep_freed_memory()  # as every launcher does: the cost model's block times below are measured here
+        # the cost model's block times below are measured here, as the local runs at full width train: their B
+        # matrices outweigh their activity, so "auto" keeps freed memory (sim.run.freed_memory)
+        keep_freed_memory()
         with tempfile.TemporaryDirectory() as folder:
             runs = single_process_runs(export_commit(args.baseline, Path(folder)), args.steps, args.width)
         runs.update(parallel_runs(args.parallel_steps, args.width, args.out))

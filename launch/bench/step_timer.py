@@ -67,8 +67,8 @@ def build_stage(method: str, width: float, batch: int, baseline: bool, overrides
     from sim.run.plan import make_plan
     config = load_config(None, [f"method={method}", "data.name=synthetic", f"model.width={width}",
                                 f"train.batch_size={batch}", *overrides])
-    in_effect = speedups(config)  # before the blocks allocate, as in a run
     plan = make_plan(config, 1)
+    in_effect = speedups(config, plan.held_memory(blocks))  # before the blocks allocate, as in a run
     image = (plan.info.channels, plan.info.image_size, plan.info.image_size)
     given = image if blocks[0] == 0 else describe_encoder(width, *image[:2])[blocks[0] - 1].output_shape
     stage = make_stage(plan.build_blocks(blocks, torch.device("cpu")), config.train.seed)

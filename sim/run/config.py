@@ -63,7 +63,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    keep_freed_memory: bool = True  # glibc: large freed blocks stay in the process (sim.run.freed_memory)
+    # glibc: large freed blocks stay in the process while it trains: "auto" where it pays, true, false
+    keep_freed_memory: bool | str = "auto"  # (sim.run.freed_memory)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
 
 
@@ -253,6 +254,9 @@ def validate(config: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+    if isinstance(config.train.keep_freed_memory, str) and config.train.keep_freed_memory != "auto":
+        raise ConfigError(f"train.keep_freed_memory = {config.train.keep_freed_memory!r}: use \"auto\" (keep where "
+                          "the process's weights and optimiser state outweigh its activity), true or false")
     if config.train.batch_size < 2:
         raise ConfigError("train.batch_size must be >= 2 (negatives come from other images), "
                           f"got {config.train.batch_size}")

@@ -6,12 +6,21 @@ mmap and unmaps it on free. At full width a local step allocates and frees hundr
 buffers (the 8192 x 8192 B matrices' gradients, AdamW's temporaries, full-width activations), so
 each step pays about a million page faults, each zeroing a page: on 2 CPU cores that was 40 % of
 a step's time. With mmap off and trimming off, freed blocks stay in malloc's heap and the next
-step reuses them without a fault. The cost is peak memory: a freed block of one size is not
-always reusable for a request of another, so the heap can grow beyond the work's own peak (+2 %
-at full width and 32 px, +9 % to +50 % at 96 px: BENCHMARKS.md). Where memory is tight, turn it off.
+step reuses them without a fault. The cost is peak memory: with mmap off, a large request that no
+freed hole fits extends the heap, within a step as well as across steps, so the heap grows beyond
+the work's own peak. How far depends on how much of a process's memory is activity of changing
+sizes rather than weights and optimiser state, which keep their size (measured, peak kept / peak with
+glibc's default, 2 cores, full width): clapp_pp in one process at 32 px, activity 0.04 of its state
+(the B matrices dominate), +5 %; at 96 px, 0.39, +9 %; bp_infonce at 32 px, 1.2, +14 %; one block of
+a K = 6 run at 96 px, 5.0, +55 %. So by default (`train.keep_freed_memory = "auto"`) a process keeps
+freed memory only where its blocks' activity is below KEEP_BELOW of their state (`keeping_pays`, from
+Plan.held_memory); true keeps it always, false never. Changing the allocator does not help here:
+jemalloc and tcmalloc (LD_PRELOAD) keep +12 % and +25 % at 96 px, transparent huge pages fault less but
+step slower (BENCHMARKS.md).
 
 A process-wide setting: `keep_freed_memory()` is called once, at the start of a rank's job
-(`sim.run.job`), when `train.keep_freed_memory` is true (the default).
+(`sim.run.job`), and `give_back_freed_memory()` when its training ends, before the probe: the probe's
+buffers come and go with glibc's defaults, and what training freed goes back to the system.
 """
 from __future__ import annotations
 
@@ -23,8 +32,17 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int): freed memory is never trimmed
+DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's own
+KEEP_BELOW = 0.1  # "auto" keeps freed memory where activity < KEEP_BELOW x weights and optimiser state
 
 _applied: str | None = None
+_given_back = False
+
+
+def keeping_pays(held: dict[str, int]) -> bool:
+    """Whether a process holding `held` (Plan.held_memory of its blocks) keeps freed memory under "auto":
+    its activity, whose buffers change size within a step, is small beside its state, which does not."""
+    return held["activity"] < KEEP_BELOW * held["optimizer_state"]
 
 
 def keep_freed_memory() -> str | None:
@@ -44,6 +62,18 @@ def keep_freed_memory() -> str | None:
         return None  # glibc refused both (it never has): nothing changed that a run should report
     _applied = "glibc malloc: " + ", ".join(done)
     return _applied
+
+
+def give_back_freed_memory() -> None:
+    """Undo `keep_freed_memory`: glibc's defaults again, and every freed page handed back (malloc_trim)."""
+    global _given_back
+    if _applied is None or _given_back:
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+    libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
+    _given_back = True
 
 
 def kept_setting() -> str | None:

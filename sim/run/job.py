@@ -63,7 +63,7 @@ from sim.run.checkpoint import (
 )
 from sim.run.config import Config, to_dict
 from sim.run.evaluation import probe_encoder, probe_sets
-from sim.run.freed_memory import keep_freed_memory, kept_setting
+from sim.run.freed_memory import give_back_freed_memory, keep_freed_memory, keeping_pays, kept_setting
 from sim.run.log_setup import rank_recording, start_log
 from sim.run.plan import Plan
 
@@ -89,7 +89,7 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
     check_run_folder(out_dir, resume, world.attempt, world.rank)
     if plan.config.train.threads:
         torch.set_num_threads(plan.config.train.threads)
-    speedups(plan.config)
+    speedups(plan.config, plan.held_memory(plan.placement.groups[plan.mesh.position(world.rank)[1]]))
     device = world.device(plan.config.train.device)
     memory = PeakMemory(device)  # what the work holds: from here (imports done) to the end of training
     memory.start()
@@ -122,10 +122,12 @@ def run_job(plan: Plan, out_dir: Path, *, world: World = World(), resume: bool =
     return summary
 
 
-def speedups(config: Config) -> dict:
+def speedups(config: Config, held: dict[str, int] | None = None) -> dict:
     """Turn on, once per process, the speed-ups `config` asks of the process itself (freed memory
-    kept); returns every speed-up in effect, as summary.json records it."""
-    if config.train.keep_freed_memory:
+    kept: under "auto", where the process's blocks hold `held` and keeping pays); returns every
+    speed-up in effect, as summary.json records it."""
+    keep = config.train.keep_freed_memory
+    if keep is True or (keep == "auto" and held is not None and keeping_pays(held)):
         keep_freed_memory()
     return {"fused_adamw": config.optim.fused, "freed_memory_kept": kept_setting(),
             "patch_product_weight_gradient_max_pixels": PATCH_GRADIENT_MAX_PIXELS, "relu_in_place": True}
@@ -225,6 +227,7 @@ def _run_rank(plan: Plan, out_dir: Path, *, world: World, device: torch.device, 
                       async_engine(rank) if plan.free_running is not None else local_engine(rank))
     transport.barrier("the start barrier", SETUP_TIMEOUT_S)  # every rank built: start the clocks together
     result = engine.run(start, stop, progress=progress and replica == 0, memory=memory)  # one bar: replica 0's
+    give_back_freed_memory()  # training is over: the probe and the summary need none of it
     gathered = _gather(plan, world, device, transport, blocks, result)
     if gathered is None:
         return None

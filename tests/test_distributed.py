@@ -42,6 +42,11 @@ def test_weights_equal_single_process_for_any_world_size(tmp_path, method, sched
         assert [o.exitcode for o in outcomes] == [0] * k, outcomes[0].log + outcomes[-1].log
         assert_same_weights(reference, final_weights(out))
         assert summary(out)["world_size"] == k and len(summary(out)["peak_memory_bytes"]) == k
+        for rank in summary(out)["ranks"]:  # where its loop's time went
+            phases = rank["phase_seconds"]
+            assert phases["compute"] > 0 and phases["messages"] > 0 and phases["wait"] >= 0
+            assert ("views" in phases) == (rank["rank"] == 0)  # only the first rank makes the views
+            assert -1e-3 < phases["other"] < 0.5 * rank["seconds"]  # no phase counted twice, few left out
 
 
 def test_probe_after_a_distributed_run_equals_the_single_process_probe(tmp_path):

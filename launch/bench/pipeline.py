@@ -4,9 +4,12 @@
 
 Runs, alternating and `--repeats` times each: one process with 1 thread, one process with K
 threads (the same cores as the parallel run), and K processes with 1 thread each under torchrun
-(pipelined schedule). Reports the median images/s of each, the ratios, the pipeline efficiency
-(the slowest rank's busy time over the run's wall time: 1.0 means the pipeline runs as fast as its
-slowest rank can compute) and each rank's peak memory. Writes bench_pipeline.json and .md.
+(pipelined schedule). Reports the median steady images/s of each, the ratios, the ceiling (perfect
+balance and no overhead: one 1-thread process's rate times K, over the K-thread process's rate), the
+pipeline efficiency (the slowest rank's busy time over the run's wall time: 1.0 means the pipeline
+runs as fast as its slowest rank can compute), where each rank's time goes (compute, views,
+messages, waiting, record, other: RankResult.phase_seconds), the ranks' busy time summed against the
+1-thread process's loop, and each rank's peak memory. Writes bench_pipeline.json and .md.
 """
 from __future__ import annotations
 
@@ -38,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = bench_run(processes, threads, args.config, overrides, args.out / f"{kind}_{repeat}")
             runs[kind].append(summary)
             print(f"{kind} #{repeat}: {summary.images_per_s:.1f} images/s", flush=True)
-    speed = {kind: statistics.median(s.images_per_s for s in runs[kind]) for kind in kinds}
+    speed = {kind: statistics.median(s.throughput for s in runs[kind]) for kind in kinds}
     parallel = runs["parallel"]
+    ceiling = k * speed["single_1_thread"] / speed[f"single_{k}_threads"]
+    achieved = speed["parallel"] / speed[f"single_{k}_threads"]
     result = {
         "machine": describe_machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -50,11 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_s": speed,
         "ratios": {"parallel_vs_single_1_thread": speed["parallel"] / speed["single_1_thread"],
                    f"parallel_vs_single_{k}_threads": speed["parallel"] / speed[f"single_{k}_threads"]},
+        "ceiling_vs_single_k_threads": ceiling, "share_of_ceiling": achieved / ceiling,
+        "busy_sum_vs_single_1_thread": statistics.median(
+            sum(r["busy_seconds"] for r in run.ranks) / one.train_seconds
+            for run, one in zip(parallel, runs["single_1_thread"])),
         "pipeline_efficiency": statistics.median(s.pipeline_efficiency() for s in parallel),
         "peak_memory_bytes": {kind: [statistics.median(s.peak_memory_bytes[r] for s in runs[kind])
                                      for r in range(len(runs[kind][0].peak_memory_bytes))] for kind in kinds},
         "ranks": [{"rank": r["rank"], "blocks": r["blocks"], "busy_s": r["busy_seconds"],
-                   "wait_s": r["wait_seconds"], "bytes_sent": r["bytes_sent"]} for r in parallel[-1].ranks],
+                   "wait_s": r["wait_seconds"], "bytes_sent": r["bytes_sent"],
+                   "phase_seconds": r.get("phase_seconds", {})} for r in parallel[-1].ranks],
     }
     table = markdown(result)
     write_figures(args.out, "bench_pipeline", result, table)
@@ -76,10 +86,20 @@ def markdown(result: dict) -> str:
     ratios = result["ratios"]
     lines += ["", f"- parallel / 1 thread: {ratios['parallel_vs_single_1_thread']:.2f}x; parallel / {k} threads: "
               f"{ratios[f'parallel_vs_single_{k}_threads']:.2f}x",
+              f"- ceiling (perfect balance, no overhead: {k} x the 1-thread rate / the {k}-thread rate): "
+              f"{result['ceiling_vs_single_k_threads']:.2f}x; reached: {result['share_of_ceiling']:.2f} of it",
+              "- the ranks' busy time summed / the 1-thread process's loop: "
+              f"{result['busy_sum_vs_single_1_thread']:.2f}",
               f"- pipeline efficiency (slowest rank's busy time / wall time): {result['pipeline_efficiency']:.3f}",
               "- per rank (last repeat): " + "; ".join(
                   f"rank {r['rank']} blocks {r['blocks']} busy {r['busy_s']:.1f} s, waiting {r['wait_s']:.1f} s, "
                   f"sent {r['bytes_sent'] / 2**20:.0f} MiB" for r in result["ranks"])]
+    phases = sorted({name for r in result["ranks"] for name in r["phase_seconds"]})
+    if phases:
+        lines += ["", "Where each rank's loop time went (s, last repeat):", "",
+                  "| rank | " + " | ".join(phases) + " |", "|---|" + "---:|" * len(phases)]
+        lines += [f"| {r['rank']} | " + " | ".join(f"{r['phase_seconds'].get(n, 0.0):.2f}" for n in phases) + " |"
+                  for r in result["ranks"]]
     return "\n".join(lines)
 
 

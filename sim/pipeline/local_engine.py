@@ -22,7 +22,7 @@ from sim.pipeline.schedule import MessageShapes, Schedule
 from sim.pipeline.stage import EndToEndStage, LocalStage
 from sim.pipeline.transport import InProcess, Transport
 from sim.record.peak_memory import PeakMemory
-from sim.record.progress import WindowClock, progress_bar
+from sim.record.progress import PhaseClock, WindowClock, progress_bar
 from sim.record.summary import LOSS_WINDOW, RankResult
 
 
@@ -46,6 +46,7 @@ class LocalEngine:
         self.top = schedule.world_size - 1
         self.codecs = stage.codecs if isinstance(stage, LocalStage) else MessageCodecs()
         self.recent: dict[int, deque] = {b.index: deque(maxlen=LOSS_WINDOW) for b in stage.blocks}
+        self.clock = PhaseClock(lambda: self.transport.wait_seconds)
 
     def run(self, start: int, stop: int, *, progress: bool = True, memory: PeakMemory | None = None) -> RankResult:
         """Execute this rank's actions for batches start..stop-1. `memory`, started when the process
@@ -56,8 +57,10 @@ class LocalEngine:
             memory.start()
         bar = progress_bar(stop, start, progress and self.rank == 0)
         began, clock = time.perf_counter(), WindowClock()
+        phase = self.clock.phase
         for action in self.schedule.actions(self.rank, start, stop):
-            self.transport.begin(self.schedule.messages(self.rank, action))
+            with phase("messages"):  # waits for this rank's oldest unreceived sends
+                self.transport.begin(self.schedule.messages(self.rank, action))
             if action.kind == "F":
                 self._forward(action.step)
                 bar.update()
@@ -65,22 +68,29 @@ class LocalEngine:
                 if action.step % 10 == 0:
                     bar.set_postfix_str(self._losses_text(), refresh=False)
             elif action.kind == "U":
-                feedback = self.transport.recv_packed(self.codecs.feedback, self.shapes.feedback, self.top, "feedback")
-                self.stage.apply_feedback(action.step, feedback)
+                with phase("messages"):
+                    feedback = self.transport.recv_packed(self.codecs.feedback, self.shapes.feedback, self.top,
+                                                          "feedback")
+                with phase("compute"):
+                    self.stage.apply_feedback(action.step, feedback)
             elif action.kind == "G":
-                self._record_pairs(action.step, self.recording.alignment.backward(action.step))
-                self.recording.alignment.deliver()
+                with phase("record"):
+                    self._record_pairs(action.step, self.recording.alignment.backward(action.step))
+                    self.recording.alignment.deliver()
             elif action.kind == "W":
-                self.transport.recv((1,), self.top, "token")
+                with phase("messages"):
+                    self.transport.recv((1,), self.top, "token")
             elif action.kind == "C":
-                self.stage.apply_pending()  # every update of the batches before the checkpoint applied
-                self._record_updates()
-                self.transport.flush()
-                if self.recording.log is not None:
-                    self.recording.log.flush()  # the log holds every step before a checkpoint
-                self.checkpoint(action.step)
+                with phase("record"):
+                    self.stage.apply_pending()  # every update of the batches before the checkpoint applied
+                    self._record_updates()
+                    self.transport.flush()
+                    if self.recording.log is not None:
+                        self.recording.log.flush()  # the log holds every step before a checkpoint
+                    self.checkpoint(action.step)
             self.transport.end(action)
-            self._record_updates()
+            with phase("record"):
+                self._record_updates()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - began
@@ -93,6 +103,7 @@ class LocalEngine:
             loss_per_block={b: sum(r) / len(r) for b, r in self.recent.items() if r},
             feedback_delays=self._feedback_delays(), window_seconds=clock.windows,
             input_zero_fraction=self.stage.zeros.fractions(), bytes_by_kind=self.transport.bytes_by_kind,
+            phase_seconds={**self.clock.seconds, "other": seconds - sum(self.clock.seconds.values())},
         )
 
     def _feedback_delays(self) -> dict[int, int]:
@@ -103,31 +114,38 @@ class LocalEngine:
         return {b.index: self.stage.feedback_delay if here else self.schedule.delay(self.rank) for b in blocks}
 
     def _forward(self, step: int) -> None:
-        log = self.recording.log
+        log, phase = self.recording.log, self.clock.phase
         logged = self.schedule.logs(step)
         began, sent = time.perf_counter(), self.transport.bytes_sent
-        if logged or self.schedule.aligns(step):  # these passes see the weights from before this batch
-            self.stage.settle()
-        if logged:  # activity of the held-out images with the weights from before this batch
-            for block, features in self.recording.heldout.run().items():
-                log.blocks[block].record(step, activations=features)
+        with phase("record"):
+            if logged or self.schedule.aligns(step):  # these passes see the weights from before this batch
+                self.stage.settle()
+            if logged:  # activity of the held-out images with the weights from before this batch
+                for block, features in self.recording.heldout.run().items():
+                    log.blocks[block].record(step, activations=features)
         if self.rank == 0:
-            x = self.feed.views_at(step).to(self.device, non_blocking=True)  # (2B, C, S, S)
+            with phase("views"):
+                x = self.feed.views_at(step).to(self.device, non_blocking=True)  # (2B, C, S, S)
         else:
-            x = self.transport.recv_packed(self.codecs.activations, self.shapes.activations[self.rank - 1],
-                                           self.rank - 1, "activations")
+            with phase("messages"):
+                x = self.transport.recv_packed(self.codecs.activations, self.shapes.activations[self.rank - 1],
+                                               self.rank - 1, "activations")
         if self.recording.alignment is not None and self.schedule.aligns(step):
-            self._record_pairs(step, self.recording.alignment.forward(x, step))
-        self.stage.forward(x, step)  # its output travels as the codec packed it
-        if self.rank < self.top:
-            self.transport.send_packed(self.stage.packed_output, self.rank + 1, "activations")
-        else:
-            for rank, waits in enumerate(self.schedule.waits_for_feedback):
-                if waits:
-                    self.transport.send_packed(self.stage.packed_context, rank, "feedback")
-            if self.schedule.sends_token():
-                self.transport.send(torch.ones(1, device=self.device), 0, "token")
-            if self.recording.alignment is not None:
+            with phase("record"):
+                self._record_pairs(step, self.recording.alignment.forward(x, step))
+        with phase("compute"):
+            self.stage.forward(x, step)  # its output travels as the codec packed it
+        with phase("messages"):
+            if self.rank < self.top:
+                self.transport.send_packed(self.stage.packed_output, self.rank + 1, "activations")
+            else:
+                for rank, waits in enumerate(self.schedule.waits_for_feedback):
+                    if waits:
+                        self.transport.send_packed(self.stage.packed_context, rank, "feedback")
+                if self.schedule.sends_token():
+                    self.transport.send(torch.ones(1, device=self.device), 0, "token")
+        if self.recording.alignment is not None and self.rank == self.top:
+            with phase("record"):
                 self.recording.alignment.deliver()
         if logged:
             seconds, sent = time.perf_counter() - began, self.transport.bytes_sent - sent

@@ -1,9 +1,11 @@
 """What long work shows and times while it runs: the progress bars of training, the probe and the theory
-figures, and the engines' steady-state clock."""
+figures, the engines' steady-state clock and where a rank's time goes."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -33,3 +35,25 @@ class WindowClock:
             now = time.perf_counter()
             self.windows.append(now - self.began)
             self.began = now
+
+
+class PhaseClock:
+    """Seconds a rank's loop spends in each phase (RankResult.phase_seconds): the time a phase spent
+    waiting on a peer (what `waited()` counts: the transport's wait_seconds) goes to "wait" instead."""
+
+    def __init__(self, waited: Callable[[], float]):
+        self.waited = waited
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        began, waited = time.perf_counter(), self.waited()
+        try:
+            yield
+        finally:
+            wait = self.waited() - waited
+            self.add(name, time.perf_counter() - began - wait)
+            self.add("wait", wait)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds

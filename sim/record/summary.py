@@ -50,6 +50,9 @@ class RankResult:
     free_running: dict | None = None  # async: sim.pipeline.free_running.dynamics, the ages and the virtual clock
     input_zero_fraction: dict[int, float] = field(default_factory=dict)  # block -> zeros in its input, over the run
     bytes_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # "sent"/"received" -> kind -> bytes
+    # where the loop's seconds went (the local engine): compute, views, messages (sending, receiving; their
+    # waits on a peer under "wait"), record (log, alignment, checkpoints), other (the rest of the loop)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     def steady_steps_per_s(self) -> float | None:
         """Median rate over timed windows, the first (warm-up) left out; None for short runs."""
@@ -112,7 +115,8 @@ class RunSummary:
             feedback_delay_steps=None if free else [delays.get(b, 0) for b in blocks],
             peak_memory_bytes=[r.peak_memory_bytes for r in results],
             ranks=[{"rank": r.rank, "blocks": r.blocks, "seconds": r.seconds, "busy_seconds": r.busy_seconds,
-                    "wait_seconds": r.wait_seconds, "bytes_sent": r.bytes_sent} for r in results],
+                    "wait_seconds": r.wait_seconds, "bytes_sent": r.bytes_sent,
+                    **({"phase_seconds": r.phase_seconds} if r.phase_seconds else {})} for r in results],
             **fields)
 
     @property

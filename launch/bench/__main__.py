@@ -32,6 +32,10 @@ from sim.run.config import load_config
 from sim.run.job import speedups
 from sim.run.plan import make_plan
 
+# --quick: enough steps for four timed windows after the warm-up one (sim.record.summary.TIMING_WINDOW), so
+# that its rates are steady medians, not whole-run means with start-up in them (24 steps varied 20 % run to run)
+QUICK_STEPS = 100
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -73,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=positive, default=2)
     parser.add_argument("--microbatches", type=positive, default=4)
     parser.add_argument("--steps", type=positive, default=200)
-    parser.add_argument("--quick", action="store_true", help="4 runs of a few steps, no full-width predictions")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"4 runs of {QUICK_STEPS} steps, no full-width predictions")
     args = parser.parse_args(argv)
     k, m = args.world_size, args.microbatches
-    steps = 24 if args.quick else args.steps
+    steps = QUICK_STEPS if args.quick else args.steps
     config = load_config(args.config, [f"train.steps={steps}", *args.overrides])
     # as a one-process run has them: the cost model's block times are measured in this process
     speedups(config, make_plan(config, 1).held_memory(range(6)))

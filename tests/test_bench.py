@@ -201,3 +201,21 @@ def test_gpu_benchmark_runs_end_to_end_on_the_cpu(tmp_path, capsys):
     assert "| bp_infonce |" in table and "| 1.00x | 1.00x |" in table and "a dry run, not a measurement" in table
     assert gpu_bench(["--dry-run", "--methods", "clapp,nope", "--out", str(tmp_path / "bad")]) == 2
     assert "--methods clapp,nope: nope; choose among clapp" in capsys.readouterr().err
+
+
+def test_the_kernel_profile_counts_each_convolution_of_a_step(tmp_path):
+    from launch.bench.kernels import convolution_flops, main
+    forward = convolution_flops("aten::mkldnn_convolution", [[64, 32, 16, 16], [128, 32, 3, 3], [128]])
+    assert forward == 2 * 64 * 128 * 16 * 16 * 32 * 9
+    both = convolution_flops("aten::convolution_backward", [[64, 128, 16, 16], [64, 32, 16, 16], [128, 32, 3, 3]])
+    image = convolution_flops("aten::convolution_backward", [[64, 32, 32, 32], [64, 3, 32, 32], [32, 3, 3, 3]])
+    small = convolution_flops("aten::convolution_backward", [[64, 128, 4, 4], [64, 64, 4, 4], [128, 64, 3, 3]])
+    assert both == 2 * forward and image == 2 * 64 * 32 * 32 * 32 * 3 * 9  # the image takes no gradient
+    assert small == 2 * 64 * 128 * 4 * 4 * 64 * 9  # the weight's: a patch product (an mm the profiler counts)
+    assert main(["--width", "0.0625", "--steps", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    names = {k["name"] for k in result["kernels"]}
+    assert {"aten::mkldnn_convolution", "aten::convolution_backward"} <= names
+    convolutions = [k for k in result["kernels"] if k["name"] == "aten::mkldnn_convolution"]
+    assert len(convolutions) == 6 and all(k["gflop"] > 0 for k in convolutions)  # one per block, by its shapes
+    assert "| aten::" in (tmp_path / "kernels.md").read_text()

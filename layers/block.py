@@ -60,7 +60,7 @@ class Block(nn.Module):
             out = self(x, stash_weights)
             return out, self.features(out)
         preactivation = self.conv.preactivation(self.rule.block_input(x), stash_weights)
-        return self.conv.pool(F.relu(preactivation)), preactivation
+        return F.relu(self.conv.pool(preactivation)), preactivation  # as ConvBlock.forward: pool, then ReLU
 
     def features(self, out: torch.Tensor) -> torch.Tensor:
         """Pooled activity the loss sees: AvgPool(k, stride k), flattened (C, y, x)."""

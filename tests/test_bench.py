@@ -205,12 +205,14 @@ def test_gpu_benchmark_runs_end_to_end_on_the_cpu(tmp_path, capsys):
 
 def test_the_kernel_profile_counts_each_convolution_of_a_step(tmp_path):
     from launch.bench.kernels import convolution_flops, main
-    forward = convolution_flops("aten::mkldnn_convolution", [[64, 32, 16, 16], [128, 32, 3, 3], [128]])
+    forward = convolution_flops("aten::mkldnn_convolution", [[64, 32, 16, 16], [128, 32, 3, 3], [128]], True)
     assert forward == 2 * 64 * 128 * 16 * 16 * 32 * 9
-    both = convolution_flops("aten::convolution_backward", [[64, 128, 16, 16], [64, 32, 16, 16], [128, 32, 3, 3]])
-    image = convolution_flops("aten::convolution_backward", [[64, 32, 32, 32], [64, 3, 32, 32], [32, 3, 3, 3]])
-    small = convolution_flops("aten::convolution_backward", [[64, 128, 4, 4], [64, 64, 4, 4], [128, 64, 3, 3]])
-    assert both == 2 * forward and image == 2 * 64 * 32 * 32 * 32 * 3 * 9  # the image takes no gradient
+    shapes = [[64, 128, 16, 16], [64, 32, 16, 16], [128, 32, 3, 3]]  # gradient, input, weight
+    assert convolution_flops("aten::convolution_backward", shapes, True) == 2 * forward  # weight's and input's
+    assert convolution_flops("aten::convolution_backward", shapes, False) == forward  # local: the input is detached
+    image = convolution_flops("aten::convolution_backward", [[64, 32, 32, 32], [64, 3, 32, 32], [32, 3, 3, 3]], True)
+    small = convolution_flops("aten::convolution_backward", [[64, 128, 4, 4], [64, 64, 4, 4], [128, 64, 3, 3]], True)
+    assert image == 2 * 64 * 32 * 32 * 32 * 3 * 9  # the image takes no gradient
     assert small == 2 * 64 * 128 * 4 * 4 * 64 * 9  # the weight's: a patch product (an mm the profiler counts)
     assert main(["--width", "0.0625", "--steps", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "kernels.json").read_text())

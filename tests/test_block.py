@@ -193,3 +193,20 @@ def test_end_to_end_gradient_reaches_every_block():
     EndToEndStage(blocks, seed=0).forward(views(), step=0)
     for block, old in zip(blocks, before):
         assert not torch.equal(block.conv.conv.weight, old["conv.weight"]), f"block {block.index} did not learn"
+
+
+@pytest.mark.parametrize("maxpool", [True, False])
+def test_a_conv_block_pools_before_its_relu_with_the_same_output_and_gradients(maxpool):
+    """ConvBlock runs conv -> max-pool -> ReLU: the paper's conv -> ReLU -> max-pool, bit for bit."""
+    from layers.encoder import ConvBlock
+    block = ConvBlock(4, 8, maxpool)
+    x = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[:, :, :4] = 0.0  # flat regions: ties in every pooling window
+    out = block(x)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    ours = torch.autograd.grad(out, list(block.parameters()), grad)
+    pre = F.conv2d(x, block.conv.weight, block.conv.bias, padding=1)
+    reference = F.relu(pre)
+    reference = F.max_pool2d(reference, 2) if maxpool else reference
+    assert torch.equal(out, reference)
+    assert all(torch.equal(a, b) for a, b in zip(ours, torch.autograd.grad(reference, list(block.parameters()), grad)))

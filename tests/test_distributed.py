@@ -42,6 +42,8 @@ def test_weights_equal_single_process_for_any_world_size(tmp_path, method, sched
         assert [o.exitcode for o in outcomes] == [0] * k, outcomes[0].log + outcomes[-1].log
         assert_same_weights(reference, final_weights(out))
         assert summary(out)["world_size"] == k and len(summary(out)["peak_memory_bytes"]) == k
+        kept = [rank["freed_memory_kept"] for rank in summary(out)["ranks"]]  # each rank's own choice
+        assert summary(out)["speedups"]["freed_memory_kept"] == kept[0]
         for rank in summary(out)["ranks"]:  # where its loop's time went
             phases = rank["phase_seconds"]
             assert phases["compute"] > 0 and phases["messages"] > 0 and phases["wait"] >= 0

@@ -21,7 +21,8 @@ def test_a_cell_keeps_probe_and_alignment_curves_per_block(tmp_path):
 
 
 def test_the_table_sets_each_longer_run_beside_its_protocol_point(tmp_path, monkeypatch):
-    protocol = {"cells": {"cifar10/random/0": {"test_acc": 61.0, "last_block_acc": 47.0, "per_block_test_acc": [50] * 6},
+    old_names = {"test_acc": 61.0, "last_block_acc": 47.0, "per_block_test_acc": [50] * 6}  # files before issue 23
+    protocol = {"cells": {"cifar10/random/0": old_names,
                           "cifar10/clapp_pp_dfb/0": {"probe_accuracy": 64.0, "last_block_accuracy": 40.0,
                                                       "per_block_probe_accuracy": [55.0] * 6}}}
     (tmp_path / "protocol.json").write_text(json.dumps(protocol))

@@ -7,11 +7,11 @@ stage); after two warm-up steps, --steps steps run under torch.profiler (shapes 
 call is grouped by operator and input shapes, so every convolution shows per block: its self time per
 step, its share of the step, its FLOPs (the profiler's count for matrix products; for oneDNN's
 convolutions, forward and backward, from the shapes: 2 N C_out H W C_in k^2 per product, the input's
-gradient left out where the input is the image, the weight's where layers.encoder computes it as a patch
-product for a small map) and the GFLOP/s it reached against the machine's best
-(sim.cost.measure.measure_peak_rates, same threads). Kernels without FLOPs (copies, im2col, pooling,
-element-wise, the optimiser) are memory traffic: their time is what a FLOP floor does not count. Writes
-kernels.json and kernels.md into DIR.
+gradient only end to end and not into the image, the weight's not where layers.encoder computes it as a
+patch product for a small map; wrappers such as aten::conv2d and element-wise kernels count none) and
+the GFLOP/s it reached against the machine's best (sim.cost.measure.measure_peak_rates, same threads).
+Kernels without FLOPs (copies, im2col, pooling, element-wise, the optimiser) are memory traffic: their
+time is what a FLOP floor does not count. Writes kernels.json and kernels.md into DIR.
 """
 from __future__ import annotations
 
@@ -45,16 +45,20 @@ def _stage(method: str, width: float, batch: int):
     return stage, shape
 
 
-def convolution_flops(name: str, shapes: Sequence[Sequence[int]]) -> float:
-    """FLOPs of a oneDNN convolution call from its input shapes (stride 1, same padding, as the encoder's)."""
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")  # the profiler counts their FLOPs (not its wrappers')
+
+
+def convolution_flops(name: str, shapes: Sequence[Sequence[int]], end_to_end: bool) -> float:
+    """FLOPs of a oneDNN convolution call from its input shapes (stride 1, same padding, as the encoder's);
+    `end_to_end`: the inputs of the blocks above the first take a gradient (a local block's input is detached)."""
     if name == "aten::mkldnn_convolution":
         (n, c_in, h, w), (c_out, _, kh, kw) = shapes[0], shapes[1]
         return 2.0 * n * c_out * h * w * c_in * kh * kw
     if name == "aten::convolution_backward":
         (n, c_out, h, w), inputs, (_, c_in, kh, kw) = shapes[0], shapes[1], shapes[2]
         # the weight's gradient, unless a patch product (im2col and mm, counted there) computes it for a small map;
-        # the input's, unless the input is the image
-        products = (h * w > PATCH_GRADIENT_MAX_PIXELS) + (inputs[1] != IMAGE_CHANNELS)
+        # the input's, end to end, unless the input is the image
+        products = (h * w > PATCH_GRADIENT_MAX_PIXELS) + (end_to_end and inputs[1] != IMAGE_CHANNELS)
         return products * 2.0 * n * c_out * h * w * c_in * kh * kw
     return 0.0
 
@@ -62,6 +66,7 @@ def convolution_flops(name: str, shapes: Sequence[Sequence[int]]) -> float:
 def profile_steps(method: str, width: float, threads: int, steps: int) -> dict:
     torch.set_num_threads(threads)
     stage, shape = _stage(method, width, BATCH)
+    end_to_end = stage.blocks[0].rule.end_to_end
     views = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     for step in range(2):  # warm-up: AdamW's state, oneDNN's primitives
         stage.forward(views, step)
@@ -73,7 +78,7 @@ def profile_steps(method: str, width: float, threads: int, steps: int) -> dict:
     kernels = []
     for event in profiler.key_averages(group_by_input_shape=True):
         shapes = [list(s) for s in event.input_shapes]
-        flops = event.flops or convolution_flops(event.key, shapes)
+        flops = event.flops if event.key in MATRIX_PRODUCTS else convolution_flops(event.key, shapes, end_to_end)
         seconds = event.self_cpu_time_total / 1e6 / steps
         if seconds > 0:
             kernels.append({"name": event.key, "shapes": [s for s in shapes if s], "calls": event.count // steps,

@@ -38,20 +38,22 @@ ELEMENTWISE_WEIGHT = 400.0
 HEAD_WEIGHT = 1.7
 
 
-def estimated_block_costs(
-    width: float, in_channels: int, input_size: int, feature_dims: Sequence[int], context_dims: Sequence[Sequence[int]]
-) -> list[float]:
+HeadMatrix = tuple[int, int]  # one weight matrix of a block's heads: (parameters, passes over it per step)
+
+
+def estimated_block_costs(width: float, in_channels: int, input_size: int,
+                          head_matrices: Sequence[Sequence[HeadMatrix]]) -> list[float]:
     """Relative cost of one training step of each block, in multiply-accumulate equivalents per view.
 
-    Convolution forward and weight gradient (2x the forward MACs), the prediction heads (forward,
-    gradient of B and of z: 3x, at HEAD_WEIGHT) and the element-wise work on the activity (ReLU,
-    max-pool, pooling: ELEMENTWISE_WEIGHT per element of the pre-pool map).
+    Convolution forward and weight gradient (2x the forward MACs), the heads' matrices (Plan.head_matrices:
+    forward, gradient of the matrix and of its output: 3x, at HEAD_WEIGHT) and the element-wise work on
+    the activity (ReLU, max-pool, pooling: ELEMENTWISE_WEIGHT per element of the pre-pool map).
     """
     costs = []
-    for report, dim, contexts in zip(describe_encoder(width, in_channels, input_size), feature_dims, context_dims):
+    for report, matrices in zip(describe_encoder(width, in_channels, input_size), head_matrices):
         c, h, _ = report.output_shape
         side = h * (2 if MAXPOOL[report.index] else 1)  # the conv runs before the max-pool
-        heads = sum(3 * dim * context for context in contexts)
+        heads = sum(3 * params for params, _ in matrices)
         costs.append(2 * report.macs_per_image + HEAD_WEIGHT * heads + ELEMENTWISE_WEIGHT * c * side * side)
     return costs
 
@@ -70,9 +72,6 @@ class StepWork:
     def floor_seconds(self, flops_per_s: float, bytes_per_s: float) -> float:
         """The step's time if every FLOP ran at `flops_per_s` and the optimiser at `bytes_per_s`."""
         return self.flops / flops_per_s + self.optimizer_bytes / bytes_per_s
-
-
-HeadMatrix = tuple[int, int]  # one weight matrix of a block's heads: (parameters, passes over it per step)
 
 
 def step_work(width: float, in_channels: int, input_size: int, rows: int,

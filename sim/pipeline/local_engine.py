@@ -57,6 +57,7 @@ class LocalEngine:
             memory.start()
         bar = progress_bar(stop, start, progress and self.rank == 0)
         began, clock = time.perf_counter(), WindowClock()
+        self.clock = PhaseClock(lambda: self.transport.wait_seconds)  # this call's phases only
         phase = self.clock.phase
         for action in self.schedule.actions(self.rank, start, stop):
             with phase("messages"):  # waits for this rank's oldest unreceived sends
@@ -81,8 +82,9 @@ class LocalEngine:
                 with phase("messages"):
                     self.transport.recv((1,), self.top, "token")
             elif action.kind == "C":
-                with phase("record"):
+                with phase("compute"):
                     self.stage.apply_pending()  # every update of the batches before the checkpoint applied
+                with phase("record"):
                     self._record_updates()
                     self.transport.flush()
                     if self.recording.log is not None:

@@ -39,7 +39,9 @@ class WindowClock:
 
 class PhaseClock:
     """Seconds a rank's loop spends in each phase (RankResult.phase_seconds): the time a phase spent
-    waiting on a peer (what `waited()` counts: the transport's wait_seconds) goes to "wait" instead."""
+    waiting on a peer (what `waited()` counts: the transport's wait_seconds) goes to "wait" instead. On a
+    GPU, kernels run asynchronously: a phase holds the time to launch its work, and the waits for earlier
+    work land where the host next synchronises (a loss's `.item()` in "record")."""
 
     def __init__(self, waited: Callable[[], float]):
         self.waited = waited

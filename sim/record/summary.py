@@ -53,6 +53,7 @@ class RankResult:
     # where the loop's seconds went (the local engine): compute, views, messages (sending, receiving; their
     # waits on a peer under "wait"), record (log, alignment, checkpoints), other (the rest of the loop)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    freed_memory_kept: str | None = None  # what keeping freed memory set in this rank (sim.run.freed_memory)
 
     def steady_steps_per_s(self) -> float | None:
         """Median rate over timed windows, the first (warm-up) left out; None for short runs."""
@@ -116,6 +117,7 @@ class RunSummary:
             peak_memory_bytes=[r.peak_memory_bytes for r in results],
             ranks=[{"rank": r.rank, "blocks": r.blocks, "seconds": r.seconds, "busy_seconds": r.busy_seconds,
                     "wait_seconds": r.wait_seconds, "bytes_sent": r.bytes_sent,
+                    "freed_memory_kept": r.freed_memory_kept,
                     **({"phase_seconds": r.phase_seconds} if r.phase_seconds else {})} for r in results],
             **fields)
 

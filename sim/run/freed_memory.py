@@ -10,13 +10,14 @@ step reuses them without a fault. The cost is peak memory: with mmap off, a larg
 freed hole fits extends the heap, within a step as well as across steps, so the heap grows beyond
 the work's own peak. How far depends on how much of a process's memory is activity of changing
 sizes rather than weights and optimiser state, which keep their size (measured, peak kept / peak with
-glibc's default, 2 cores, full width): clapp_pp in one process at 32 px, activity 0.04 of its state
-(the B matrices dominate), +5 %; at 96 px, 0.39, +9 %; bp_infonce at 32 px, 1.2, +14 %; one block of
-a K = 6 run at 96 px, 5.0, +55 %. So by default (`train.keep_freed_memory = "auto"`) a process keeps
-freed memory only where its blocks' activity is below KEEP_BELOW of their state (`keeping_pays`, from
-Plan.held_memory); true keeps it always, false never. Changing the allocator does not help here:
-jemalloc and tcmalloc (LD_PRELOAD) keep +12 % and +25 % at 96 px, transparent huge pages fault less but
-step slower (BENCHMARKS.md).
+glibc's default, full width, batch 32): at 32 px, clapp_pp in one process, activity 0.04 of its state
+(the B matrices dominate), +2 % to +5 %; clapp_pp_dfb, 0.14, +4 %; clapp, 0.50, +17 %; bp_infonce, 1.2,
++14 %; at 96 px, clapp_pp in one process, 0.39, +9 %; the K = 6 ranks, 0.25 to 5.0, +11 % to +55 %. So
+by default (`train.keep_freed_memory = "auto"`) a process keeps freed memory only where its blocks'
+activity is below KEEP_BELOW of their state (`keeping_pays`, from Plan.held_memory): the local rules
+with B at 32 px, not BP-SSL, not clapp, not 96 px; true keeps it always, false never. Another allocator
+does not do better here (block 1 of K = 6 at 96 px: jemalloc without decay +12 %, tcmalloc +25 %;
+glibc's transparent huge pages fault less but step slower: BENCHMARKS.md).
 
 A process-wide setting: `keep_freed_memory()` is called once, at the start of a rank's job
 (`sim.run.job`), and `give_back_freed_memory()` when its training ends, before the probe: the probe's
@@ -33,10 +34,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int): freed memory is never trimmed
 DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's own
-KEEP_BELOW = 0.1  # "auto" keeps freed memory where activity < KEEP_BELOW x weights and optimiser state
+KEEP_BELOW = 0.25  # "auto" keeps freed memory where activity < KEEP_BELOW x weights and optimiser state
 
 _applied: str | None = None
-_given_back = False
 
 
 def keeping_pays(held: dict[str, int]) -> bool:
@@ -66,14 +66,14 @@ def keep_freed_memory() -> str | None:
 
 def give_back_freed_memory() -> None:
     """Undo `keep_freed_memory`: glibc's defaults again, and every freed page handed back (malloc_trim)."""
-    global _given_back
-    if _applied is None or _given_back:
+    global _applied
+    if _applied is None:
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
     libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
     libc.malloc_trim(0)
-    _given_back = True
+    _applied = None  # a later job in this process decides again
 
 
 def kept_setting() -> str | None:

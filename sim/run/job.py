@@ -129,7 +129,12 @@ def speedups(config: Config, held: dict[str, int] | None = None) -> dict:
     keep = config.train.keep_freed_memory
     if keep is True or (keep == "auto" and held is not None and keeping_pays(held)):
         keep_freed_memory()
-    return {"fused_adamw": config.optim.fused, "freed_memory_kept": kept_setting(),
+    return speedup_record(config, kept_setting())
+
+
+def speedup_record(config: Config, kept: str | None) -> dict:
+    """The speed-ups of a run, as summary.json records them; `kept`: what keeping freed memory set."""
+    return {"fused_adamw": config.optim.fused, "freed_memory_kept": kept,
             "patch_product_weight_gradient_max_pixels": PATCH_GRADIENT_MAX_PIXELS, "relu_in_place": True}
 
 
@@ -227,6 +232,7 @@ def _run_rank(plan: Plan, out_dir: Path, *, world: World, device: torch.device, 
                       async_engine(rank) if plan.free_running is not None else local_engine(rank))
     transport.barrier("the start barrier", SETUP_TIMEOUT_S)  # every rank built: start the clocks together
     result = engine.run(start, stop, progress=progress and replica == 0, memory=memory)  # one bar: replica 0's
+    result.freed_memory_kept = kept_setting()
     give_back_freed_memory()  # training is over: the probe and the summary need none of it
     gathered = _gather(plan, world, device, transport, blocks, result)
     if gathered is None:
@@ -381,7 +387,8 @@ def _finish(plan: Plan, out_dir: Path, blocks: list[Block], results: list[RankRe
         plan.schedule.feedback,
         microbatches=None if pipeline is None else pipeline.microbatches,
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=to_dict(config),
-        speedups=speedups(config), free_running=_free_running_record(plan, results, stop),
+        speedups=speedup_record(config, results[0].freed_memory_kept),
+        free_running=_free_running_record(plan, results, stop),
         accounting=run_accounting(plan, results))
     summary.write(out_dir)
     return summary

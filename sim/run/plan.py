@@ -374,5 +374,5 @@ def _placement(config: Config, rule: Rule, info: DatasetInfo, dims: list[int], w
 
 def _block_costs(config: Config, rule: Rule, info: DatasetInfo, dims: list[int]) -> list[float]:
     """The cost model's estimate of each block's training step (sim.cost.model.estimated_block_costs)."""
-    contexts = [[] if rule.end_to_end else rule.context_dims(dim, dims[-1]) for dim in dims]
-    return estimated_block_costs(config.model.width, info.channels, info.image_size, dims, contexts)
+    return estimated_block_costs(config.model.width, info.channels, info.image_size,
+                                 _head_matrices(rule, config, dims))

@@ -221,3 +221,13 @@ def test_the_kernel_profile_counts_each_convolution_of_a_step(tmp_path):
     convolutions = [k for k in result["kernels"] if k["name"] == "aten::mkldnn_convolution"]
     assert len(convolutions) == 6 and all(k["gflop"] > 0 for k in convolutions)  # one per block, by its shapes
     assert "| aten::" in (tmp_path / "kernels.md").read_text()
+
+
+def test_the_allocator_benchmark_sets_the_three_policies_side_by_side(tmp_path, monkeypatch):
+    from launch.bench import allocator
+    monkeypatch.setitem(allocator.PROCESSES, 32, {"clapp_pp": ("clapp_pp", "0,1,2,3,4,5")})
+    assert allocator.main(["--width", "0.0625", "--steps", "1", "--sizes", "32", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "allocator.json").read_text())["runs"]["32 px clapp_pp"]
+    assert set(runs) == {"true", "auto", "false"} and all(r["peak_bytes"] > 0 for r in runs.values())
+    assert runs["true"]["kept"] and runs["false"]["kept"] is None  # glibc: mmap and trimming as set
+    assert "| 32 px | clapp_pp |" in (tmp_path / "allocator.md").read_text()

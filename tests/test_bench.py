@@ -15,6 +15,7 @@ from sim.cost.model import (
     local_exact_feedback,
     local_pipelined,
 )
+from sim.run.config import load_config
 from tests.helpers import TINY_CONFIG
 
 FREE = LinkSpeed(latency=0.0, bandwidth=float("inf"))
@@ -231,3 +232,18 @@ def test_the_allocator_benchmark_sets_the_three_policies_side_by_side(tmp_path, 
     assert set(runs) == {"true", "auto", "false"} and all(r["peak_bytes"] > 0 for r in runs.values())
     assert runs["true"]["kept"] and runs["false"]["kept"] is None  # glibc: mmap and trimming as set
     assert "| 32 px | clapp_pp |" in (tmp_path / "allocator.md").read_text()
+
+
+def test_a_measured_placement_balances_measured_block_times(monkeypatch):
+    from launch.bench import predictions
+    from sim.cost.model import BlockTimes
+    config = load_config(TINY_CONFIG, [])
+    groups = predictions.measured_placement(config, 2, repeats=1)  # measured here, on the tiny run
+    assert len(groups) == 2 and sum(groups, []) == list(range(6))
+    heavy_top = BlockTimes([1, 1, 1, 1, 1, 10], [0] * 6, [0] * 6, 0.0, [0] * 6, 0, [0] * 6)
+    monkeypatch.setattr(predictions, "plan_block_times", lambda *args: heavy_top)
+    monkeypatch.setattr(predictions, "plan_data_seconds", lambda plan: 0.0)
+    assert predictions.measured_placement(config, 2) == [[0, 1, 2, 3, 4], [5]]
+    views_heavy = BlockTimes([1] * 6, [0] * 6, [0] * 6, 2.0, [0] * 6, 0, [0] * 6)  # the views count on rank 0
+    monkeypatch.setattr(predictions, "plan_block_times", lambda *args: views_heavy)
+    assert predictions.measured_placement(config, 2) == [[0, 1], [2, 3, 4, 5]]

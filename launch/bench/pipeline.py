@@ -1,6 +1,7 @@
 """Layer-parallel throughput against one process on the same cores.
 
-    python -m launch.bench.pipeline [CONFIG] [--world-size K] [--steps N] [--repeats R] [--set ...] [--out DIR]
+    python -m launch.bench.pipeline [CONFIG] [--world-size K] [--steps N] [--repeats R] [--placement measured]
+                                    [--set ...] [--out DIR]
 
 Runs, alternating and `--repeats` times each: one process with 1 thread, one process with K
 threads (the same cores as the parallel run), and K processes with 1 thread each under torchrun
@@ -17,6 +18,7 @@ import statistics
 import sys
 import time
 
+from launch.bench.predictions import measured_placement
 from launch.machine import describe_machine, write_figures
 from launch.program import run_program
 from launch.runner import bench_run, benchmark_parser, positive
@@ -29,16 +31,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=positive, default=2)
     parser.add_argument("--steps", type=positive, default=300)
     parser.add_argument("--repeats", type=positive, default=3)
+    parser.add_argument("--placement", choices=("auto", "measured"), default="auto",
+                        help="the parallel run's blocks per process: the plan's estimate, or balanced on block "
+                             "times measured here first (launch.bench.predictions.measured_placement)")
     args = parser.parse_args(argv)
     k = args.world_size
     overrides = [f"train.steps={args.steps}", "sim.schedule=pipelined", *args.overrides]
-    make_plan(load_config(args.config, overrides), k)  # a K or a config that cannot run fails here, not in a run
+    config = load_config(args.config, overrides)
+    make_plan(config, k)  # a K or a config that cannot run fails here, not in a run
+    placed = [] if args.placement == "auto" else [f"sim.placement={measured_placement(config, k)}"]
     layouts = {"single_1_thread": (1, 1), f"single_{k}_threads": (1, k), "parallel": (k, 1)}  # processes, threads
     kinds = list(layouts)
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for repeat in range(args.repeats):  # alternate, so that a noisy minute hits every kind alike
         for kind, (processes, threads) in layouts.items():
-            summary = bench_run(processes, threads, args.config, overrides, args.out / f"{kind}_{repeat}")
+            settings = overrides + (placed if kind == "parallel" else [])
+            summary = bench_run(processes, threads, args.config, settings, args.out / f"{kind}_{repeat}")
             runs[kind].append(summary)
             print(f"{kind} #{repeat}: {summary.images_per_s:.1f} images/s", flush=True)
     speed = {kind: statistics.median(s.throughput for s in runs[kind]) for kind in kinds}
@@ -51,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m launch.bench.pipeline", *(argv if argv is not None else sys.argv[1:])]),
         "method": parallel[0].method, "dataset": parallel[0].dataset,
         "width": parallel[0].config["model"]["width"], "batch_size": parallel[0].config["train"]["batch_size"],
-        "steps": args.steps, "world_size": k, "placement": parallel[0].placement,
+        "steps": args.steps, "world_size": k, "placement": parallel[0].placement, "placement_from": args.placement,
         "images_per_s": speed,
         "ratios": {"parallel_vs_single_1_thread": speed["parallel"] / speed["single_1_thread"],
                    f"parallel_vs_single_{k}_threads": speed["parallel"] / speed[f"single_{k}_threads"]},

@@ -14,6 +14,7 @@ from sim.cost.model import BlockTimes, LinkSpeed, backprop_pipelined, local_exac
 from sim.data.datasets import load_split
 from sim.data.feed import ViewFeed
 from sim.data.views import SimCLRViews
+from sim.pipeline.placement import balanced_placement
 from sim.pipeline.schedule import PipelineSettings
 from sim.run.config import Config
 from sim.run.plan import Plan, make_plan
@@ -50,6 +51,15 @@ def plan_data_seconds(plan: Plan, repeats: int = 5) -> float:
     feed = ViewFeed(load_split(plan.info.name, config.data.root or None, "ssl"), SimCLRViews(plan.info, device),
                     config.train.batch_size, config.train.seed)
     return measure.measure_data_seconds(feed, repeats)
+
+
+def measured_placement(config: Config, world_size: int, repeats: int = 3) -> list[list[int]]:
+    """Contiguous groups of blocks balanced on block times measured here (one thread each), the views of
+    each batch counted on the first group's process: what "auto" placement estimates without measuring."""
+    plan = make_plan(config, 1)
+    times = plan_block_times(plan, 1, plan_data_seconds(plan), repeats)
+    costs = [seconds + (times.data if block == 0 else 0.0) for block, seconds in enumerate(times.local)]
+    return [list(group) for group in balanced_placement(costs, world_size).groups]
 
 
 def measure_times(config: Config, k: int, quick: bool, microbatches: int) -> tuple[dict, LinkSpeed]:

@@ -14,8 +14,9 @@ glibc's default, full width, batch 32): at 32 px, clapp_pp in one process, activ
 (the B matrices dominate), +2 % to +5 %; clapp_pp_dfb, 0.14, +4 %; clapp, 0.50, +17 %; bp_infonce, 1.2,
 +14 %; at 96 px, clapp_pp in one process, 0.39, +9 %; the K = 6 ranks, 0.25 to 5.0, +11 % to +55 %. So
 by default (`train.keep_freed_memory = "auto"`) a process keeps freed memory only where its blocks'
-activity is below KEEP_BELOW of their state (`keeping_pays`, from Plan.held_memory): the local rules
-with B at 32 px, not BP-SSL, not clapp, not 96 px; true keeps it always, false never. Another allocator
+activity is below KEEP_BELOW of their state or below SMALL_ACTIVITY in bytes (`keeping_pays`, from
+Plan.held_memory): every run at small width, the local rules at full width and 32 px, not BP-SSL at full
+width, not 96 px; true keeps it always, false never. Another allocator
 does not do better here (block 1 of K = 6 at 96 px: jemalloc without decay +12 %, tcmalloc +25 %;
 glibc's transparent huge pages fault less but step slower: BENCHMARKS.md).
 
@@ -34,15 +35,18 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int): freed memory is never trimmed
 DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's own
-KEEP_BELOW = 0.25  # "auto" keeps freed memory where activity < KEEP_BELOW x weights and optimiser state
+KEEP_BELOW = 0.25  # "auto" keeps freed memory where activity < KEEP_BELOW x weights and optimiser state,
+SMALL_ACTIVITY = 256 * 2**20  # or where the activity (and so the heap's slack) is small in bytes
 
 _applied: str | None = None
 
 
 def keeping_pays(held: dict[str, int]) -> bool:
     """Whether a process holding `held` (Plan.held_memory of its blocks) keeps freed memory under "auto":
-    its activity, whose buffers change size within a step, is small beside its state, which does not."""
-    return held["activity"] < KEEP_BELOW * held["optimizer_state"]
+    its activity, whose buffers change size within a step and so make the heap's slack, is small beside
+    its state, which does not, or small in bytes (then keeping costs a few MiB: at width 1/8 it makes
+    the main job 15-25 % faster for 20 MiB)."""
+    return held["activity"] < max(KEEP_BELOW * held["optimizer_state"], SMALL_ACTIVITY)
 
 
 def keep_freed_memory() -> str | None:

@@ -70,12 +70,14 @@ def test_replicas_benchmark_writes_its_report(tmp_path):
 
 def test_quick_benchmark_writes_its_report(tmp_path):
     config = str(TINY_CONFIG)
-    assert bench([config, "--quick", "--out", str(tmp_path), "--set", "train.batch_size=8"]) == 0
+    assert bench([config, "--quick", "--repeats", "2", "--out", str(tmp_path), "--set", "train.batch_size=8",
+                  "--set", "train.steps=30"]) == 0  # the test: fewer steps than --quick takes
     result = json.loads((tmp_path / "bench.json").read_text())
     names = [run["name"] for run in result["runs"]]
     assert names == ["bp_single", "bp_pipeline_1f1b", "local_single", "local_parallel"]
     for run in result["runs"]:
         assert run["images_per_s"] > 0 and len(run["peak_memory_bytes"]) == run["world_size"]
+        assert len(run["images_per_s_each_repeat"]) == 2 and run["images_per_s"] == max(run["images_per_s_each_repeat"])
     assert set(result["ratios"]) == {"local_parallel_vs_bp_pipeline", "local_parallel_vs_bp_single",
                                      "local_parallel_vs_local_sequential", "pipeline_efficiency"}
     assert result["analytic_bounds"]["local_parallel_vs_bp_pipeline"] == pytest.approx((4 + 2 - 1) / 4)

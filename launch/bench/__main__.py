@@ -1,6 +1,6 @@
 """Layer-parallel local SSL against global BP-SSL on the same hardware, side by side.
 
-    python -m launch.bench [CONFIG] [--world-size K] [--microbatches M] [--steps N] [--quick] [--out DIR]
+    python -m launch.bench [CONFIG] [--world-size K] [--microbatches M] [--steps N] [--repeats R] [--quick] [--out DIR]
 
 Runs, with the same encoder, width, batch, input size and data (probe and log off):
 1. BP-SSL (bp_infonce) in one process with K threads (or the one GPU): what a user would pick instead;
@@ -9,7 +9,8 @@ Runs, with the same encoder, width, batch, input size and data (probe and log of
 4. local SSL layer-parallel over K processes with 1 thread each (clapp_pp pipelined; clapp_pp_dfb with
    exact and with delayed feedback).
 Single-process runs get as many threads as the parallel runs use in total. Throughput is the median
-images/s over timed windows after warm-up (the whole-run mean for runs too short to have windows).
+images/s over timed windows after warm-up (the whole-run mean for runs too short to have windows); with
+--repeats R (--quick: 3), every run is made R times, alternating, and its median run counts.
 The cost model (sim/cost/model.py), fed with per-block times measured here, predicts every run with
 the placement it ran with; its errors are reported, and its predictions for K = 2, 3, 6 at full
 width (per-block times measured on this hardware, each K with the placement its run would use).
@@ -35,6 +36,8 @@ from sim.run.plan import make_plan
 # --quick: enough steps for four timed windows after the warm-up one (sim.record.summary.TIMING_WINDOW), so
 # that its rates are steady medians, not whole-run means with start-up in them (24 steps varied 20 % run to run)
 QUICK_STEPS = 100
+# and each run three times, alternating, the median kept: two quick benchmarks in a row varied 5-10 % with one
+QUICK_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microbatches", type=positive, default=4)
     parser.add_argument("--steps", type=positive, default=200)
     parser.add_argument("--quick", action="store_true",
-                        help=f"4 runs of {QUICK_STEPS} steps, no full-width predictions")
+                        help=f"4 runs of {QUICK_STEPS} steps, {QUICK_REPEATS} times each, no full-width predictions")
+    parser.add_argument("--repeats", type=positive, default=0,
+                        help=f"times each run is made, alternating; its median counts (default 1; --quick: "
+                             f"{QUICK_REPEATS})")
     args = parser.parse_args(argv)
     k, m = args.world_size, args.microbatches
     steps = QUICK_STEPS if args.quick else args.steps
@@ -86,17 +92,26 @@ def main(argv: list[str] | None = None) -> int:
     # as a one-process run has them: the cost model's block times are measured in this process
     speedups(config, make_plan(config, 1).held_memory(range(6)))
     make_plan(dataclasses.replace(config, method="clapp_pp"), k)  # a K that cannot run fails here, not in a run
+    specs = run_specs(k, m, args.quick)
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else 1)
+    measured: dict[str, list[RunSummary]] = {spec.name: [] for spec in specs}
+    for repeat in range(repeats):  # every run once, then again: a noisy minute hits each alike
+        for spec in specs:
+            overrides = [f"train.steps={steps}", f"method={spec.method}", *args.overrides, *spec.overrides]
+            summary = bench_run(spec.processes, spec.threads, args.config, overrides,
+                                args.out / f"{spec.name}_{repeat}", spec.module, spec.options)
+            measured[spec.name].append(summary)
+            print(f"{spec.name} #{repeat}: {summary.throughput:.1f} images/s", flush=True)
     runs = []
-    for spec in run_specs(k, m, args.quick):
-        overrides = [f"train.steps={steps}", f"method={spec.method}", *args.overrides, *spec.overrides]
-        summary = bench_run(spec.processes, spec.threads, args.config, overrides, args.out / spec.name, spec.module,
-                            spec.options)
+    for spec in specs:
+        ordered = sorted(measured[spec.name], key=lambda s: s.throughput)
+        summary = ordered[len(ordered) // 2]  # the median run (the upper one of two)
         runs.append({"name": spec.name, "method": spec.method, "world_size": spec.processes,
                      "threads_per_process": spec.threads, "images_per_s": summary.throughput,
+                     "images_per_s_each_repeat": [s.throughput for s in measured[spec.name]],
                      "images_per_s_whole_run": summary.images_per_s,
                      "peak_memory_bytes": summary.peak_memory_bytes, "ranks": busy_and_idle(summary),
                      "placement": summary.placement, "efficiency": summary.pipeline_efficiency()})
-        print(f"{spec.name}: {runs[-1]['images_per_s']:.1f} images/s", flush=True)
     by_name = {r["name"]: r for r in runs}
     parallel = by_name["local_parallel"]
     bp_pipeline = max((r for r in runs if r["name"].startswith("bp_pipeline")), key=lambda r: r["images_per_s"])

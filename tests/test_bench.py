@@ -224,6 +224,8 @@ def test_the_kernel_profile_counts_each_convolution_of_a_step(tmp_path):
     convolutions = [k for k in result["kernels"] if k["name"] == "aten::mkldnn_convolution"]
     assert len(convolutions) == 6 and all(k["gflop"] > 0 for k in convolutions)  # one per block, by its shapes
     assert "| aten::" in (tmp_path / "kernels.md").read_text()
+    assert len(result["gemm"]) == 6 and all(g["forward"]["onednn"] > 0 and g["forward"]["gemm"] > 0
+                                            for g in result["gemm"])  # each shape, both ways
 
 
 def test_the_allocator_benchmark_sets_the_three_policies_side_by_side(tmp_path, monkeypatch):

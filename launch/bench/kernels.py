@@ -11,7 +11,9 @@ gradient only end to end and not into the image, the weight's not where layers.e
 patch product for a small map; wrappers such as aten::conv2d and element-wise kernels count none) and
 the GFLOP/s it reached against the machine's best (sim.cost.measure.measure_peak_rates, same threads).
 Kernels without FLOPs (copies, im2col, pooling, element-wise, the optimiser) are memory traffic: their
-time is what a FLOP floor does not count. Writes kernels.json and kernels.md into DIR.
+time is what a FLOP floor does not count. Beside the profile, each convolution shape is timed as oneDNN
+runs it and as matrix products on unfolded patches (im2col), whose matrix products reach this machine's
+best rate: whether another kernel would do better. Writes kernels.json and kernels.md into DIR.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from launch.machine import code_version, describe_machine, write_figures
@@ -87,6 +90,45 @@ def profile_steps(method: str, width: float, threads: int, steps: int) -> dict:
     return {"step_seconds": step_seconds, "kernels": kernels}
 
 
+def _best_seconds(run, repeats: int = 3) -> float:
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def gemm_alternative(result: dict) -> list[dict]:
+    """For each convolution shape of the profile, oneDNN against the same convolution as matrix products
+    on unfolded patches (im2col, as layers.encoder does for small maps' weight gradients): forward, weight
+    gradient, input gradient, seconds each, so a profile says whether another kernel would be faster."""
+    found = []
+    for kernel in result["kernels"]:
+        if kernel["name"] != "aten::mkldnn_convolution":
+            continue
+        (n, c_in, h, w), (c_out, _, k, _) = kernel["shapes"][:2]
+        x, weight = torch.randn(n, c_in, h, w), torch.randn(c_out, c_in, k, k)
+        grad = torch.randn(n, c_out, h, w)
+        matrix = weight.view(c_out, -1)  # (C_out, C_in k^2)
+
+        def patches() -> torch.Tensor:
+            return F.unfold(x, k, padding=k // 2)  # (N, C_in k^2, H W)
+
+        timings = {
+            "forward": (lambda: F.conv2d(x, weight, padding=k // 2), lambda: matrix @ patches()),
+            "weight_gradient": (lambda: torch.nn.grad.conv2d_weight(x, weight.shape, grad, padding=k // 2),
+                                lambda: grad.flatten(2).transpose(1, 2).reshape(-1, c_out).t()
+                                @ patches().transpose(1, 2).reshape(-1, c_in * k * k)),
+            "input_gradient": (lambda: torch.nn.grad.conv2d_input(x.shape, weight, grad, padding=k // 2),
+                               lambda: F.fold(matrix.t() @ grad.flatten(2), (h, w), k, padding=k // 2)),
+        }
+        seconds = {name: {"onednn": _best_seconds(a), "gemm": _best_seconds(b)} for name, (a, b) in timings.items()}
+        found.append({"shapes": kernel["shapes"][:2], "gflop": 2e-9 * n * c_out * h * w * c_in * k * k, **seconds})
+    return found
+
+
 def markdown(result: dict, rows: int = 25) -> str:
     peak, step = result["peak_flop_per_s"], result["step_seconds"]
     profiled = sum(k["seconds"] for k in result["kernels"])
@@ -106,6 +148,14 @@ def markdown(result: dict, rows: int = 25) -> str:
         rate_text = f"{rate:.1f} | {rate * 1e9 / peak:.2f}" if k["gflop"] else "- | -"
         lines.append(f"| {k['name']} | {k['shapes'][:3]} | {k['calls']} | {k['seconds']:.4f} | "
                      f"{k['seconds'] / step:.1%} | {k['gflop']:.2f} | {rate_text} |")
+    if result.get("gemm"):
+        lines += ["", "Each convolution as oneDNN runs it against matrix products on unfolded patches (s, best of 3):",
+                  "", "| input, weight | GFLOP | forward: oneDNN / GEMM | weight gradient | input gradient |",
+                  "|---|---:|---:|---:|---:|"]
+        for g in result["gemm"]:
+            cells = [f"{g[n]['onednn']:.3f} / {g[n]['gemm']:.3f}" for n in ("forward", "weight_gradient",
+                                                                               "input_gradient")]
+            lines.append(f"| {g['shapes']} | {g['gflop']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -123,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"method": args.method, "width": args.width, "threads": args.threads, "steps": args.steps,
                   "machine": describe_machine(), "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
                   "peak_flop_per_s": peak, **profile_steps(args.method, args.width, args.threads, args.steps)}
+        result["gemm"] = gemm_alternative(result)
         write_figures(args.out, "kernels", result, markdown(result))
     return errors.exit_code
 

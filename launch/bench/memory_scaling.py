@@ -137,7 +137,7 @@ def ratios(result: dict) -> dict[str, dict[str, float]]:
 def markdown(result: dict) -> str:
     lines = [f"96 px (STL-10's shapes, synthetic), width {result['width']}, CPU ({result['machine']['cpu']}), "
              "glibc's default allocator, each process alone, two steps, one thread. MiB: measured peak | "
-             "plan: B's state, the convolutions' state, activity kept.", "",
+             "plan: the heads' state (B; BP-SSL's projection), the convolutions' state, activity kept.", "",
              "| process | " + " | ".join(f"batch {b}" for b in result["batches"]) + " |",
              "|---|" + "---:|" * len(result["batches"])]
     for key, by_batch in result["processes"].items():

@@ -129,7 +129,8 @@ def test_summary_has_the_format_the_driver_reads(pipelined):
     cut = summary["placement"][0][-1]  # the last block of rank 0: its output goes up, its gradient down
     crossing = STEPS * 4 * 2 * BATCH * channels[cut] * sizes[cut] ** 2
     for rank in summary["ranks"]:
-        assert rank.keys() == {"rank", "blocks", "seconds", "busy_seconds", "wait_seconds", "bytes_sent"}
+        assert rank.keys() == {"rank", "blocks", "seconds", "busy_seconds", "wait_seconds", "bytes_sent",
+                               "freed_memory_kept"}  # no phase_seconds: the BP pipeline's engine does not time them
         assert rank["blocks"] == summary["placement"][rank["rank"]]
         assert rank["busy_seconds"] > 0
         assert rank["busy_seconds"] + rank["wait_seconds"] == pytest.approx(rank["seconds"])

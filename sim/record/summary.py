@@ -15,7 +15,9 @@ Changes from the first format: "engine", "microbatches", "speedups" and "replica
 now loss_per_block[5] and its "step_end_seconds" gave way to images_per_s_steady; every rank has
 "busy_seconds"; the probe's "test_acc", "per_block_test_acc" and "test_images" are "probe_accuracy",
 "per_block_probe_accuracy" and "scored_images", with "scored_on" saying whether they were measured on
-test or validation images. `RunSummary.read` still reads summaries written before these changes.
+test or validation images; every rank has "freed_memory_kept" and, from the local engine,
+"phase_seconds" (where its loop's time went). `RunSummary.read` still reads summaries written before these
+changes.
 """
 from __future__ import annotations
 

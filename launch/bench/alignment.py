@@ -18,7 +18,6 @@ permutation p-value (100,000 seeded permutations; no scipy needed).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
@@ -26,14 +25,12 @@ import numpy as np
 
 from analysis.gradient_alignment import Z95, block_alignment
 from analysis.store import open_run
-from launch.bench.study import Study, add_study_arguments
-from launch.machine import replace_between_markers
+from launch.bench.study import Study, study_main
 from launch.program import run_program
 
 ROOT = Path(__file__).parents[1]  # launch/
 STUDY = Study(ROOT / "results" / "alignment.json", ROOT / "configs" / "protocol_cpu.toml", 9000)
 FIGURE = ROOT / "results" / "alignment.png"
-BENCHMARKS = ROOT.parent / "BENCHMARKS.md"
 MARKERS = ("<!-- alignment:start -->", "<!-- alignment:end -->")
 RULES = ("clapp", "clapp_pp", "clapp_pp_dfb", "clapp_pp_both", "ff", "infonce_local", "scff")
 SEEDS = (0, 1)
@@ -144,22 +141,8 @@ def draw(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench.alignment", description=__doc__.splitlines()[0])
-    add_study_arguments(parser, Path("runs") / "alignment")
-    args = parser.parse_args(argv)
-    if not args.render:
-        found = cells()
-        STUDY.run(found[::-1] if args.reverse else found, args.data_root, args.jobs, args.runs, args.redo,
-                  extra=second_half_cosines)
-    results = STUDY.load()
-    if not results["cells"]:
-        print("no cells yet")
-        return 0
-    text = render(results)
-    draw(results, FIGURE)
-    replace_between_markers(BENCHMARKS, *MARKERS, text)
-    print(text + f"\n\nresults: {STUDY.results}; figure: {FIGURE}")
-    return 0
+    return study_main(argv, name="alignment", doc=__doc__, study=STUDY, cells=cells, render=render, draw=draw,
+                      figure=FIGURE, markers=MARKERS, extra=second_half_cosines)
 
 
 if __name__ == "__main__":

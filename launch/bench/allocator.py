@@ -15,14 +15,11 @@ and allocator.md into DIR.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from launch.bench.speed import TIMER
+from launch.bench.speed import run_step_timer
 from launch.machine import code_version, describe_machine, write_figures
 from launch.program import ProgramErrors, run_program
 from launch.runner import positive
@@ -38,14 +35,10 @@ DATA = {32: "synthetic", 96: "synthetic_96"}
 
 
 def measure(method: str, blocks: str, size: int, policy: str, width: float, steps: int) -> dict:
-    argv = [sys.executable, str(TIMER), "--method", method, "--width", str(width), "--blocks", blocks,
-            "--warmup", "2", "--steps", str(steps), "--set", f"data.name={DATA[size]}",
-            "--set", f"train.keep_freed_memory={policy}"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=7200)
-    if done.returncode != 0:
-        raise SystemExit(f"{method} blocks {blocks} at {size} px, keep_freed_memory={policy} failed:\n"
-                         f"{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_step_timer(["--method", method, "--width", str(width), "--blocks", blocks, "--warmup", "2",
+                             "--steps", str(steps), "--set", f"data.name={DATA[size]}",
+                             "--set", f"train.keep_freed_memory={policy}"],
+                            f"{method} blocks {blocks} at {size} px, keep_freed_memory={policy}")
     return {"seconds_per_step": statistics.median(result["step_seconds"]), "peak_bytes": result["peak_memory_bytes"],
             "kept": result["speedups"]["freed_memory_kept"]}
 

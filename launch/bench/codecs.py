@@ -13,18 +13,15 @@ against the bytes a 2-process run counts.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from launch.bench.study import Cell, Study, add_study_arguments
-from launch.machine import replace_between_markers
+from launch.bench.study import Cell, Study, study_main
 from launch.program import run_program
 from sim.pipeline.codec import Codec
 from sim.run.config import load_config
 from sim.run.plan import make_plan
 
 ROOT = Path(__file__).parents[1]  # launch/
-BENCHMARKS = ROOT.parent / "BENCHMARKS.md"
 STUDY = Study(ROOT / "results" / "codecs.json", ROOT / "configs" / "protocol_cpu.toml", 2000)
 FIGURE = ROOT / "results" / "codecs.png"
 MARKERS = ("<!-- codecs:start -->", "<!-- codecs:end -->")
@@ -98,21 +95,8 @@ def draw(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench.codecs", description=__doc__.splitlines()[0])
-    add_study_arguments(parser, Path("runs") / "codecs")
-    args = parser.parse_args(argv)
-    if not args.render:
-        todo = cells()
-        STUDY.run(todo[::-1] if args.reverse else todo, args.data_root, args.jobs, args.runs, args.redo)
-    results = STUDY.load()
-    if not results["cells"]:
-        print(f"{STUDY.results}: no cells yet")
-        return 0
-    table = render(results)
-    draw(results, FIGURE)
-    replace_between_markers(BENCHMARKS, *MARKERS, table)
-    print(f"{table}\n\nresults: {STUDY.results}; figure: {FIGURE}")
-    return 0
+    return study_main(argv, name="codecs", doc=__doc__, study=STUDY, cells=cells, render=render, draw=draw,
+                      figure=FIGURE, markers=MARKERS)
 
 
 if __name__ == "__main__":

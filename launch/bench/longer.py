@@ -14,22 +14,19 @@ loss (analysis.gradient_alignment). The untrained encoder and the 1x points are 
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from analysis.gradient_alignment import block_alignment
 from analysis.logged_probe import probe_logged_run
 from analysis.store import open_run
-from launch.bench.study import Study, add_study_arguments
-from launch.machine import replace_between_markers
+from launch.bench.study import Study, study_main
 from launch.program import run_program
 
 ROOT = Path(__file__).parents[1]  # launch/
 STUDY = Study(ROOT / "results" / "longer.json", ROOT / "configs" / "protocol_cpu.toml", 9000)
 PROTOCOL = ROOT / "results" / "table_protocol.json"
 FIGURE = ROOT / "results" / "longer.png"
-BENCHMARKS = ROOT.parent / "BENCHMARKS.md"
 MARKERS = ("<!-- longer:start -->", "<!-- longer:end -->")
 RUNS = (("clapp_pp_dfb", 2), ("clapp_pp_dfb", 4), ("clapp_pp", 3), ("clapp_pp_both", 3), ("bp_infonce", 3))
 EVERY, HELDOUT = 1000, 2000
@@ -121,20 +118,9 @@ def draw(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench.longer", description=__doc__.splitlines()[0])
-    add_study_arguments(parser, Path("runs") / "longer")
-    args = parser.parse_args(argv)
-    if not args.render:
-        found = cells()
-        STUDY.run(found[::-1] if args.reverse else found, args.data_root, args.jobs, args.runs, args.redo,
-                  extra=curves)
-    results = STUDY.load()
-    text = render(results)
-    if results["cells"]:
-        draw(results, FIGURE)
-    replace_between_markers(BENCHMARKS, *MARKERS, text)
-    print(text + f"\n\nresults: {STUDY.results}; figure: {FIGURE}")
-    return 0
+    # the table has the protocol table's 1x points before any cell of this study
+    return study_main(argv, name="longer", doc=__doc__, study=STUDY, cells=cells, render=render, draw=draw,
+                      figure=FIGURE, markers=MARKERS, extra=curves, needs_cells=False)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from launch.bench.speed import TIMER
+from launch.bench.speed import run_step_timer
 from launch.machine import code_version, describe_machine, write_figures
 from launch.program import ProgramErrors, run_program
 from launch.runner import bench_run
@@ -57,19 +55,16 @@ def available_bytes() -> int:
 
 def measure_alone(method: str, width: float, batch: int, overrides: list[str], blocks: list[int]) -> dict:
     """Peak memory and seconds of two steps of `blocks`, alone in a fresh process (step_timer.py)."""
-    argv = [sys.executable, str(TIMER), "--method", method, "--width", str(width), "--batch", str(batch),
-            "--warmup", "1", "--steps", "1", "--blocks", ",".join(map(str, blocks)),
-            "--set", DATA, "--set", "train.keep_freed_memory=false", *[a for o in overrides for a in ("--set", o)]]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=7200)
-    if done.returncode != 0:
-        raise SystemExit(f"measuring {method} blocks {blocks} at batch {batch} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_step_timer(["--method", method, "--width", str(width), "--batch", str(batch), "--warmup", "1",
+                           "--steps", "1", "--blocks", ",".join(map(str, blocks)), "--set", DATA,
+                           "--set", "train.keep_freed_memory=false", *[a for o in overrides for a in ("--set", o)]],
+                          f"measuring {method} blocks {blocks} at batch {batch}")
 
 
 def held(plan, group: list[int]) -> dict:
     """What the plan says `group` holds, in bytes: B's state, the convolutions' state, activity."""
-    state = plan.held_memory(group)
-    predictor = 16 * sum(params for b in group for params, _ in plan.head_matrices()[b])
+    state, matrices = plan.held_memory(group), plan.head_matrices()
+    predictor = 16 * sum(params for b in group for params, _ in matrices[b])
     return {"b_state": predictor, "conv_state": state["optimizer_state"] - predictor, "activity": state["activity"]}
 
 

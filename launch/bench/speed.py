@@ -59,15 +59,20 @@ def export_commit(commit: str, folder: Path) -> Path:
     return folder
 
 
+def run_step_timer(options: list[str], what: str, threads: int = 1, timeout_s: float = 7200) -> dict:
+    """launch/bench/step_timer.py with `options`, in a process of its own: its JSON line. `what` names the
+    measurement in the error if it fails; `timeout_s`: a step takes seconds to minutes, so more means a hang."""
+    done = subprocess.run([sys.executable, str(TIMER), "--threads", str(threads), *options], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=timeout_s)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def time_steps(method: str, threads: int, tree: Path, baseline: bool, steps: int, width: float) -> dict:
     """launch/bench/step_timer.py's measurement of `method` in `tree`, in a process of its own."""
-    argv = [sys.executable, str(TIMER), "--method", method, "--threads", str(threads), "--tree", str(tree),
-            "--steps", str(steps), "--width", str(width), *(["--baseline"] if baseline else [])]
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                          timeout=3600)  # a full-width step takes seconds: an hour means it hangs
-    if done.returncode != 0:
-        raise SystemExit(f"timing {method} in {tree} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_step_timer(["--method", method, "--tree", str(tree), "--steps", str(steps), "--width", str(width),
+                             *(["--baseline"] if baseline else [])], f"timing {method} in {tree}", threads, 3600)
     result["seconds_per_step"] = statistics.median(result["step_seconds"])
     return result
 

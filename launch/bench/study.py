@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.bench.table import run_at_most
-from launch.machine import available_cores, code_version, cpu_name
+from launch.machine import available_cores, code_version, cpu_name, replace_between_markers
 from launch.runner import launch_run, positive
 
 Cell = tuple[str, list[str], dict]  # key, `--set` overrides, fields recorded with the result
+BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 
 
 def add_study_arguments(parser: argparse.ArgumentParser, runs: Path) -> None:
@@ -81,3 +82,29 @@ class Study:
             self.save_cell(key, {**fields, **result, **(extra(out) if extra else {})})
 
         run_at_most(jobs, one, [(n, *c) for n, c in enumerate(todo, 1)])
+
+
+def study_main(argv: list[str] | None, *, name: str, doc: str, study: Study, cells: Callable[[], list[Cell]],
+               render: Callable[[dict], str], draw: Callable[[dict, Path], None], figure: Path,
+               markers: tuple[str, str], extra: Callable[[Path], dict] | None = None,
+               needs_cells: bool = True) -> int:
+    """The command line of a study program `launch.bench.NAME`: run the cells the results lack (unless
+    --render), then put the table between `markers` in BENCHMARKS.md and draw `figure` (once there are
+    cells; with `needs_cells`, no table either before)."""
+    parser = argparse.ArgumentParser(prog=f"python -m launch.bench.{name}", description=doc.splitlines()[0])
+    add_study_arguments(parser, Path("runs") / name)
+    args = parser.parse_args(argv)
+    if not args.render:
+        found = cells()
+        study.run(found[::-1] if args.reverse else found, args.data_root, args.jobs, args.runs, args.redo,
+                  extra=extra)
+    results = study.load()
+    if needs_cells and not results["cells"]:
+        print(f"{study.results}: no cells yet")
+        return 0
+    text = render(results)
+    if results["cells"]:
+        draw(results, figure)
+    replace_between_markers(BENCHMARKS, *markers, text)
+    print(f"{text}\n\nresults: {study.results}; figure: {figure}")
+    return 0

@@ -1,6 +1,7 @@
 """The benchmark's cost model and its output format (no timing is asserted)."""
 import dataclasses
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,19 @@ def test_a_measured_placement_balances_measured_block_times(monkeypatch):
     views_heavy = BlockTimes([1] * 6, [0] * 6, [0] * 6, 2.0, [0] * 6, 0, [0] * 6)  # the views count on rank 0
     monkeypatch.setattr(predictions, "plan_block_times", lambda *args: views_heavy)
     assert predictions.measured_placement(config, 2) == [[0, 1], [2, 3, 4, 5]]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_block_times_are_measured_with_freed_memory_kept_as_the_run_keeps_it(monkeypatch):
+    from launch.bench import predictions
+    from sim.run.freed_memory import kept_setting
+    from sim.run.plan import make_plan
+    during = []
+    monkeypatch.setattr(predictions.measure, "measure_block_times",
+                        lambda *args, **kwargs: during.append(kept_setting()))
+    before = kept_setting()
+    for keep in ("auto", "false"):  # the tiny run's activity is a few MiB: "auto" keeps it, as its run does
+        plan = make_plan(load_config(TINY_CONFIG, [f"train.keep_freed_memory={keep}"]), 1)
+        predictions.plan_block_times(plan, 1, 0.0, repeats=1)
+    assert during[0] is not None and during[1] is None
+    assert kept_setting() == before  # the benchmark's own process is left as it was

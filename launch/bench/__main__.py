@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     bounds = {"local_parallel_vs_bp_pipeline": bound, "pipeline_efficiency": 1.0,
               "local_parallel_vs_local_sequential": float(k)}
-    times, link = measure_times(config, k, args.quick, m)
+    times, link = measure_times(config, k, m)
     model = predict(config, runs, times, link, m)
     result = {
         "machine": describe_machine(),

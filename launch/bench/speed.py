@@ -37,7 +37,6 @@ from launch.runner import bench_run, positive
 from sim.cost.measure import measure_link, measure_peak_rates
 from sim.cost.model import local_pipelined
 from sim.run.config import load_config
-from sim.run.freed_memory import keep_freed_memory
 from sim.run.plan import make_plan
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -113,7 +112,7 @@ def add_floor_and_model(runs: dict, width: float) -> dict:
     data = plan_data_seconds(plans["clapp_pp"])
     times = {}
     for method, plan in plans.items():
-        times[method] = plan_block_times(plan, 1, data, repeats=2)
+        times[method] = plan_block_times(plan, 1, data, repeats=3)
         print(f"cost model: {method} blocks measured", flush=True)
     for run in runs.values():
         method, processes = run["method"], run["processes"]
@@ -181,9 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs") / f"speed_{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
     with ProgramErrors(0) as errors:
-        # the cost model's block times below are measured here, as the local runs at full width train: their B
-        # matrices outweigh their activity, so "auto" keeps freed memory (sim.run.freed_memory)
-        keep_freed_memory()
         with tempfile.TemporaryDirectory() as folder:
             runs = single_process_runs(export_commit(args.baseline, Path(folder)), args.steps, args.width)
         runs.update(parallel_runs(args.parallel_steps, args.width, args.out))

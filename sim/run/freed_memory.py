@@ -49,6 +49,12 @@ def keeping_pays(held: dict[str, int]) -> bool:
     return held["activity"] < max(KEEP_BELOW * held["optimizer_state"], SMALL_ACTIVITY)
 
 
+def keeps(setting: bool | str, held: dict[str, int] | None) -> bool:
+    """Whether a process keeps freed memory under `train.keep_freed_memory = setting` (True, False or
+    "auto") when its blocks hold `held` (Plan.held_memory; None where unknown: "auto" does not keep)."""
+    return setting is True or (setting == "auto" and held is not None and keeping_pays(held))
+
+
 def keep_freed_memory() -> str | None:
     """Tell glibc's malloc to keep freed memory (no mmap for large blocks, no trimming). Returns
     what was set, as summary.json records it, or None where the C library is not glibc (musl,

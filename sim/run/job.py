@@ -63,7 +63,7 @@ from sim.run.checkpoint import (
 )
 from sim.run.config import Config, to_dict
 from sim.run.evaluation import probe_encoder, probe_sets
-from sim.run.freed_memory import give_back_freed_memory, keep_freed_memory, keeping_pays, kept_setting
+from sim.run.freed_memory import give_back_freed_memory, keep_freed_memory, keeps, kept_setting
 from sim.run.log_setup import rank_recording, start_log
 from sim.run.plan import Plan
 
@@ -126,8 +126,7 @@ def speedups(config: Config, held: dict[str, int] | None = None) -> dict:
     """Turn on, once per process, the speed-ups `config` asks of the process itself (freed memory
     kept: under "auto", where the process's blocks hold `held` and keeping pays); returns every
     speed-up in effect, as summary.json records it."""
-    keep = config.train.keep_freed_memory
-    if keep is True or (keep == "auto" and held is not None and keeping_pays(held)):
+    if keeps(config.train.keep_freed_memory, held):
         keep_freed_memory()
     return speedup_record(config, kept_setting())
 

@@ -56,11 +56,14 @@ def command(module: str, processes: int) -> list[str]:
 
 
 def launch_run(config: Path, overrides: Sequence[str], out: Path, *, processes: int = 1, module: str = "launch.train",
-               options: Sequence[str] = (), progress: bool = True, capture: bool = False) -> RunSummary:
+               options: Sequence[str] = (), progress: bool = True, capture: bool = False,
+               resume: bool = False) -> RunSummary:
     """Run `module` with CONFIG, `--set` overrides and `options` into `out`; its summary.
-    `capture`: keep its output, and show the end of it only if it fails."""
+    `capture`: keep its output, and show the end of it only if it fails. `resume`: go on with the run
+    in `out` from its last checkpoint, with its own config.toml (CONFIG and overrides are not given)."""
     sets = [arg for override in overrides for arg in ("--set", override)]
-    argv = command(module, processes) + [str(config), *sets, *options, "--out", str(out)]
+    given = ["--resume", str(out)] if resume else [str(config), *sets, "--out", str(out)]
+    argv = command(module, processes) + [*given, *options]
     if not progress:
         argv.append("--no-progress")
     print(f"\n== {' '.join(argv[1:])}", flush=True)

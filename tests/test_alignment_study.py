@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from launch.bench import alignment as study
 from tests.helpers import single_process
@@ -32,3 +33,24 @@ def test_a_cell_keeps_the_second_half_of_its_blocks_cosines_and_the_table_reads_
     row = next(line for line in text.splitlines() if line.startswith("| clapp_pp |"))
     first = float(row.split("|")[2].split("±")[0])
     assert math.isclose(first, sum(kept["0"]) / 2, abs_tol=5e-4)
+
+
+def test_a_cell_cut_short_goes_on_from_its_checkpoint_and_only_with_its_own_settings(tmp_path):
+    from launch.bench.study import resumable
+    from launch.runner import launch_run
+    from tests.helpers import TINY, TINY_CONFIG, final_weights
+    sets = [*TINY, "train.steps=8", "train.checkpoint_every=4"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    single_process(whole, "train.steps=8", "train.checkpoint_every=4")
+    single_process(cut, "train.steps=8", "train.checkpoint_every=4")
+    assert not resumable(cut, TINY_CONFIG, sets)  # finished: its summary is there
+    (cut / "summary.json").unlink()
+    (cut / "final.pt").unlink()
+    for file in (cut / "checkpoints" / "step00000008").iterdir():  # the session ended before step 8's
+        file.unlink()
+    assert resumable(cut, TINY_CONFIG, sets)
+    assert not resumable(cut, TINY_CONFIG, [*sets, "train.seed=1"])  # another cell's settings: start again
+    assert not resumable(tmp_path / "nothing", TINY_CONFIG, sets)
+    launch_run(TINY_CONFIG, sets, cut, progress=False, resume=True)
+    resumed, uninterrupted = final_weights(cut), final_weights(whole)
+    assert all(torch.equal(resumed[b][k], uninterrupted[b][k]) for b in uninterrupted for k in uninterrupted[b])

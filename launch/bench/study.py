@@ -1,6 +1,7 @@
 """Studies made of cells, each one run of `launch.train` at a shortened CPU protocol: a cell's result
-goes into the study's results file as soon as it ends, so a study resumes where it stopped, and two
-invocations (one per core, the second with its cell list reversed) can fill one file at once.
+goes into the study's results file as soon as it ends, so a study resumes where it stopped (a cell cut
+short goes on from its last checkpoint), and two invocations (one per core, the second with its cell
+list reversed) can fill one file at once.
 """
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ from pathlib import Path
 from launch.bench.table import run_at_most
 from launch.machine import available_cores, code_version, cpu_name, replace_between_markers
 from launch.runner import launch_run, positive
+from sim.errors import ConfigError
+from sim.record.summary import SUMMARY_NAME
+from sim.run.checkpoint import completed_steps
+from sim.run.config import load_config
 
 Cell = tuple[str, list[str], dict]  # key, `--set` overrides, fields recorded with the result
+CHECKPOINT_EVERY = 500  # steps: a stopped cell loses at most this many (a few MiB a checkpoint at width 1/8)
 BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 
 
@@ -30,6 +36,16 @@ def add_study_arguments(parser: argparse.ArgumentParser, runs: Path) -> None:
     parser.add_argument("--render", action="store_true", help="only render the tables and figures from the results")
     parser.add_argument("--redo", action="store_true", help="run every cell again, even those the results have")
     parser.add_argument("--runs", type=Path, default=runs, help="where the run folders go")
+
+
+def resumable(out: Path, config: Path, sets: list[str]) -> bool:
+    """Whether `out` holds an unfinished run of `config` with `sets` that has a complete checkpoint."""
+    if (out / SUMMARY_NAME).exists() or not completed_steps(out):
+        return False
+    try:
+        return load_config(out / "config.toml") == load_config(config, sets)
+    except (OSError, ConfigError):  # no config there, or one this version no longer reads: start again
+        return False
 
 
 @dataclass(frozen=True)
@@ -54,17 +70,22 @@ class Study:
             temporary.replace(self.results)
 
     def run_cell(self, root: str, overrides: list[str], out: Path) -> dict:
-        """One run of the protocol, `steps` steps, with `overrides`; what the tables need of it."""
-        shutil.rmtree(out, ignore_errors=True)
-        sets = ["data.name=cifar10", f"data.root={root}", f"train.steps={self.steps}", *overrides]
+        """One run of the protocol, `steps` steps, with `overrides`; what the tables need of it. A run
+        that was stopped (a session's end) goes on from its last checkpoint if `out` holds one of a
+        run with these very settings; anything else there is cleared and the run starts again."""
+        sets = ["data.name=cifar10", f"data.root={root}", f"train.steps={self.steps}",
+                f"train.checkpoint_every={CHECKPOINT_EVERY}", *overrides]
+        resume = resumable(out, self.config, sets)
+        if not resume:
+            shutil.rmtree(out, ignore_errors=True)
         began = time.monotonic()
-        summary = launch_run(self.config, sets, out, progress=False)
+        summary = launch_run(self.config, sets, out, progress=False, resume=resume)
         probe = summary.probe
         return {"steps": summary.steps, "probe_accuracy": probe["probe_accuracy"],
                 "last_block_accuracy": probe["per_block_probe_accuracy"][-1],
                 "per_block_probe_accuracy": probe["per_block_probe_accuracy"], "images_per_s": summary.images_per_s,
                 "free_running": summary.free_running, "run": str(out), "wall_s": round(time.monotonic() - began, 1),
-                "code_version": code_version(), "date": time.strftime("%Y-%m-%d"),
+                "code_version": code_version(), "date": time.strftime("%Y-%m-%d"), "resumed": resume,
                 "machine": f"{cpu_name()} ({available_cores()} cores)"}
 
     def run(self, cells: list[Cell], root: str, jobs: int, runs: Path, redo: bool,
